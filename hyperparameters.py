@@ -1,0 +1,286 @@
+"""Read hyperparameters.txt into one typed, validated, read-only object.
+
+The defaults are the values in the hyperparameters.txt beside this file; this module only knows each
+key's type and valid range. Another file (--hp FILE) may set any subset of the keys; command-line
+`key=value` overrides are checked the same way. Parsing has no side effects (no folders are made).
+"""
+import difflib
+import sys
+from pathlib import Path
+
+DEFAULT_FILE = Path(__file__).resolve().parent / "hyperparameters.txt"
+
+
+class HyperparameterError(ValueError):
+    pass
+
+
+# ---- value converters: each takes text (from a file) or a Python value (from code) ----
+
+def _int(value):
+    if isinstance(value, str):
+        value = value.strip()
+        if value.lstrip("+-").isdigit():
+            return int(value)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise ValueError("an integer")
+
+
+def _float(value):
+    if isinstance(value, str):
+        try:
+            return float(value.strip())
+        except ValueError:
+            pass
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    raise ValueError("a number")
+
+
+def _bool(value):
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise ValueError("True or False")
+
+
+def _text(value):
+    text = str(value).strip()
+    if not text:
+        raise ValueError("a non-empty text")
+    return text
+
+
+def _optional(convert):
+    def optional(value):
+        if value is None or (isinstance(value, str) and value.strip() in ("", "None")):
+            return None
+        return convert(value)
+    return optional
+
+
+def _list_of(convert, length=None):
+    def list_of(value):
+        items = value.split(",") if isinstance(value, str) else list(value)
+        items = [item for item in items if not (isinstance(item, str) and not item.strip())]
+        if not items or (length is not None and len(items) != length):
+            raise ValueError(f"{length or 'one or more'} comma-separated values")
+        return tuple(convert(item) for item in items)
+    return list_of
+
+
+def _choice(*choices):
+    def choice(value):
+        text = str(value).strip()
+        if text not in choices:
+            raise ValueError(" | ".join(choices))
+        return text
+    return choice
+
+
+_PATH = _optional(lambda value: Path(str(value).strip()).expanduser())  # made absolute in _convert
+
+
+def _positive(x):
+    return x > 0 if not isinstance(x, tuple) else all(v > 0 for v in x)
+
+
+def _non_negative(x):
+    return x >= 0
+
+
+def _fraction(x):
+    return 0 <= x <= 1
+
+
+def _overlap(x):
+    return 0 <= x < 1
+
+
+def _device(x):
+    return x in ("auto", "cpu", "cuda", "mps") or (x.startswith("cuda:") and x[5:].isdigit())
+
+
+# key -> (converter, range check or None, what the range check demands)
+SCHEMA = {
+    "raw_data_dir": (_PATH, None, ""),
+    "prepared_dir": (_PATH, None, ""),
+    "run_dir": (_PATH, None, ""),
+    "prediction_dir": (_PATH, None, ""),
+    "channel_names": (_list_of(_text), None, ""),
+    "seg_channel_name": (_text, None, ""),
+    "bg_threshold": (_float, _fraction, "between 0 and 1"),
+    "crop_margin": (_int, _non_negative, ">= 0"),
+    "val_fraction": (_float, lambda x: 0 <= x < 1, ">= 0 and < 1"),
+    "seed": (_int, _non_negative, ">= 0"),
+    "synthetic_cases": (_int, _positive, "> 0"),
+    "synthetic_shape": (_list_of(_int, 3), lambda s: min(s) >= 16, "each side >= 16"),
+    "synthetic_compress": (_bool, None, ""),
+    "features": (_list_of(_int), lambda f: len(f) >= 2 and _positive(f), "at least 2 levels, each > 0"),
+    "norm": (_choice("instance", "batch", "group"), None, ""),
+    "deep_supervision": (_bool, None, ""),
+    "target": (_choice("regions", "labels"), None, ""),
+    "loss": (_choice("dice_ce", "dice", "modified_dice"), None, ""),
+    "patch_size": (_list_of(_int, 3), _positive, "each > 0"),
+    "batch_size": (_int, _positive, "> 0"),
+    "learning_rate": (_float, _positive, "> 0"),
+    "weight_decay": (_float, _non_negative, ">= 0"),
+    "lr_schedule": (_choice("poly", "cosine", "constant"), None, ""),
+    "warmup_epochs": (_int, _non_negative, ">= 0"),
+    "epochs": (_int, _positive, "> 0"),
+    "steps_per_epoch": (_int, _positive, "> 0"),
+    "val_every": (_int, _positive, "> 0"),
+    "foreground_fraction": (_float, _fraction, "between 0 and 1"),
+    "augment": (_bool, None, ""),
+    "grad_clip": (_float, _non_negative, ">= 0"),
+    "num_workers": (_int, _non_negative, ">= 0"),
+    "device": (_text, _device, "auto, cpu, cuda, cuda:N or mps"),
+    "precision": (_choice("auto", "bf16", "fp16", "fp32"), None, ""),
+    "channels_last": (_bool, None, ""),
+    "compile": (_bool, None, ""),
+    "resume": (_bool, None, ""),
+    "checkpoint": (_PATH, None, ""),
+    "predict_input_dir": (_PATH, None, ""),
+    "sw_overlap": (_float, _overlap, ">= 0 and < 1"),
+    "sw_batch_size": (_int, _positive, "> 0"),
+    "tta_mirror": (_bool, None, ""),
+    "et_min_voxels": (_int, _non_negative, ">= 0"),
+    "save_probabilities": (_bool, None, ""),
+    "overwrite": (_bool, None, ""),
+    "rendering_sample_name": (_optional(_text), None, ""),
+    "render_output": (_PATH, None, ""),
+    "render_modality": (_text, None, ""),
+    "render_errors": (_bool, None, ""),
+    "render_turntable": (_PATH, None, ""),
+}
+
+
+def _convert(key, value, base_dir, where):
+    """One value -> its typed form; errors name where it came from and what was expected."""
+    if key not in SCHEMA:
+        close = difflib.get_close_matches(key, SCHEMA, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise HyperparameterError(f"{where}: unknown key '{key}'{hint}")
+    convert, check, demand = SCHEMA[key]
+    try:
+        typed = convert(value)
+    except (ValueError, TypeError) as error:
+        raise HyperparameterError(f"{where}: '{key}' must be {error}, got {value!r}") from None
+    if typed is not None and check is not None and not check(typed):
+        raise HyperparameterError(f"{where}: '{key}' must be {demand}, got {value!r}")
+    if isinstance(typed, Path) and not typed.is_absolute():
+        typed = (base_dir / typed).resolve()
+    return typed
+
+
+def read_file(path):
+    """The typed values a settings file sets (a subset of the keys is fine)."""
+    path = Path(path)
+    if not path.is_file():
+        raise HyperparameterError(f"{path}: hyperparameter file not found")
+    values, seen = {}, {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        where = f"{path.name} line {number}"
+        if ":" not in line:
+            raise HyperparameterError(f"{where}: expected 'key: value', got {line!r}")
+        key, value = (part.strip() for part in line.split(":", 1))
+        if key in seen:
+            raise HyperparameterError(f"{where}: duplicate key '{key}' (first set on line {seen[key]})")
+        seen[key] = number
+        values[key] = _convert(key, value, path.resolve().parent, where)
+    return values
+
+
+class Hyperparameters:
+    """Read-only settings: `hp.learning_rate`; `hp.replace(epochs=1)` gives a validated copy."""
+
+    def __init__(self, values, base_dir):
+        object.__setattr__(self, "_values", dict(values))
+        object.__setattr__(self, "_base_dir", Path(base_dir))
+
+    def __getattr__(self, key):
+        try:
+            return self._values[key]
+        except KeyError:
+            raise AttributeError(f"no hyperparameter '{key}'") from None
+
+    def __setattr__(self, key, value):
+        raise AttributeError("hyperparameters are read-only: use hp.replace(key=value) or a key=value override")
+
+    def __repr__(self):
+        return "Hyperparameters(" + ", ".join(f"{k}={v!r}" for k, v in self._values.items()) + ")"
+
+    def replace(self, **changes):
+        return self.updated(changes, "replace()")
+
+    def updated(self, changes, where):
+        values = dict(self._values)
+        values.update({k: _convert(k, v, self._base_dir, where) for k, v in changes.items()})
+        return Hyperparameters(values, self._base_dir)
+
+    def to_dict(self):
+        """Plain JSON-able values (paths as text, lists as lists), e.g. for checkpoints."""
+        plain = lambda v: str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v
+        return {key: plain(value) for key, value in self._values.items()}
+
+
+def load(path=None, overrides=None):
+    """Defaults, then the settings file (if another), then overrides ({key: value} or ["key=value"])."""
+    values = read_file(DEFAULT_FILE)
+    missing = set(SCHEMA) - set(values)
+    if missing:
+        raise HyperparameterError(f"{DEFAULT_FILE}: missing keys {sorted(missing)}")
+    path = Path(path).resolve() if path else DEFAULT_FILE
+    if path != DEFAULT_FILE:
+        values.update(read_file(path))
+    hp = Hyperparameters(values, path.parent)
+    if isinstance(overrides, (list, tuple)):
+        overrides = dict(_split_override(item) for item in overrides)
+    return hp.updated(overrides or {}, "command line")
+
+
+def _split_override(item):
+    if "=" not in item:
+        raise HyperparameterError(f"command line: expected key=value or --hp FILE, got {item!r}")
+    key, value = item.split("=", 1)
+    return key.strip().lstrip("-"), value
+
+
+def from_dict(values):
+    """Rebuild from `to_dict()` output (e.g. the settings stored in a checkpoint)."""
+    return load().replace(**values)
+
+
+def differences(hp):
+    """{key: value} of the settings that differ from the shipped defaults."""
+    defaults = load().to_dict()
+    return {k: v for k, v in hp.to_dict().items() if v != defaults[k]}
+
+
+def from_command_line(argv=None):
+    """Parse `[--hp FILE] [key=value ...]`, print the settings that differ from the defaults."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        print("usage: python SCRIPT.py [--hp FILE] [key=value ...]\nkeys (see hyperparameters.txt): "
+              + ", ".join(SCHEMA))
+        raise SystemExit(0)
+    path = None
+    if "--hp" in argv:
+        at = argv.index("--hp")
+        if at + 1 >= len(argv):
+            raise HyperparameterError("command line: --hp needs a file")
+        path = argv[at + 1]
+        del argv[at:at + 2]
+    try:
+        hp = load(path, overrides=argv)
+    except HyperparameterError as error:
+        raise SystemExit(f"error: {error}") from None
+    changed = differences(hp)
+    if changed:
+        print("settings that differ from the defaults: " + ", ".join(f"{k}={v}" for k, v in changed.items()))
+    return hp
