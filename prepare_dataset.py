@@ -79,7 +79,8 @@ def find_cases(raw_dir, channel_names, seg_channel_name):
     raw_dir = Path(raw_dir)
     if not raw_dir.is_dir():
         raise CaseError(f"{raw_dir}: raw_data_dir does not exist")
-    folders = sorted({p.parent for p in raw_dir.rglob("*") if p.is_file() and _nifti_stem(p) is not None})
+    folders = sorted(Path(root) for root, _, files in os.walk(raw_dir, followlinks=True)  # links: shared data
+                     if any(_nifti_stem(Path(f)) is not None for f in files))
     cases, problems, seen = [], [], {}
     for folder in folders:
         try:
@@ -117,15 +118,18 @@ def load_nifti(path):
 
 
 def load_case(case):
-    """(image float32 (C, X, Y, Z), internal labels uint8 (X, Y, Z) or None, nibabel image of channel 0)."""
+    """(image (C, X, Y, Z) in the files' dtype, internal labels uint8 (X, Y, Z) or None, nibabel image of channel 0).
+
+    Intensities stay in their stored type (int16 for BraTS): preprocess() converts only the cropped brain."""
     channels, reference = [], None
     for path in case.image_paths:
         array, image = load_nifti(path)
         if reference is None:
             reference = (path, image)
         _check_same_grid(path, array, image, *reference)
-        array = array.astype(np.float32)
-        if not np.isfinite(array).all():
+        if array.dtype.kind not in "iuf":
+            raise CaseError(f"{path}: unsupported data type {array.dtype}")
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
             raise CaseError(f"{path}: NaN or Inf intensities")
         if not array.any():
             raise CaseError(f"{path}: image is all zero")
@@ -165,7 +169,7 @@ def zscore_brain(image):
     brain = (image != 0).any(axis=0)  # (X, Y, Z)
     out = np.zeros(image.shape, dtype=np.float32)
     for c, channel in enumerate(image):
-        values = channel[brain]
+        values = channel[brain].astype(np.float32)
         std = values.std()
         out[c][brain] = (values - values.mean()) / (std if std > 0 else 1.0)
     return out

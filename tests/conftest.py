@@ -15,3 +15,34 @@ def sample_case():
     if not SAMPLE_CASE.is_dir():
         pytest.skip("real BraTS sample not found in ../shared/data/brats_sample")
     return SAMPLE_CASE
+
+
+@pytest.fixture(scope="session")
+def tiny_raw(tmp_path_factory):
+    """Six small generated BraTS-format cases (healthy, no-ET and full tumor cases among them). Read-only."""
+    import synthetic
+    folder = tmp_path_factory.mktemp("raw")
+    synthetic.generate_dataset(folder, n_cases=6, shape=(40, 40, 32), seed=7)
+    return folder
+
+
+@pytest.fixture
+def tiny_hp(tmp_path, tiny_raw):
+    """Settings for tiny, fast runs: outputs in tmp_path, a tiny model and patch."""
+    import hyperparameters
+    return hyperparameters.load(overrides={
+        "raw_data_dir": tiny_raw, "prepared_dir": tmp_path / "prepared", "run_dir": tmp_path / "run",
+        "prediction_dir": tmp_path / "predictions", "num_workers": 0, "features": "4, 8, 16",
+        "patch_size": "16, 16, 16", "batch_size": 2, "epochs": 2, "steps_per_epoch": 3, "val_fraction": 0.34})
+
+
+@pytest.fixture(scope="session")
+def tiny_prepared(tmp_path_factory, tiny_raw):
+    """tiny_raw prepared once per session (read-only): returns the prepared folder."""
+    import hyperparameters
+    import prepare_dataset
+    folder = tmp_path_factory.mktemp("prepared")
+    hp = hyperparameters.load(overrides={"raw_data_dir": tiny_raw, "prepared_dir": folder, "num_workers": 0,
+                                         "val_fraction": 0.34})
+    prepare_dataset.prepare_dataset(hp)
+    return folder
