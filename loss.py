@@ -4,6 +4,9 @@ The one label/region table of the project lives here; prepare, train, predict, e
 rendering all import it, so label 4 vs 3 and the nested regions can only be defined once.
 """
 import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
 
 # BraTS labels on disk, in the order of the project's internal labels 0..3 (disk 4 -> internal 3).
 BRATS_LABELS = (0, 1, 2, 4)
@@ -41,3 +44,201 @@ def labels_to_regions(labels):
     """Internal labels (...) -> boolean regions (3, ...) in the order WT, TC, ET."""
     labels = np.asarray(labels)
     return np.stack([np.isin(labels, members) for members in REGIONS.values()])
+
+
+# ------------------------------------------------------------------ losses (torch, float32)
+# Tensors are (B, C, X, Y, Z); labels are internal labels (B, X, Y, Z). target "regions": 3 sigmoid
+# channels WT, TC, ET; target "labels": 4 softmax channels for the internal labels 0..3.
+LOSSES = ("dice_ce", "dice", "modified_dice")
+TARGETS = ("regions", "labels")
+
+# (3 regions, 4 labels): 1 where a label belongs to a region; indexing it with labels gives region targets
+_REGION_TABLE = torch.tensor([[label in members for label in range(len(BRATS_LABELS))]
+                              for members in REGIONS.values()], dtype=torch.float32)
+
+
+def one_hot_targets(labels, target):
+    """Internal labels (B, X, Y, Z) -> float32 targets (B, 3, X, Y, Z) regions or (B, 4, X, Y, Z) one-hot."""
+    labels = labels.long()
+    if target == "regions":
+        return _REGION_TABLE.to(labels.device)[:, labels].movedim(0, 1)  # (3, B, ...) -> (B, 3, ...)
+    return F.one_hot(labels, len(BRATS_LABELS)).movedim(-1, 1).float()  # (B, 4, X, Y, Z)
+
+
+def at_least_float32(tensor):
+    """bf16/fp16 -> float32 (sums over millions of voxels need it, even under autocast); float64 stays."""
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+
+
+def logits_to_probabilities(logits, target):
+    """Probabilities in float32 (or float64); the channel axis is the 4th from the end, so (C, X, Y, Z)
+    and (B, C, X, Y, Z) both work."""
+    logits = at_least_float32(logits)
+    return torch.sigmoid(logits) if target == "regions" else torch.softmax(logits, dim=-4)
+
+
+def probabilities_to_labels(probs, target):
+    """Probabilities (C, X, Y, Z) or (B, C, X, Y, Z) -> internal labels uint8 (X, Y, Z) or (B, X, Y, Z).
+
+    Regions nest: background unless WT > 0.5; inside WT label 2 (edema), where TC is also > 0.5
+    label 1 (core), where ET is also > 0.5 label 3 (enhancing).
+    """
+    if target == "regions":
+        wt, tc, et = (probs > 0.5).unbind(-4)
+        labels = torch.where(wt & et, 3, torch.where(wt & tc, 1, torch.where(wt, 2, 0)))
+    else:
+        labels = probs.argmax(-4)
+    return labels.to(torch.uint8)
+
+
+def soft_dice_loss(probs, targets, smooth=1.0):
+    """1 - (2 sum(p g) + smooth) / (sum(p) + sum(g) + smooth) per channel, averaged over channels."""
+    dims = (0, 2, 3, 4)  # batch Dice: sums over the batch and space, one value per channel
+    dice = (2 * (probs * targets).sum(dims) + smooth) / (probs.sum(dims) + targets.sum(dims) + smooth)
+    return 1 - dice.mean()
+
+
+def modified_dice_loss(probs, targets, eps=1e-5):
+    """The V-Net loss: 1 - 2 sum(p g) / (sum(p^2) + sum(g^2) + eps) per channel, averaged over channels.
+
+    A channel absent from both batch and prediction scores 1 (Dice 0) and gives no gradient.
+    """
+    dims = (0, 2, 3, 4)
+    dice = 2 * (probs * targets).sum(dims) / ((probs ** 2).sum(dims) + (targets ** 2).sum(dims) + eps)
+    return 1 - dice.mean()
+
+
+def single_resolution_loss(logits, labels, loss, target):
+    logits = at_least_float32(logits)
+    targets = one_hot_targets(labels, target).to(logits.dtype)  # (B, C, X, Y, Z)
+    probs = logits_to_probabilities(logits, target)
+    if target == "labels":  # Dice on the tumor labels only: background Dice is ~1 and says little
+        probs, dice_targets = probs[:, 1:], targets[:, 1:]
+    else:
+        dice_targets = targets
+    if loss == "modified_dice":
+        return modified_dice_loss(probs, dice_targets)
+    value = soft_dice_loss(probs, dice_targets)
+    if loss == "dice_ce":
+        if target == "regions":
+            value = value + F.binary_cross_entropy_with_logits(logits, targets)
+        else:
+            value = value + F.cross_entropy(logits, labels.long())
+    return value
+
+
+def deep_supervision_weights(levels):
+    """Weights halving per level (full resolution first), normalized to sum 1."""
+    weights = [0.5 ** level for level in range(levels)]
+    return [w / sum(weights) for w in weights]
+
+
+def make_loss(hp):
+    """fn(logits, labels) -> float32 scalar; logits (B, C, X, Y, Z) or, with deep supervision, a list of
+    them at decreasing resolutions (full first), each scored against nearest-neighbour subsampled labels."""
+    if hp.loss not in LOSSES or hp.target not in TARGETS:
+        raise ValueError(f"loss must be one of {LOSSES} and target one of {TARGETS}, got {hp.loss!r}, {hp.target!r}")
+
+    def loss_fn(logits, labels):
+        if isinstance(logits, torch.Tensor):
+            return single_resolution_loss(logits, labels, hp.loss, hp.target)
+        total = 0.0
+        for weight, level_logits in zip(deep_supervision_weights(len(logits)), logits):
+            step = [full // low for full, low in zip(labels.shape[1:], level_logits.shape[2:])]
+            level_labels = labels[:, ::step[0], ::step[1], ::step[2]]  # nearest neighbour subsampling
+            total = total + weight * single_resolution_loss(level_logits, level_labels, hp.loss, hp.target)
+        return total
+
+    return loss_fn
+
+
+# ------------------------------------------------------------------ metrics (numpy, hard labels)
+# BraTS rules for empty masks: Dice 1 when both are empty, 0 when one is; HD95 0 when both are
+# empty, 373.13 mm (the diagonal of the 240 x 240 x 155 mm BraTS volume) when exactly one is.
+HD95_EMPTY = 373.13
+
+
+def _numpy(array):
+    return array.detach().cpu().numpy() if isinstance(array, torch.Tensor) else np.asarray(array)
+
+
+def _same_shape(pred, truth):
+    pred, truth = _numpy(pred), _numpy(truth)
+    if pred.shape != truth.shape:
+        raise ValueError(f"prediction shape {pred.shape} differs from ground truth shape {truth.shape}")
+    return pred, truth
+
+
+def _dice(pred_mask, true_mask):
+    total = int(np.count_nonzero(pred_mask)) + int(np.count_nonzero(true_mask))
+    return 1.0 if total == 0 else 2.0 * int(np.count_nonzero(pred_mask & true_mask)) / total
+
+
+def dice_per_region(pred, truth):
+    """Internal label maps -> {"WT", "TC", "ET": Dice} (BraTS empty rules)."""
+    pred, truth = _same_shape(pred, truth)
+    return {name: _dice(p, t) for name, p, t in zip(REGION_NAMES, labels_to_regions(pred), labels_to_regions(truth))}
+
+
+def accuracy(pred, truth):
+    """Share of voxels whose internal label is right, over all labels including background."""
+    pred, truth = _same_shape(pred, truth)
+    return float(np.mean(pred == truth))
+
+
+def _bounding_box(mask, margin=1):
+    """Slices around the True voxels of a non-empty mask, `margin` voxels wider (clipped to the array)."""
+    box = []
+    for axis in range(mask.ndim):
+        hits = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        box.append(slice(max(hits[0] - margin, 0), hits[-1] + margin + 1))
+    return tuple(box)
+
+
+def _surface(mask):
+    """Mask voxels with a 6-neighbour outside the mask (voxels beyond the array count as outside)."""
+    return mask ^ ndimage.binary_erosion(mask)
+
+
+def hd95(pred_mask, true_mask, spacing=(1.0, 1.0, 1.0)):
+    """95th-percentile Hausdorff distance in mm between two boolean masks (BraTS empty rules).
+
+    The 95th percentile of the distances from each surface voxel of one mask to the other mask's
+    surface is taken in each direction, and the larger of the two is returned.
+    """
+    pred_mask, true_mask = _same_shape(pred_mask, true_mask)
+    pred_mask, true_mask = pred_mask.astype(bool), true_mask.astype(bool)
+    pred_any, true_any = pred_mask.any(), true_mask.any()
+    if not pred_any and not true_any:
+        return 0.0
+    if not (pred_any and true_any):
+        return HD95_EMPTY
+    box = _bounding_box(pred_mask | true_mask)  # both surfaces lie inside: distances stay exact
+    pred_surface, true_surface = _surface(pred_mask[box]), _surface(true_mask[box])
+    sampling = np.broadcast_to(np.asarray(spacing, dtype=np.float64), (pred_mask.ndim,))
+    # Euclidean distance of every voxel to the nearest surface voxel of the other mask, in mm
+    to_true = ndimage.distance_transform_edt(~true_surface, sampling=sampling)
+    to_pred = ndimage.distance_transform_edt(~pred_surface, sampling=sampling)
+    return float(max(np.percentile(to_true[pred_surface], 95), np.percentile(to_pred[true_surface], 95)))
+
+
+def region_metrics(pred, truth, spacing=(1.0, 1.0, 1.0)):
+    """Internal label maps -> {region: {"dice", "hd95", "sensitivity", "specificity", "volume_pred", "volume_true"}}.
+
+    Volumes are in mm^3. Sensitivity is 1 when the region is absent from the truth (nothing to miss).
+    """
+    pred, truth = _same_shape(pred, truth)
+    voxel_volume = float(np.prod(np.broadcast_to(np.asarray(spacing, dtype=np.float64), (pred.ndim,))))
+    results = {}
+    for name, p, t in zip(REGION_NAMES, labels_to_regions(pred), labels_to_regions(truth)):
+        n_pred, n_true, n_both = (int(np.count_nonzero(m)) for m in (p, t, p & t))
+        true_negatives = p.size - n_pred - n_true + n_both
+        results[name] = {
+            "dice": _dice(p, t),
+            "hd95": hd95(p, t, spacing),
+            "sensitivity": n_both / n_true if n_true else 1.0,
+            "specificity": true_negatives / (p.size - n_true) if p.size > n_true else 1.0,
+            "volume_pred": n_pred * voxel_volume,
+            "volume_true": n_true * voxel_volume,
+        }
+    return results

@@ -1,0 +1,165 @@
+"""PyTorch datasets over the arrays that prepare_dataset.py writes.
+
+PatchDataset gives random training patches (part of them centred on tumor, optionally augmented);
+VolumeDataset gives whole prepared volumes for validation. Both memory-map the .npy files when an
+item is read, never in __init__, so a dataset object is small to pickle (DataLoader workers started
+with spawn on Windows/macOS) and each worker process reads only the voxels it needs.
+
+Randomness: item `index` of epoch `epoch` is drawn from np.random.default_rng([seed, epoch, index]),
+so the same (seed, epoch, index) always gives the same patch, whatever the number of DataLoader
+workers or torchrun processes. Call set_epoch(epoch) before iterating a DataLoader over an epoch
+(with the default persistent_workers=False, each epoch's workers get a copy with the new epoch).
+"""
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from prepare_dataset import read_manifest
+
+# Tumor voxels remembered per case for centring patches: an evenly spaced subset of all of them,
+# so a worker holds at most 80 kB per case instead of a list of up to ~10^5 voxels.
+MAX_FOREGROUND_VOXELS = 10_000
+
+
+def split_cases(manifest):
+    """(train_names, val_names): the labelled cases of each split in the manifest, sorted."""
+    cases = manifest["cases"]
+    train = sorted(name for name, case in cases.items() if case["seg"] and case["split"] == "train")
+    val = sorted(name for name, case in cases.items() if case["seg"] and case["split"] == "val")
+    return train, val
+
+
+def labelled_entries(prepared_dir, case_names):
+    """Manifest entries of case_names, each checked to exist and to have a segmentation."""
+    manifest_path = Path(prepared_dir) / "dataset.json"
+    cases = read_manifest(prepared_dir)["cases"]
+    entries = []
+    for name in case_names:
+        if name not in cases:
+            raise ValueError(f"{manifest_path}: no case named {name!r}")
+        if not cases[name]["seg"]:
+            raise ValueError(f"{manifest_path}: case {name!r} has no segmentation")
+        entries.append(cases[name])
+    if not entries:
+        raise ValueError(f"{manifest_path}: no cases to load")
+    return entries
+
+
+def open_case(prepared_dir, entry):
+    """Memory-mapped (image float16 (C, x, y, z), seg uint8 (x, y, z)) of one case, shapes checked."""
+    image_path, seg_path = Path(prepared_dir) / entry["image"], Path(prepared_dir) / entry["seg"]
+    image = np.load(image_path, mmap_mode="r")
+    seg = np.load(seg_path, mmap_mode="r")
+    if image.ndim != 4 or image.shape[1:] != seg.shape:
+        raise ValueError(f"{seg_path}: shape {seg.shape} does not match image {image_path.name} {image.shape}")
+    return image, seg
+
+
+def crop_padded(array, start, size, dtype):
+    """array[..., start:start + size] over the last three axes, zeros where the box leaves the array."""
+    out = np.zeros(array.shape[:-3] + tuple(size), dtype=dtype)
+    source = tuple(slice(max(b, 0), min(b + n, s)) for b, n, s in zip(start, size, array.shape[-3:]))
+    target = tuple(slice(src.start - b, src.stop - b) for src, b in zip(source, start))
+    out[(..., *target)] = array[(..., *source)]
+    return out
+
+
+def augment_patch(image, labels, rng):
+    """Random flips of each axis (image and labels alike) and a per-channel intensity scale in
+    [0.9, 1.1] and shift in [-0.1, 0.1] (images are z-scored, so in units of the channel's std)
+    on brain voxels only: background and padding stay 0, as at inference. Changes image in place."""
+    flips = [axis for axis in range(3) if rng.random() < 0.5]
+    channels = image.shape[0]
+    scale = rng.uniform(0.9, 1.1, channels).astype(np.float32)[:, None, None, None]
+    shift = rng.uniform(-0.1, 0.1, channels).astype(np.float32)[:, None, None, None]
+    brain = np.any(image != 0, axis=0)  # (px, py, pz)
+    image *= scale
+    image += shift
+    image *= brain
+    return np.flip(image, [axis + 1 for axis in flips]), np.flip(labels, flips)
+
+
+class PatchDataset(torch.utils.data.Dataset):
+    """samples_per_epoch random patches: (image float32 (C, px, py, pz), labels int64 (px, py, pz))."""
+
+    def __init__(self, prepared_dir, case_names, patch_size, foreground_fraction, augment, seed,
+                 samples_per_epoch):
+        if len(patch_size) != 3 or min(patch_size) < 1:
+            raise ValueError(f"patch_size must be 3 positive ints, got {patch_size}")
+        if not 0 <= foreground_fraction <= 1:
+            raise ValueError(f"foreground_fraction must be in [0, 1], got {foreground_fraction}")
+        self.prepared_dir = Path(prepared_dir)
+        self.case_names = list(case_names)
+        self.entries = labelled_entries(prepared_dir, self.case_names)
+        self.patch_size = tuple(int(p) for p in patch_size)
+        # foreground_fraction: the share of patches centred on a random tumor voxel; the others are
+        # uniform over the volume, so they contain tumor only as often as tumor fills the volume.
+        # Tumor is a few percent of a brain: without this, most patches teach only "background".
+        self.foreground_fraction = float(foreground_fraction)
+        self.augment = bool(augment)
+        self.seed = int(seed)
+        self.samples_per_epoch = int(samples_per_epoch)
+        self.epoch = 0
+        self.foreground = {}  # case index -> flat indices of (a subset of) its tumor voxels, per process
+
+    def set_epoch(self, epoch):
+        self.epoch = int(epoch)
+
+    def __len__(self):
+        return self.samples_per_epoch
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["foreground"] = {}  # each worker rebuilds the cases it meets; keeps pickling cheap
+        return state
+
+    def foreground_voxels(self, case, seg):
+        """Flat indices of tumor voxels of a case (an evenly spaced subset), found on first use."""
+        if case not in self.foreground:
+            tumor = np.flatnonzero(np.asarray(seg).reshape(-1))
+            step = -(-len(tumor) // MAX_FOREGROUND_VOXELS)  # ceil; 0 for a case without tumor
+            self.foreground[case] = tumor[::max(step, 1)].astype(np.int64)
+        return self.foreground[case]
+
+    def patch_start(self, case, seg, rng):
+        """Corner of the patch in the volume; negative or past the end where the volume is smaller."""
+        shape = seg.shape
+        low = [min(0, s - p) for s, p in zip(shape, self.patch_size)]  # < 0: volume smaller than the patch
+        high = [max(0, s - p) for s, p in zip(shape, self.patch_size)]
+        if rng.random() < self.foreground_fraction:
+            tumor = self.foreground_voxels(case, seg)
+            if len(tumor):
+                centre = np.unravel_index(tumor[rng.integers(len(tumor))], shape)
+                start = [c - p // 2 for c, p in zip(centre, self.patch_size)]
+                return [int(np.clip(b, lo, hi)) for b, lo, hi in zip(start, low, high)]
+        return [int(rng.integers(lo, hi + 1)) for lo, hi in zip(low, high)]
+
+    def __getitem__(self, index):
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        case = int(rng.integers(len(self.entries)))
+        image, seg = open_case(self.prepared_dir, self.entries[case])
+        start = self.patch_start(case, seg, rng)
+        image = crop_padded(image, start, self.patch_size, np.float32)  # (C, px, py, pz)
+        labels = crop_padded(seg, start, self.patch_size, np.int64)  # (px, py, pz)
+        if self.augment:
+            image, labels = augment_patch(image, labels, rng)
+        return torch.from_numpy(np.ascontiguousarray(image)), torch.from_numpy(np.ascontiguousarray(labels))
+
+
+class VolumeDataset(torch.utils.data.Dataset):
+    """Whole prepared cases: (name, image float32 (C, x, y, z), labels int64 (x, y, z))."""
+
+    def __init__(self, prepared_dir, case_names):
+        self.prepared_dir = Path(prepared_dir)
+        self.case_names = list(case_names)
+        self.entries = labelled_entries(prepared_dir, self.case_names)
+
+    def __len__(self):
+        return len(self.entries)
+
+    def __getitem__(self, index):
+        image, seg = open_case(self.prepared_dir, self.entries[index])
+        image = torch.from_numpy(np.asarray(image, dtype=np.float32))
+        labels = torch.from_numpy(np.asarray(seg, dtype=np.int64))
+        return self.case_names[index], image, labels
