@@ -1,0 +1,443 @@
+"""3D view of a case: ground truth | prediction | errors side by side, one camera for all viewports.
+
+Each viewport holds a translucent brain surface (from one modality) and one smooth surface per tumor
+label; the errors viewport holds the false positive and false negative tumor. With a display: a window
+(the mouse turns all viewports together). With render_output set or no display: a PNG, and an axial
+slice overlay beside it (VTK renders offscreen through EGL or OSMesa, no X server needed).
+render_turntable adds a GIF of the scene turning around the vertical axis. Surfaces are placed in the
+NIfTI's scanner millimetres (voxel index -> affine), so superior is up whatever the storage order.
+
+    python rendering.py               # the first case in prediction_dir: a window, or run_dir/render.png
+    python rendering.py rendering_sample_name=BraTS20_Training_001 render_output=Images/001_render.png
+"""
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import vtkmodules.vtkInteractionStyle  # noqa: F401  (the mouse interaction styles)
+import vtkmodules.vtkRenderingFreeType  # noqa: F401  (text)
+import vtkmodules.vtkRenderingOpenGL2  # noqa: F401  (the OpenGL render window and mappers)
+from scipy import ndimage
+from vtkmodules.util import numpy_support
+from vtkmodules.vtkCommonCore import vtkLogger
+from vtkmodules.vtkCommonDataModel import vtkImageData
+from vtkmodules.vtkCommonMath import vtkMatrix4x4
+from vtkmodules.vtkFiltersCore import (vtkFlyingEdges3D, vtkPolyDataNormals, vtkReverseSense,
+                                       vtkWindowedSincPolyDataFilter)
+from vtkmodules.vtkInteractionStyle import vtkInteractorStyleTrackballCamera
+from vtkmodules.vtkRenderingCore import (vtkActor, vtkCamera, vtkPolyDataMapper, vtkRenderer, vtkRenderWindow,
+                                         vtkRenderWindowInteractor, vtkTextActor, vtkTextProperty,
+                                         vtkTextRenderer, vtkWindowToImageFilter)
+
+import hyperparameters
+from loss import BRATS_LABELS, LABEL_NAMES, brats_to_internal, dice_per_region
+from prepare_dataset import CaseError, atomic_write, crop_box, find_cases, load_nifti
+
+# Fixed colors (RGB 0..1) and opacities. The hues lie far apart and far from the neutral grey brain:
+# edema green (120 deg), necrotic/non-enhancing core red (3), enhancing tumor blue (222), false positive
+# magenta (307), false negative cyan (180). Surfaces seen through each other blend only along the hue
+# arc between their own colors: red and green together never look blue (the tests rely on it).
+LABEL_STYLE = {  # internal label: (color, opacity), outermost first
+    2: ((0.10, 0.80, 0.10), 0.30),  # edema, drawn as the envelope of the whole tumor it surrounds
+    3: ((0.15, 0.40, 1.00), 0.60),  # enhancing tumor
+    1: ((1.00, 0.12, 0.08), 1.00),  # necrotic and non-enhancing core
+}
+ERROR_STYLE = {"false positive": ((1.00, 0.15, 0.90), 0.85), "false negative": ((0.05, 0.90, 0.90), 0.85)}
+BRAIN_COLOR, BRAIN_OPACITY = (0.85, 0.85, 0.85), 0.12
+CONTEXT_COLOR, CONTEXT_OPACITY = (1.0, 1.0, 1.0), 0.10  # the true tumor, faint, around the errors
+BACKGROUND = (0.07, 0.07, 0.07)
+VIEW_SIZE = 560  # pixels per viewport side
+LEGEND_HEIGHT = 44  # pixels of the color key strip below the viewports
+
+
+# ------------------------------------------------------------------ arrays -> surfaces
+def mask_surface(mask, start=(0, 0, 0), step=1, iterations=20):
+    """Mask (X, Y, Z), boolean or 0..1 float -> smooth closed vtkPolyData in voxel index coordinates.
+
+    `start` is the index of mask[0, 0, 0] in the full volume and `step` its voxel stride (for a
+    subsampled mask), so all surfaces share one index space and one affine places them all.
+    """
+    padded = np.pad(mask.astype(np.float32), 1)  # zeros all round: the surface closes at the border
+    image = vtkImageData()
+    image.SetDimensions(*padded.shape)
+    image.SetSpacing(step, step, step)
+    image.SetOrigin(*(s - step for s in start))
+    # VTK stores x fastest: the Fortran order of an (X, Y, Z) array; one vectorized copy, no voxel loop
+    image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(padded.ravel(order="F"), deep=True))
+    contour = vtkFlyingEdges3D()  # marching cubes' faster sibling
+    contour.SetInputData(image)
+    contour.SetValue(0, 0.5)
+    contour.ComputeNormalsOff()
+    smooth = vtkWindowedSincPolyDataFilter()  # removes the voxel staircase without shrinking the surface
+    smooth.SetInputConnection(contour.GetOutputPort())
+    smooth.SetNumberOfIterations(iterations)
+    smooth.SetPassBand(0.05)
+    smooth.NormalizeCoordinatesOn()
+    normals = vtkPolyDataNormals()
+    normals.SetInputConnection(smooth.GetOutputPort())
+    normals.SplittingOff()
+    normals.Update()
+    return normals.GetOutput()
+
+
+def cropped_surface(mask, margin=2):
+    """Surface of a mask cropped to its bounding box first: a tumor fills ~1% of the volume."""
+    box = crop_box(mask, margin)
+    return mask_surface(mask[tuple(slice(a, b) for a, b in box)], start=[a for a, _ in box])
+
+
+def brain_surface(image, step=2):
+    """Outline of the skull-stripped brain (non-zero voxels) from every `step`-th voxel (8x fewer),
+    blurred first: the outline is context, and the blur takes out the terraces cheaply."""
+    mask = ndimage.gaussian_filter((image[::step, ::step, ::step] != 0).astype(np.float32), sigma=1.0)
+    return mask_surface(mask, step=step, iterations=10)
+
+
+def surface_actor(polydata, affine, color, opacity):
+    if np.linalg.det(affine[:3, :3]) < 0:  # a mirroring affine turns the triangles inside out (unlit)
+        reverse = vtkReverseSense()
+        reverse.SetInputData(polydata)
+        reverse.ReverseCellsOn()
+        reverse.Update()
+        polydata = reverse.GetOutput()
+    mapper = vtkPolyDataMapper()
+    mapper.SetInputData(polydata)
+    mapper.ScalarVisibilityOff()
+    matrix = vtkMatrix4x4()
+    matrix.DeepCopy(affine.ravel().tolist())
+    actor = vtkActor()
+    actor.SetMapper(mapper)
+    actor.SetUserMatrix(matrix)  # voxel index -> scanner mm
+    actor.GetProperty().SetColor(color)
+    actor.GetProperty().SetOpacity(opacity)
+    actor.GetProperty().SetSpecular(0.2 if opacity > 0.5 else 0.0)
+    return actor
+
+
+def label_actors(labels, affine):
+    """One actor per tumor label present in internal labels (X, Y, Z), in LABEL_STYLE order. Edema
+    surrounds the core: its surface is the whole tumor's envelope, so no second surface lies on the core's."""
+    return [surface_actor(cropped_surface(labels > 0 if label == 2 else labels == label), affine, color, opacity)
+            for label, (color, opacity) in LABEL_STYLE.items() if (labels == label).any()]
+
+
+def error_actors(truth, pred, affine):
+    """False positive and false negative tumor (whole tumor, any label), around a faint true tumor."""
+    masks = [(truth > 0, CONTEXT_COLOR, CONTEXT_OPACITY),
+             ((pred > 0) & (truth == 0), *ERROR_STYLE["false positive"]),
+             ((truth > 0) & (pred == 0), *ERROR_STYLE["false negative"])]
+    return [surface_actor(cropped_surface(m), affine, color, opacity) for m, color, opacity in masks if m.any()]
+
+
+# ------------------------------------------------------------------ scene
+def text_actor(text, x, y, size, color=(1, 1, 1), centered=False, bold=False, background=None):
+    """Text at (x, y) in 0..1 coordinates of its viewport, vertically centered there."""
+    actor = vtkTextActor()
+    actor.SetInput(text)
+    actor.GetPositionCoordinate().SetCoordinateSystemToNormalizedViewport()
+    actor.SetPosition(x, y)
+    prop = actor.GetTextProperty()
+    prop.SetFontSize(size)
+    prop.SetColor(color)
+    prop.SetBold(bold)
+    prop.SetJustification(1 if centered else 0)
+    prop.SetVerticalJustification(1)
+    if background is not None:
+        prop.SetBackgroundColor(background)
+        prop.SetBackgroundOpacity(1.0)
+    return actor
+
+
+def text_width(text, size):
+    prop = vtkTextProperty()
+    prop.SetFontSize(size)
+    box = [0, 0, 0, 0]  # x0, x1, y0, y1 in pixels
+    vtkTextRenderer().GetBoundingBox(prop, text, box, 72)
+    return box[1] - box[0]
+
+
+def legend_renderer(entries, width, font_size=15, gap=20):
+    """The strip below the viewports: a centered key of (name, color) entries, kept out of the 3D
+    viewports; a smaller font where the window is too narrow for it."""
+    renderer = vtkRenderer()
+    renderer.SetBackground(BACKGROUND)
+    texts = [f" {name} " for name, _ in entries]
+    needed = sum(text_width(t, font_size) + gap for t in texts) + gap
+    font_size = max(8, int(font_size * min(1.0, width / needed)))
+    widths = [text_width(t, font_size) + gap for t in texts]
+    x = (width - sum(widths) + gap) / 2  # pixels
+    for text, (_, color), text_pixels in zip(texts, entries, widths):
+        renderer.AddActor(text_actor(text, x / width, 0.5, font_size, color=(0, 0, 0), background=color))
+        x += text_pixels
+    return renderer
+
+
+def viewport_renderer(title, actors, camera, note):
+    renderer = vtkRenderer()
+    renderer.SetBackground(BACKGROUND)
+    renderer.SetActiveCamera(camera)
+    renderer.SetUseOIT(True)  # order-independent blending of the nested translucent surfaces
+    for actor in actors:
+        renderer.AddActor(actor)
+    renderer.AddActor(text_actor(title, 0.5, 0.95, 22, centered=True, bold=True))
+    renderer.AddActor(text_actor(note, 0.03, 0.05, 16, color=(0.9, 0.9, 0.9)))
+    return renderer
+
+
+def aim_camera(camera, brain, affine, tumor_center):
+    """Oblique view of the whole brain from the front, above and the tumor's side; superior (+z) up."""
+    x0, x1, y0, y1, z0, z1 = brain.GetBounds()
+    corners = np.array([[x, y, z, 1] for x in (x0, x1) for y in (y0, y1) for z in (z0, z1)])
+    world = (affine @ corners.T)[:3].T  # (8, 3) mm
+    center, radius = world.mean(0), np.linalg.norm(world.max(0) - world.min(0)) / 2
+    side = 1.0 if tumor_center is not None and (affine @ [*tumor_center, 1])[0] > center[0] else -1.0
+    direction = np.array([0.55 * side, 0.75, 0.45])  # right or left (x), anterior (+y), superior (+z)
+    camera.SetFocalPoint(*center)
+    camera.SetPosition(*(center + 2.6 * radius * direction / np.linalg.norm(direction)))
+    camera.SetViewUp(0, 0, 1)
+    camera.SetViewAngle(30)
+    camera.SetClippingRange(radius, 7 * radius)
+
+
+def error_note(truth, pred, affine):
+    ml = abs(np.linalg.det(affine[:3, :3])) / 1000  # mL per voxel
+    fp, fn = np.count_nonzero((pred > 0) & (truth == 0)), np.count_nonzero((truth > 0) & (pred == 0))
+    return f"false positive {fp * ml:.1f} mL   false negative {fn * ml:.1f} mL"
+
+
+def build_window(brain_image, truth, pred, affine=None, show_errors=True, title="", offscreen=True):
+    """Arrays -> a vtkRenderWindow: viewports Target | Prediction | Errors above a color key.
+
+    brain_image: (X, Y, Z) one modality, zero outside the brain; truth, pred: internal labels (X, Y, Z)
+    or None (a missing one drops its viewport; errors need both); affine: voxel index -> mm (4x4).
+    """
+    affine = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
+    volumes = [labels for labels in (truth, pred) if labels is not None]
+    if not volumes or any(labels.shape != brain_image.shape for labels in volumes):
+        raise ValueError(f"need ground truth or prediction of the image's shape {brain_image.shape}")
+    views = []  # (title, actors, note at the bottom left)
+    if truth is not None:
+        views.append(("Target", label_actors(truth, affine), title))
+    if pred is not None:
+        dice = None if truth is None else dice_per_region(pred, truth)
+        note = title if dice is None else "Dice   " + "   ".join(f"{r} {d:.3f}" for r, d in dice.items())
+        views.append(("Prediction", label_actors(pred, affine), note))
+    if show_errors and truth is not None and pred is not None:
+        views.append(("Errors", error_actors(truth, pred, affine), error_note(truth, pred, affine)))
+    entries = [(f"{LABEL_NAMES[label]} ({BRATS_LABELS[label]})", color) for label, (color, _) in LABEL_STYLE.items()
+               if any((labels == label).any() for labels in volumes)]  # the labels on show
+    if len(views) == 3:
+        entries += [(name, color) for name, (color, _) in ERROR_STYLE.items()]
+
+    brain = brain_surface(brain_image)
+    tumor = np.argwhere(np.logical_or.reduce([labels > 0 for labels in volumes]))  # (N, 3) voxel indices
+    camera = vtkCamera()
+    aim_camera(camera, brain, affine, tumor.mean(0) if len(tumor) else None)
+    window = vtkRenderWindow()
+    window.SetOffScreenRendering(offscreen)
+    window.SetMultiSamples(0)
+    width, height = VIEW_SIZE * len(views), VIEW_SIZE + LEGEND_HEIGHT
+    window.SetSize(width, height)
+    window.SetWindowName(title or "rendering")
+    bottom = LEGEND_HEIGHT / height
+    brain_actor = surface_actor(brain, affine, BRAIN_COLOR, BRAIN_OPACITY)  # shared by the viewports
+    for i, (view_title, actors, note) in enumerate(views):
+        renderer = viewport_renderer(view_title, [brain_actor] + actors, camera, note or "")
+        renderer.SetViewport(i / len(views), bottom, (i + 1) / len(views), 1)
+        window.AddRenderer(renderer)
+    legend = legend_renderer(entries, width)
+    legend.SetViewport(0, 0, 1, bottom)
+    window.AddRenderer(legend)
+    return window
+
+
+# ------------------------------------------------------------------ output
+def window_pixels(window):
+    """The rendered window as RGB uint8 (height, width, 3), top row first."""
+    window.Render()
+    grab = vtkWindowToImageFilter()
+    grab.SetInput(window)
+    grab.ReadFrontBufferOff()
+    grab.ShouldRerenderOff()  # rendered just above
+    grab.Update()
+    width, height, _ = grab.GetOutput().GetDimensions()
+    pixels = numpy_support.vtk_to_numpy(grab.GetOutput().GetPointData().GetScalars()).reshape(height, width, 3)
+    return pixels[::-1].copy()  # VTK's first row is the bottom one
+
+
+def save_turntable(window, path, frames=36, seconds=6.0):
+    """GIF of one full turn of the shared camera around the vertical (superior) axis."""
+    from PIL import Image  # Pillow comes with matplotlib
+    camera = window.GetRenderers().GetFirstRenderer().GetActiveCamera()
+    images = []
+    for _ in range(frames):
+        images.append(Image.fromarray(window_pixels(window)).quantize(colors=128))
+        camera.Azimuth(360.0 / frames)
+    atomic_write(path, lambda tmp: images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:],
+                                                  duration=int(1000 * seconds / frames), loop=0))
+
+
+def has_display():
+    return sys.platform in ("win32", "darwin") or bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+
+
+def prepare_offscreen():
+    """Headless Linux: ask VTK for EGL first (it would try X and warn), and keep VTK's warnings quiet."""
+    if not has_display():
+        os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
+    vtkLogger.SetStderrVerbosity(vtkLogger.VERBOSITY_ERROR)
+
+
+def render_case(brain_image, truth, pred, affine=None, output_png=None, show_errors=True, title="", turntable=None):
+    """Render a case to output_png (and a turntable GIF) when given, else in an interactive window.
+
+    Returns the RGB pixels (height, width, 3) of the PNG, or None after the window is closed.
+    """
+    from PIL import Image
+    offscreen = output_png is not None
+    if offscreen:
+        prepare_offscreen()
+    window = build_window(brain_image, truth, pred, affine, show_errors, title, offscreen)
+    pixels = None
+    if offscreen:
+        pixels = window_pixels(window)
+        Path(output_png).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(output_png, lambda tmp: Image.fromarray(pixels).save(tmp, format="PNG"))
+    if turntable is not None:
+        Path(turntable).parent.mkdir(parents=True, exist_ok=True)
+        save_turntable(window, turntable)
+    if not offscreen:  # mouse: left drag turns, wheel zooms, middle drag pans; all viewports follow
+        interactor = vtkRenderWindowInteractor()
+        interactor.SetRenderWindow(window)
+        interactor.SetInteractorStyle(vtkInteractorStyleTrackballCamera())
+        interactor.Initialize()
+        window.Render()
+        interactor.Start()
+    window.Finalize()
+    return pixels
+
+
+# ------------------------------------------------------------------ slice overlay (matplotlib)
+def overlay_rgba(labels, styles):
+    """Labels (X, Y) -> RGBA (X, Y, 4) in the colors of the 3D view, transparent where unlabeled."""
+    rgba = np.zeros(labels.shape + (4,))
+    for value, color in styles:
+        rgba[labels == value] = (*color, 0.55)
+    return rgba
+
+
+def slice_overlay_png(image, truth, pred, path, affine=None, title=""):
+    """PNG of the axial slice with the most tumor: the image with truth | prediction | errors colored,
+    shown as radiology viewers show it (arrays turned to RAS; anterior up, patient's right on the left)."""
+    import nibabel as nib
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend needed
+    orientation = nib.orientations.io_orientation(np.eye(4) if affine is None else np.asarray(affine))
+    image, truth, pred = (None if a is None else nib.orientations.apply_orientation(a, orientation)
+                          for a in (image, truth, pred))  # (R, A, S)
+    z = int(np.argmax(((truth if truth is not None else pred) > 0).sum(axis=(0, 1))))
+    rows, columns = (np.flatnonzero(image[:, :, z].any(axis=a)) for a in (1, 0))
+    crop = (slice(rows[0], rows[-1] + 1), slice(columns[0], columns[-1] + 1), z)  # the brain in this slice
+    image, truth, pred = (None if a is None else a[crop] for a in (image, truth, pred))  # (R, A)
+    label_styles = [(label, color) for label, (color, _) in LABEL_STYLE.items()]
+    panels = [(name, labels, label_styles) for name, labels in (("Target", truth), ("Prediction", pred))
+              if labels is not None]
+    if truth is not None and pred is not None:
+        errors = 1 * ((pred > 0) & (truth == 0)) + 2 * ((truth > 0) & (pred == 0))  # 1 FP, 2 FN
+        panels.append(("Errors", errors, list(enumerate((color for color, _ in ERROR_STYLE.values()), 1))))
+    bright = np.percentile(image[image > 0], 99.5)  # grey scale: 0 (background) black, brightest 0.5% white
+    figure = Figure(figsize=(4 * len(panels), 4.4), facecolor="black")
+    for i, (name, labels, styles) in enumerate(panels):
+        axes = figure.add_subplot(1, len(panels), i + 1)
+        for layer, cmap in ((image, "gray"), (overlay_rgba(labels, styles), None)):
+            # (R, A) -> picture rows anterior up (origin lower), columns from the patient's right to left
+            axes.imshow(np.flip(layer.swapaxes(0, 1), axis=1), cmap=cmap, vmin=0, vmax=bright, origin="lower",
+                        interpolation="nearest")
+        axes.set_title(name, color="white")
+        axes.text(-0.06, 0.5, "R", color="white", transform=axes.transAxes)
+        axes.text(1.02, 0.5, "L", color="white", transform=axes.transAxes)
+        axes.axis("off")
+    figure.suptitle(f"{title}  axial slice {z} (RAS)", color="white")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100, facecolor="black",
+                                                      bbox_inches="tight"))
+
+
+# ------------------------------------------------------------------ settings -> files -> render
+def prediction_path(prediction_dir, name):
+    paths = [Path(prediction_dir) / f"{name}{suffix}" for suffix in (".nii.gz", ".nii")]
+    return next((path for path in paths if path.is_file()), None)
+
+
+def first_predicted_case(prediction_dir):
+    names = sorted(p.name.split(".nii")[0] for p in Path(prediction_dir).glob("*.nii*"))
+    if not names:
+        raise CaseError(f"{prediction_dir}: no predictions (*.nii.gz): run predict.py or set rendering_sample_name")
+    return names[0]
+
+
+def find_case(hp, name):
+    """The raw case folder called `name` under raw_data_dir or predict_input_dir."""
+    folders = [folder for folder in (hp.raw_data_dir, hp.predict_input_dir) if folder is not None]
+    for folder in folders:
+        try:
+            cases, _ = find_cases(folder, hp.channel_names, hp.seg_channel_name)
+        except CaseError:  # a missing or empty folder: look in the other one
+            continue
+        for case in cases:
+            if case.name == name:
+                return case
+    raise CaseError(f"case {name}: not found under {' or '.join(str(f) for f in folders)}")
+
+
+def load_labels(path, shape):
+    """Internal labels (X, Y, Z) of a segmentation NIfTI (disk labels 0, 1, 2, 4) on the image's grid."""
+    seg, _ = load_nifti(path)
+    if seg.shape != shape:
+        raise CaseError(f"{path}: shape {seg.shape} differs from the image's {shape}")
+    try:
+        return brats_to_internal(seg)
+    except ValueError as error:
+        raise CaseError(f"{path}: {error}") from None
+
+
+def render(hp):
+    """Render hp.rendering_sample_name (or the first predicted case) as the settings say; returns the PNG or None."""
+    name = hp.rendering_sample_name or first_predicted_case(hp.prediction_dir)
+    case = find_case(hp, name)
+    if hp.render_modality not in hp.channel_names:
+        raise CaseError(f"render_modality {hp.render_modality!r} is not one of channel_names {list(hp.channel_names)}")
+    image, nifti = load_nifti(case.image_paths[hp.channel_names.index(hp.render_modality)])
+    truth = load_labels(case.seg_path, image.shape) if case.seg_path is not None else None
+    if prediction_path(hp.prediction_dir, name) is None:  # no prediction yet: run the model on this case
+        import predict
+        print(f"{name}: no prediction in {hp.prediction_dir}, predicting it now")
+        predict.predict_cases(hp, [case])
+    path = prediction_path(hp.prediction_dir, name)
+    if path is None:
+        raise CaseError(f"{hp.prediction_dir}: no prediction {name}.nii.gz was written")
+    pred = load_labels(path, image.shape)
+    output = hp.render_output
+    if output is None and not has_display():
+        output = hp.run_dir / "render.png"
+    start = time.perf_counter()
+    render_case(image, truth, pred, nifti.affine, output, hp.render_errors, name, hp.render_turntable)
+    if output is not None:
+        slices = output.with_name(f"{output.stem}_slices.png")
+        slice_overlay_png(image, truth, pred, slices, nifti.affine, title=name)
+        written = [output, slices] + ([hp.render_turntable] if hp.render_turntable is not None else [])
+        print(f"rendered {name} in {time.perf_counter() - start:.1f} s: " + ", ".join(str(p) for p in written))
+    return output
+
+
+def main():
+    hp = hyperparameters.from_command_line()
+    try:
+        render(hp)
+    except (CaseError, FileNotFoundError, ValueError) as error:  # bad case, no checkpoint, bad settings
+        raise SystemExit(f"error: {error}") from None
+
+
+if __name__ == "__main__":
+    main()
