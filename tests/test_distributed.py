@@ -1,0 +1,174 @@
+"""train.py under torchrun with Gloo on CPU: the same training as one process, one set of outputs, resume with
+another process count, and no hanging when one process fails. Skipped where Gloo cannot start."""
+import datetime
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import dataset
+import model
+import train
+
+REPO = Path(__file__).resolve().parents[1]
+TIMEOUT = 120  # seconds for one launch; a hang fails the test instead of the suite
+
+# Runs train.train under torchrun or alone, with two test-only changes, and saves each process's weights:
+# the loss is the mean of per-patch losses (the batch Dice of loss.py is over a process's own patches, so
+# only a per-patch loss is the same whether 2 patches are on one process or one on each of two), and the
+# loss of step 2 is NaN on process NAN_RANK (all processes must skip that step together).
+HELPER = """
+import os, sys
+import torch
+sys.path.insert(0, {repo!r})
+import hyperparameters, loss, model, train
+
+nets, build_model, make_loss = [], model.build_model, loss.make_loss
+model.build_model = lambda hp: nets.append(build_model(hp)) or nets[-1]
+
+def per_patch_loss(hp):
+    loss_fn, calls = make_loss(hp), []
+    def mean_of_patches(logits, labels):
+        calls.append(1)
+        value = torch.stack([loss_fn(logits[i:i + 1], labels[i:i + 1]) for i in range(len(labels))]).mean()
+        nan = len(calls) == 2 and os.environ.get("RANK", "0") == os.environ["NAN_RANK"]
+        return value * float("nan") if nan else value
+    return mean_of_patches
+
+loss.make_loss = per_patch_loss
+train.train(hyperparameters.load(sys.argv[1], overrides=sys.argv[3:]))
+torch.save(nets[0].state_dict(), os.path.join(sys.argv[2], "rank" + os.environ.get("RANK", "0") + ".pt"))
+"""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def gloo():
+    """Skip the module where a Gloo process group cannot start (no loopback networking, a sandbox)."""
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("this PyTorch has no Gloo backend")
+    try:
+        store = dist.TCPStore("127.0.0.1", 0, 1, True, timeout=datetime.timedelta(seconds=10))
+        dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+        dist.all_reduce(torch.zeros(1))
+        dist.destroy_process_group()
+    except (RuntimeError, OSError, ValueError) as error:
+        pytest.skip(f"Gloo cannot start here: {error}")
+
+
+@pytest.fixture
+def prepared(tmp_path, tiny_prepared):
+    """tiny_prepared with 3 validation cases (an odd count: 2 processes must neither pad nor repeat one)."""
+    folder = Path(shutil.copytree(tiny_prepared, tmp_path / "prepared"))
+    manifest = json.loads((folder / "dataset.json").read_text())
+    labelled = sorted(name for name, case in manifest["cases"].items() if case["seg"])
+    assert len(labelled) >= 5
+    for i, name in enumerate(labelled):
+        manifest["cases"][name]["split"] = "val" if i < 3 else "train"
+    (folder / "dataset.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def write_settings(path, prepared_dir, run_dir, **changes):
+    settings = {"prepared_dir": prepared_dir, "run_dir": run_dir, "num_workers": 0, "features": "4, 8, 16",
+                "patch_size": "16, 16, 16", "batch_size": 1, "epochs": 2, "steps_per_epoch": 3,
+                "learning_rate": 3e-3, "sw_batch_size": 4, "precision": "fp32", "seed": 5, **changes}
+    path.write_text("".join(f"{key}: {value}\n" for key, value in settings.items()))
+    return path
+
+
+def environment():
+    return {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+
+
+def run(args, processes=None, **env):
+    """python ARGS, or torchrun with `processes` processes; -> the finished process."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+    command = (launcher if processes else [sys.executable]) + [str(a) for a in args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT, env={**environment(), **env})
+
+
+def test_two_processes_train_like_one_process_with_the_same_global_batch(tmp_path, prepared):
+    helper = tmp_path / "helper.py"
+    helper.write_text(HELPER.format(repo=str(REPO)))
+    results = {}
+    for processes, batch_size in ((2, 1), (None, 2)):
+        out = tmp_path / f"out{processes}"
+        out.mkdir()
+        settings = write_settings(tmp_path / f"hp{processes}.txt", prepared, tmp_path / f"run{processes}",
+                                  batch_size=batch_size)
+        done = run([helper, settings, out], processes, NAN_RANK="1" if processes else "0")
+        assert done.returncode == 0, done.stderr[-3000:]
+        results[processes] = done, out
+    (two, two_out), (one, one_out) = results[2], results[None]
+    rank0, rank1 = (torch.load(two_out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    single = torch.load(one_out / "rank0.pt", weights_only=True)
+    torch.manual_seed(5)
+    initial = model.build_model(train.hyperparameters.load(overrides={"features": "4, 8, 16"})).state_dict()
+    for key, value in rank0.items():
+        assert torch.equal(value, rank1[key]), f"{key} differs between the processes"
+        torch.testing.assert_close(value, single[key], rtol=0, atol=1e-4, msg=f"{key} differs from one process")
+    assert any(not torch.equal(value, initial[key]) for key, value in rank0.items() if value.is_floating_point())
+    # one set of outputs: only rank 0 prints epochs and writes files; the NaN step was skipped by both
+    assert two.stdout.count("epoch 2/2  loss") == 1
+    assert two.stdout.count("non-finite loss at epoch 1 step 2: skipped") == 1
+    assert sorted(p.name for p in (tmp_path / "run2").iterdir()) == [
+        "checkpoint_best.pt", "checkpoint_last.pt", "curves.png", "metrics.csv"]
+    rows = {p: torch.load(tmp_path / f"run{p}" / "checkpoint_last.pt", weights_only=True)["metrics"] for p in (2, None)}
+    assert [row["skipped_steps"] for row in rows[2]] == [row["skipped_steps"] for row in rows[None]] == [1, 0]
+    for row2, row1 in zip(rows[2], rows[None]):
+        assert row2["train_loss"] == pytest.approx(row1["train_loss"], rel=1e-5)
+
+
+def test_killed_run_resumes_under_torchrun_with_another_process_count(tmp_path, prepared):
+    run_dir = tmp_path / "run"
+    settings = write_settings(tmp_path / "hp.txt", prepared, run_dir, batch_size=2, epochs=100)
+    process = subprocess.Popen([sys.executable, str(REPO / "train.py"), "--hp", str(settings)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=environment())
+    deadline = time.monotonic() + TIMEOUT
+    while not (run_dir / "checkpoint_last.pt").exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed = torch.load(run_dir / "checkpoint_last.pt", weights_only=True)
+    epochs = killed["epoch"] + 2
+
+    done = run([REPO / "train.py", "--hp", settings, "resume=True", f"epochs={epochs}", "batch_size=1"], processes=2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"resuming {run_dir / 'checkpoint_last.pt'} after epoch {killed['epoch']}" in done.stdout
+    resumed = torch.load(run_dir / "checkpoint_last.pt", weights_only=True)
+    assert resumed["epoch"] == epochs and resumed["world_size"] == 2
+    assert [row["epoch"] for row in resumed["metrics"]] == list(range(1, epochs + 1))
+    assert resumed["metrics"][:killed["epoch"]] == killed["metrics"]
+    assert resumed["scheduler"]["last_epoch"] == epochs * 3
+    for epoch in range(killed["epoch"] + 1, epochs + 1):
+        assert done.stdout.count(f"epoch {epoch}/{epochs}  loss") == 1
+    with open(run_dir / "metrics.csv") as file:
+        assert [line.split(",")[0] for line in file.read().splitlines()[1:]] == [str(e) for e in range(1, epochs + 1)]
+
+    # validation split over 2 processes (cases 0, 2 and 1) gives the numbers of one process on the same weights
+    hp = train.hyperparameters.load(settings)
+    net, _ = model.load_model(run_dir / "checkpoint_last.pt")
+    volumes = dataset.VolumeDataset(prepared, dataset.split_cases(dataset.read_manifest(prepared))[1])
+    single = train.validate(net, volumes, hp, torch.device("cpu"), None)
+    for key, value in single.items():
+        assert resumed["metrics"][-1][key] == pytest.approx(value, abs=1e-6), key
+
+
+def test_a_failing_process_stops_the_others(tmp_path, prepared):
+    val_names = dataset.split_cases(dataset.read_manifest(prepared))[1]
+    image = prepared / f"{val_names[1]}.npy"  # validation case 1 belongs to process 1
+    image.write_bytes(image.read_bytes()[:200])  # truncated
+    settings = write_settings(tmp_path / "hp.txt", prepared, tmp_path / "run", epochs=1)
+    start = time.monotonic()
+    done = run([REPO / "train.py", "--hp", settings], processes=2)
+    assert done.returncode != 0
+    assert "rank 1 failed: " in done.stderr
+    assert time.monotonic() - start < 60

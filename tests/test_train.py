@@ -1,0 +1,259 @@
+"""The training loop on tiny generated data: outputs, checkpoints, resume, the finite-loss guard, precision."""
+import csv
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import hyperparameters
+import loss
+import model
+import train
+
+EPOCHS = 4
+
+
+def tiny_settings(prepared_dir, run_dir, **changes):
+    settings = {"prepared_dir": prepared_dir, "run_dir": run_dir, "num_workers": 0, "features": "4, 8, 16",
+                "patch_size": "16, 16, 16", "batch_size": 2, "epochs": EPOCHS, "steps_per_epoch": 4,
+                "val_every": 2, "learning_rate": 3e-3, "sw_batch_size": 4, "seed": 3}
+    return hyperparameters.load(overrides={**settings, **changes})
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, tiny_prepared):
+    """An uninterrupted 4-epoch run -> (hp, result of train())."""
+    hp = tiny_settings(tiny_prepared, tmp_path_factory.mktemp("full_run"))
+    return hp, train.train(hp)
+
+
+def read_csv(path):
+    with open(path, newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def without_seconds(rows):
+    return [{key: value for key, value in row.items() if key != "seconds"} for row in rows]
+
+
+def test_training_loss_falls_and_metrics_csv_has_a_row_per_epoch(full_run):
+    hp, result = full_run
+    rows = read_csv(hp.run_dir / "metrics.csv")
+    assert list(rows[0]) == list(train.METRIC_COLUMNS)
+    assert [int(row["epoch"]) for row in rows] == list(range(1, EPOCHS + 1))
+    losses = [float(row["train_loss"]) for row in rows]
+    assert losses[-1] < losses[0]
+    # validation every 2nd epoch: empty cells in between, Dice/accuracy in [0, 1] when validated
+    assert [row["dice_mean"] == "" for row in rows] == [True, False, True, False]
+    for row in rows[1::2]:
+        values = [float(row[c]) for c in ("dice_WT", "dice_TC", "dice_ET", "accuracy")]
+        assert all(0 <= v <= 1 for v in values)
+        assert float(row["dice_mean"]) == pytest.approx(sum(values[:3]) / 3, abs=1e-5)
+    assert float(rows[-1]["dice_mean"]) == pytest.approx(result["dice_mean"], rel=1e-5)
+    assert (hp.run_dir / "curves.png").stat().st_size > 10_000
+    assert sorted(p.name for p in hp.run_dir.iterdir()) == [
+        "checkpoint_best.pt", "checkpoint_last.pt", "curves.png", "metrics.csv"]  # no temporary files left
+
+
+def test_checkpoint_holds_plain_unwrapped_state(full_run):
+    hp, result = full_run
+    checkpoint = torch.load(hp.run_dir / "checkpoint_last.pt", weights_only=True)
+    assert {"model_args", "model", "optimizer", "scheduler", "scaler", "epoch", "best_score", "metrics", "rng",
+            "hyperparameters"} <= set(checkpoint)
+    assert not [key for key in checkpoint["model"] if key.startswith(("module.", "_orig_mod."))]
+    assert checkpoint["epoch"] == EPOCHS and len(checkpoint["metrics"]) == EPOCHS
+    assert checkpoint["hyperparameters"] == hp.to_dict()
+    assert checkpoint["scheduler"]["last_epoch"] == EPOCHS * hp.steps_per_epoch
+    best = torch.load(hp.run_dir / "checkpoint_best.pt", weights_only=True)
+    assert best["epoch"] == result["best_epoch"] and best["best_score"] == result["best_dice_mean"]
+    assert result["best_dice_mean"] == max(row["dice_mean"] for row in checkpoint["metrics"] if row["dice_mean"])
+    net, _ = model.load_model(hp.run_dir / "checkpoint_last.pt")
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in checkpoint["model"].items())
+
+
+def test_resume_after_a_stop_gives_the_uninterrupted_run(full_run, tmp_path, monkeypatch):
+    hp, _ = full_run
+    hp = hp.replace(run_dir=tmp_path)
+    plot = train.plot_curves
+
+    def stop_after_epoch_2(rows, path, show=False):  # an interrupt once epoch 2 is saved
+        plot(rows, path, show)
+        if rows[-1]["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "plot_curves", stop_after_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(hp)
+    assert torch.load(tmp_path / "checkpoint_last.pt", weights_only=True)["epoch"] == 2
+    monkeypatch.setattr(train, "plot_curves", plot)
+    train.train(hp.replace(resume=True))
+
+    resumed = torch.load(tmp_path / "checkpoint_last.pt", weights_only=True)
+    uninterrupted = torch.load(full_run[0].run_dir / "checkpoint_last.pt", weights_only=True)
+    assert without_seconds(resumed["metrics"]) == without_seconds(uninterrupted["metrics"])
+    assert without_seconds(read_csv(tmp_path / "metrics.csv")) == without_seconds(
+        read_csv(full_run[0].run_dir / "metrics.csv"))
+    assert resumed["best_score"] == uninterrupted["best_score"]
+    for key, value in uninterrupted["model"].items():
+        assert torch.equal(resumed["model"][key], value), key
+    assert resumed["scheduler"]["last_epoch"] == uninterrupted["scheduler"]["last_epoch"]
+
+
+def test_resume_refuses_a_checkpoint_of_another_network(full_run, tmp_path):
+    hp, _ = full_run
+    shutil.copy(hp.run_dir / "checkpoint_last.pt", tmp_path / "checkpoint_last.pt")
+    with pytest.raises(ValueError, match="checkpoint_last.pt: the network was"):
+        train.train(hp.replace(run_dir=tmp_path, resume=True, features="4, 8, 32"))
+
+
+class NaNGradient(torch.autograd.Function):
+    """Identity forward, NaN gradient backward: a finite loss with non-finite gradients."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * math.nan
+
+
+def test_non_finite_loss_or_gradients_skip_the_step(tiny_prepared, tmp_path, monkeypatch, capsys):
+    make_loss = loss.make_loss
+
+    def faulty_loss(hp):
+        loss_fn, calls = make_loss(hp), []
+
+        def faulty(logits, labels):
+            calls.append(1)
+            value = loss_fn(logits, labels)
+            return value * math.nan if len(calls) == 2 else NaNGradient.apply(value) if len(calls) == 3 else value
+        return faulty
+
+    monkeypatch.setattr(loss, "make_loss", faulty_loss)
+    hp = tiny_settings(tiny_prepared, tmp_path, epochs=1)
+    result = train.train(hp)
+    output = capsys.readouterr()
+    assert "non-finite loss at epoch 1 step 2: skipped" in output.out + output.err
+    assert "non-finite gradients at epoch 1 step 3: skipped" in output.out + output.err
+    assert result["skipped_steps"] == 2 and math.isfinite(result["train_loss"])
+    checkpoint = torch.load(tmp_path / "checkpoint_last.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in checkpoint["model"].values())
+    adam_steps = {float(state["step"]) for state in checkpoint["optimizer"]["state"].values()}
+    assert adam_steps == {2.0}  # 4 steps, 2 skipped
+    assert checkpoint["scheduler"]["last_epoch"] == 4  # the schedule still advanced on skipped steps
+
+
+def test_autocast_settings_for_each_device():
+    bf16, fp16 = torch.bfloat16, torch.float16
+    assert train.autocast_settings("auto", "cuda", True) == (bf16, False)
+    assert train.autocast_settings("auto", "cuda", False) == (fp16, True)  # e.g. V100, T4: fp16 + GradScaler
+    assert train.autocast_settings("auto", "cpu", True) == (bf16, False)
+    assert train.autocast_settings("auto", "cpu", False) == (None, False)
+    assert train.autocast_settings("auto", "mps", False) == (None, False)
+    assert train.autocast_settings("fp32", "cuda", True) == (None, False)
+    assert train.autocast_settings("fp16", "cuda", True) == (fp16, True)
+    assert train.autocast_settings("bf16", "cpu", False) == (bf16, False)
+
+
+def cpu_has_bf16_instructions():
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.is_file():
+        pytest.skip("no /proc/cpuinfo to read the CPU flags from")
+    return bool({"avx512_bf16", "amx_bf16"} & set(cpuinfo.read_text().split()))
+
+
+@pytest.mark.parametrize("precision", ["auto", "fp32"])
+def test_training_runs_in_bf16_exactly_on_cpus_with_bf16_instructions(tiny_prepared, tmp_path, monkeypatch, precision):
+    native = cpu_has_bf16_instructions()
+    assert train.cpu_supports_bf16() == native
+    dtypes, build_model = set(), model.build_model
+
+    def build_and_watch(hp):  # record the dtype of every output of the network, in training and validation
+        net = build_model(hp)
+        net.heads[0].register_forward_hook(lambda module, inputs, output: dtypes.add(output.dtype))
+        return net
+
+    monkeypatch.setattr(model, "build_model", build_and_watch)
+    train.train(tiny_settings(tiny_prepared, tmp_path, epochs=1, steps_per_epoch=1, precision=precision))
+    assert dtypes == {torch.bfloat16 if precision == "auto" and native else torch.float32}
+
+
+def test_resolve_device():
+    resolve = train.resolve_device
+    assert resolve("auto", cuda_available=False, mps_available=False) == torch.device("cpu")
+    assert resolve("auto", cuda_available=False, mps_available=True) == torch.device("mps")
+    gpu_3 = resolve("auto", local_rank=3, world_size=4, cuda_available=True, mps_available=False)
+    assert gpu_3 == torch.device("cuda:3")
+    assert resolve("cuda", local_rank=1, world_size=2, cuda_available=True) == torch.device("cuda:1")
+    assert resolve("cuda:2", cuda_available=True) == torch.device("cuda:2")
+    assert resolve("cpu", cuda_available=True) == torch.device("cpu")
+    with pytest.raises(ValueError, match="torchrun started 2 processes"):
+        resolve("cuda:0", world_size=2, cuda_available=True)
+    with pytest.raises(RuntimeError, match="no CUDA GPU"):
+        resolve("cuda", cuda_available=False)
+
+
+def test_learning_rate_schedules():
+    hp = hyperparameters.load(overrides={"epochs": 10, "steps_per_epoch": 10, "warmup_epochs": 0})
+    assert train.lr_factor(0, hp) == 1.0
+    assert train.lr_factor(50, hp) == pytest.approx(0.5 ** 0.9)  # nnU-Net's poly rule at half way
+    assert train.lr_factor(99, hp) == pytest.approx(0.01 ** 0.9)
+    cosine = hp.replace(lr_schedule="cosine", warmup_epochs=2)
+    assert [train.lr_factor(s, cosine) for s in (0, 9, 19)] == pytest.approx([0.05, 0.5, 1.0])  # linear warm-up
+    assert train.lr_factor(60, cosine) == pytest.approx(0.5)  # half way through the 80 steps after warm-up
+    assert train.lr_factor(57, hp.replace(lr_schedule="constant")) == 1.0
+
+
+def test_a_step_sees_the_same_patches_however_many_processes_share_it():
+    one = list(train.EpochSampler(steps=3, batch_size=4, rank=0, world_size=1))
+    shards = [list(train.EpochSampler(steps=3, batch_size=1, rank=r, world_size=4)) for r in range(4)]
+    for step in range(3):
+        assert sorted(shard[step] for shard in shards) == one[4 * step:4 * step + 4]
+    sampler = train.EpochSampler(steps=2, batch_size=2, rank=1, world_size=2)
+    sampler.set_epoch(5)
+    assert list(sampler) == [(5, 2), (5, 3), (5, 6), (5, 7)]
+
+
+def test_persistent_workers_follow_the_epoch(tiny_prepared):
+    import dataset
+    train_names, _ = dataset.split_cases(dataset.read_manifest(tiny_prepared))
+    patches = dataset.PatchDataset(tiny_prepared, train_names, (16, 16, 16), 0.5, True, 0, 4)
+    batches = {}
+    for workers in (0, 2):
+        sampler = train.EpochSampler(steps=2, batch_size=2, rank=0, world_size=1)
+        loader = train.start_loader(patches, sampler, 2, workers, torch.device("cpu"))
+        for epoch in (1, 2):
+            sampler.set_epoch(epoch)
+            batches[workers, epoch] = torch.cat([image for image, _ in loader])
+    assert torch.equal(batches[0, 1], batches[2, 1]) and torch.equal(batches[0, 2], batches[2, 2])
+    assert not torch.equal(batches[0, 1], batches[0, 2])
+
+
+def test_loader_falls_back_to_the_main_process_when_workers_cannot_start(tiny_prepared, monkeypatch, capsys):
+    import dataset
+    train_names, _ = dataset.split_cases(dataset.read_manifest(tiny_prepared))
+    patches = dataset.PatchDataset(tiny_prepared, train_names, (16, 16, 16), 0.5, False, 0, 2)
+
+    def refuse(loader):
+        if loader.num_workers:
+            raise RuntimeError("DataLoader worker (pid 123) exited unexpectedly")
+        return original(loader)
+
+    original = torch.utils.data.DataLoader.__iter__
+    monkeypatch.setattr(torch.utils.data.DataLoader, "__iter__", refuse)
+    loader = train.start_loader(patches, train.EpochSampler(1, 2, 0, 1), 2, 2, torch.device("cpu"))
+    assert loader.num_workers == 0 and len(list(loader)) == 1
+    assert "workers could not start (DataLoader worker (pid 123) exited unexpectedly)" in capsys.readouterr().out
+
+
+def test_rng_state_survives_a_weights_only_round_trip(tmp_path):
+    import random
+    import numpy as np
+    torch.save(train.rng_state(), tmp_path / "rng.pt")
+    first = (torch.rand(3), np.random.rand(3), random.random())
+    train.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    second = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(first[0], second[0]) and (first[1] == second[1]).all() and first[2] == second[2]

@@ -1,0 +1,444 @@
+"""Train the 3D U-Net on random patches; validate on whole volumes; checkpoint and plot every epoch.
+
+    python train.py                                  # settings from hyperparameters.txt
+    python train.py epochs=5 batch_size=1 resume=True
+    torchrun --nproc_per_node=4 train.py             # DistributedDataParallel, one process per GPU
+
+Writes to run_dir: metrics.csv (a row per epoch), curves.png, checkpoint_last.pt (every epoch) and
+checkpoint_best.pt (best mean Dice). Under torchrun batch_size is per process, the global batch is
+batch_size * processes, and a step sees the same patches as one process with that global batch.
+"""
+import csv
+import datetime
+import math
+import os
+import pickle
+import random
+import sys
+import time
+import traceback
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+import dataset
+import hyperparameters
+import loss
+import model
+import predict
+import prepare_dataset
+
+METRIC_COLUMNS = ("epoch", "train_loss", "lr", "dice_WT", "dice_TC", "dice_ET", "dice_mean", "accuracy",
+                  "skipped_steps", "seconds")
+# How long a process waits for the others in a collective before it fails: long enough for the slowest
+# process's share of validation, short enough that a dead process cannot hang the others for good.
+PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=10)
+
+
+# ---------------------------------------------------------------- device and precision
+
+def resolve_device(name, local_rank=0, world_size=1, cuda_available=None, mps_available=None):
+    """hp.device -> torch.device. Under torchrun process k takes GPU LOCAL_RANK (choose GPUs with
+    CUDA_VISIBLE_DEVICES)."""
+    cuda_available = torch.cuda.is_available() if cuda_available is None else cuda_available
+    mps_available = torch.backends.mps.is_available() if mps_available is None else mps_available
+    if name == "auto":
+        name = "cuda" if cuda_available else "mps" if mps_available else "cpu"
+    if name.startswith("cuda"):
+        if not cuda_available:
+            raise RuntimeError(f"device: {name}, but this PyTorch sees no CUDA GPU (use device: auto or cpu)")
+        if ":" in name and world_size > 1:
+            raise ValueError(f"device: {name} names one GPU, but torchrun started {world_size} processes: "
+                             "use device: cuda or auto (process k takes GPU LOCAL_RANK)")
+        return torch.device(name) if ":" in name else torch.device("cuda", local_rank)
+    if name == "mps" and not mps_available:
+        raise RuntimeError("device: mps, but this PyTorch sees no Apple GPU (use device: auto or cpu)")
+    return torch.device(name)
+
+
+def cpu_supports_bf16():
+    """True when the CPU has native bfloat16 instructions (AVX512-BF16 or AMX), the ones oneDNN's bf16
+    kernels use. A trial bf16 convolution would prove nothing: autocast runs on any CPU, but without
+    these instructions bf16 is emulated and slower than float32."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, check, lambda: False)() for check in checks)
+
+
+def autocast_settings(precision, device_type, bf16_supported):
+    """hp.precision -> (autocast dtype, None for float32; whether a GradScaler is needed)."""
+    if precision == "auto":
+        if device_type == "cuda":
+            precision = "bf16" if bf16_supported else "fp16"
+        else:  # CPUs with native bf16; MPS and other CPUs stay in float32
+            precision = "bf16" if device_type == "cpu" and bf16_supported else "fp32"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+    # float16 has 5 exponent bits: small gradients underflow unless the loss is scaled up; bfloat16 has 8
+    return dtype, dtype == torch.float16
+
+
+# ---------------------------------------------------------------- data
+
+class EpochSampler(torch.utils.data.Sampler):
+    """This process's (epoch, index) pairs. Step s of the global batch holds the indices
+    s*B*W ... (s+1)*B*W - 1 (B per process, W processes), and process r takes B consecutive ones, so a
+    step's patches do not depend on how many processes share them. The sampler runs in the main
+    process: the epoch reaches persistent worker processes inside the indices."""
+
+    def __init__(self, steps, batch_size, rank, world_size):
+        self.steps, self.batch_size, self.rank, self.world_size = steps, batch_size, rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.steps * self.batch_size
+
+    def __iter__(self):
+        for step in range(self.steps):
+            first = (step * self.world_size + self.rank) * self.batch_size
+            yield from ((self.epoch, index) for index in range(first, first + self.batch_size))
+
+
+class EpochPatches(torch.utils.data.Dataset):
+    """A PatchDataset indexed by (epoch, index): each worker's copy follows the epoch of its items."""
+
+    def __init__(self, patches):
+        self.patches = patches
+
+    def __getitem__(self, epoch_index):
+        epoch, index = epoch_index
+        self.patches.set_epoch(epoch)
+        return self.patches[index]
+
+
+def start_loader(patches, sampler, batch_size, num_workers, device):
+    """A DataLoader whose workers have delivered a batch, or one loading in this process where worker
+    processes cannot start (a script without a __main__ guard on Windows, a sandbox without shared memory)."""
+    def make_loader(patches, sampler, batch_size, workers, device):
+        return torch.utils.data.DataLoader(EpochPatches(patches), batch_size, sampler=sampler, num_workers=workers,
+                                           persistent_workers=workers > 0, pin_memory=device.type == "cuda")
+
+    loader = make_loader(patches, sampler, batch_size, num_workers, device)
+    if num_workers > 0:
+        try:
+            next(iter(loader))
+        except (RuntimeError, OSError, EOFError, AttributeError, pickle.PickleError) as error:
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            print(f"DataLoader workers could not start ({reason}); loading in the main process (num_workers: 0)")
+            loader = make_loader(patches, sampler, batch_size, 0, device)
+    return loader
+
+
+# ---------------------------------------------------------------- optimization
+
+def lr_factor(step, hp):
+    """Learning-rate multiplier of optimizer step `step` (from 0): linear warm-up, then the schedule."""
+    total, warmup = hp.epochs * hp.steps_per_epoch, hp.warmup_epochs * hp.steps_per_epoch
+    if step < warmup:
+        return (step + 1) / warmup
+    t = min((step - warmup) / max(total - warmup, 1), 1.0)  # 0 -> 1 over the steps after warm-up
+    if hp.lr_schedule == "poly":
+        return (1 - t) ** 0.9  # as nnU-Net
+    if hp.lr_schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * t))
+    return 1.0
+
+
+def rng_state():
+    """Random states as tensors and plain values, so that a weights_only load restores them."""
+    _, keys, position, has_gauss, cached = np.random.get_state()
+    version, python_state, gauss = random.getstate()
+    state = {"torch": torch.get_rng_state(), "python": [version, list(python_state), gauss],
+             "numpy": [torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached]}
+    if torch.cuda.is_initialized():  # this process's GPU only: touching the others would put a context on each
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    version, python_state, gauss = state["python"]
+    random.setstate((version, tuple(python_state), gauss))
+    keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), position, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def train_epoch(train_model, batches, optimizer, scheduler, scaler, loss_fn, hp, device, dtype, epoch,
+                world_size, main_process):
+    """hp.steps_per_epoch optimizer steps -> (mean finite loss over all processes, skipped steps)."""
+    loss_sum, loss_count, skipped = 0.0, 0, 0
+    params = [p for p in train_model.parameters() if p.requires_grad]
+    bar = tqdm(total=hp.steps_per_epoch, desc=f"epoch {epoch}/{hp.epochs}", disable=not main_process, leave=False)
+    start = time.perf_counter()
+    for step, (image, labels) in enumerate(batches, start=1):
+        image = image.to(device, non_blocking=True)  # (B, C, px, py, pz)
+        labels = labels.to(device, non_blocking=True)  # (B, px, py, pz)
+        if hp.channels_last:
+            image = image.contiguous(memory_format=torch.channels_last_3d)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            logits = train_model(image)  # (B, C_out, px, py, pz); a list of them with deep supervision
+        logits = [x.float() for x in logits] if isinstance(logits, list) else logits.float()
+        batch_loss = loss_fn(logits, labels)  # float32 scalar, outside autocast
+        finite = torch.isfinite(batch_loss.detach()).int()
+        if world_size > 1:  # all processes skip together, or the gradient all-reduce would wait forever
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        finite = bool(finite.item())
+        if finite:
+            scaler.scale(batch_loss).backward()
+            scaler.unscale_(optimizer)  # clip the true gradient, not the fp16-scaled one
+            norm = torch.nn.utils.clip_grad_norm_(params, hp.grad_clip if hp.grad_clip > 0 else math.inf)
+            if scaler.is_enabled() or torch.isfinite(norm):  # with fp16 the scaler skips inf/NaN gradients
+                scaler.step(optimizer)
+            scaler.update()
+            loss_sum, loss_count = loss_sum + batch_loss.item(), loss_count + 1
+        if not finite or not torch.isfinite(norm):  # gradients are all-reduced: the same in every process
+            skipped += 1
+            if main_process:
+                tqdm.write(f"non-finite {'gradients' if finite else 'loss'} at epoch {epoch} step {step}: skipped")
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()  # skipped or not: the schedule follows the step count, also after a resume
+        rate = step * hp.batch_size * world_size / (time.perf_counter() - start)
+        bar.set_postfix(loss=f"{batch_loss.item():.4f}", patches_per_s=f"{rate:.1f}")
+        bar.update()
+    bar.close()
+    totals = torch.tensor([loss_sum, loss_count], dtype=torch.float64)
+    if world_size > 1:
+        dist.all_reduce(totals)
+    return (totals[0] / totals[1]).item() if totals[1] > 0 else math.nan, skipped
+
+
+# ---------------------------------------------------------------- validation
+
+@torch.no_grad()
+def validate(net, volumes, hp, device, dtype, rank=0, world_size=1):
+    """Mean Dice per region, mean Dice (= mean F1) and accuracy over the whole validation volumes.
+    Process r takes cases r, r + W, ... (none padded or repeated); the means run over the cases in
+    their order, so any number of processes gives the same numbers."""
+    net.eval()
+
+    def predict_fn(windows):  # (B, C, px, py, pz) -> probabilities (B, C_out, px, py, pz)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            logits = net(windows)
+        return loss.logits_to_probabilities(logits.float(), hp.target)
+
+    results = []
+    for index in range(rank, len(volumes), world_size):
+        _, image, truth = volumes[index]  # (C, x, y, z), (x, y, z)
+        probabilities = predict.sliding_window(predict_fn, image.to(device), hp.patch_size, hp.sw_overlap,
+                                               hp.sw_batch_size)
+        labels = loss.probabilities_to_labels(probabilities, hp.target).cpu().numpy()  # (x, y, z)
+        dice = loss.dice_per_region(labels, truth.numpy())
+        results.append((index, [dice[region] for region in loss.REGION_NAMES], loss.accuracy(labels, truth.numpy())))
+    net.train()
+    if world_size > 1:
+        gathered = [None] * world_size
+        dist.all_gather_object(gathered, results)
+        results = [result for part in gathered for result in part]
+    results.sort()
+    dice = np.mean([dice for _, dice, _ in results], axis=0)  # (3,) WT, TC, ET
+    row = {f"dice_{region}": float(value) for region, value in zip(loss.REGION_NAMES, dice)}
+    return {**row, "dice_mean": float(dice.mean()), "accuracy": float(np.mean([a for _, _, a in results]))}
+
+
+# ---------------------------------------------------------------- outputs (main process only)
+
+def write_metrics_csv(rows, path):
+    """Rewrite the whole file from the rows kept in the checkpoint: a resume never repeats or loses a row."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(METRIC_COLUMNS)
+        for row in rows:
+            writer.writerow(["" if row[c] is None else f"{row[c]:.6g}" if isinstance(row[c], float) else row[c]
+                             for c in METRIC_COLUMNS])
+    os.replace(tmp, path)
+
+
+def interactive_plots():
+    """True in Spyder, PyCharm or IPython with a matplotlib backend that can show figures."""
+    if not ("IPython" in sys.modules or os.environ.get("PYCHARM_HOSTED") or hasattr(sys, "ps1")):
+        return False
+    import matplotlib
+    return matplotlib.get_backend().lower() not in ("agg", "pdf", "ps", "svg", "cairo", "template")
+
+
+def plot_curves(rows, path, show=False):
+    """curves.png: training loss; Dice per region and mean Dice (= mean F1); voxel accuracy."""
+    if show:
+        import matplotlib.pyplot as plt
+        figure = plt.figure("training", figsize=(13, 3.8), clear=True)
+    else:  # a plain Figure renders with Agg: no pyplot, no GUI backend touched on a server or under a test
+        from matplotlib.figure import Figure
+        figure = Figure((13, 3.8))
+    axes = figure.subplots(1, 3)
+    axes[0].plot([row["epoch"] for row in rows], [row["train_loss"] for row in rows], "o-", label="training loss")
+    validated = [row for row in rows if row["dice_mean"] is not None]
+    epochs = [row["epoch"] for row in validated]
+    for region in loss.REGION_NAMES:
+        axes[1].plot(epochs, [row[f"dice_{region}"] for row in validated], "o-", label=f"Dice {region}")
+    axes[1].plot(epochs, [row["dice_mean"] for row in validated], "ko--", label="mean Dice (F1)")
+    axes[2].plot(epochs, [row["accuracy"] for row in validated], "o-", label="voxel accuracy")
+    for axis, title in zip(axes, ("loss", "validation Dice (F1)", "validation accuracy")):
+        axis.set(title=title, xlabel="epoch")
+        axis.xaxis.get_major_locator().set_params(integer=True)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    axes[1].set_ylim(0, 1)
+    figure.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp")
+    figure.savefig(tmp, format="png", dpi=100)
+    os.replace(tmp, path)
+    if show:
+        plt.show(block=False)
+        plt.pause(0.001)
+
+
+def summary_line(row, hp, best, device):
+    dice = "" if row["dice_mean"] is None else (
+        "  Dice " + " ".join(f"{region} {row[f'dice_{region}']:.3f}" for region in loss.REGION_NAMES)
+        + f"  mean {row['dice_mean']:.3f}  accuracy {row['accuracy']:.4f}" + "  best" * best)
+    skipped = f"  skipped {row['skipped_steps']}" if row["skipped_steps"] else ""
+    memory = f"  {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB peak" if device.type == "cuda" else ""
+    return (f"epoch {row['epoch']}/{hp.epochs}  loss {row['train_loss']:.4f}{dice}  lr {row['lr']:.2e}{skipped}"
+            f"  {row['seconds']:.1f} s{memory}")
+
+
+def resume_state(hp, net, optimizer, scheduler, scaler, main_process):
+    """Restore run_dir/checkpoint_last.pt in place -> (completed epochs, best score, metrics rows)."""
+    path = hp.run_dir / "checkpoint_last.pt"
+    if not path.is_file():
+        if main_process:
+            print(f"resume: True, but there is no {path}: starting from scratch")
+        return 0, None, []
+    checkpoint = model.load_checkpoint(path)
+    if checkpoint["model_args"] != model.model_args(hp):
+        raise ValueError(f"{path}: the network was {checkpoint['model_args']}, the settings now ask for "
+                         f"{model.model_args(hp)}; set them back or train in another run_dir")
+    net.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scheduler.load_state_dict(checkpoint["scheduler"])
+    if checkpoint["scaler"] and scaler.is_enabled():  # empty when saved without fp16 (e.g. on a CPU)
+        scaler.load_state_dict(checkpoint["scaler"])
+    set_rng_state(checkpoint["rng"])
+    if main_process:
+        before = checkpoint["hyperparameters"]
+        changed = [f"{k} {before.get(k)} -> {v}" for k, v in hp.to_dict().items()
+                   if k != "resume" and before.get(k) != v]
+        print(f"resuming {path} after epoch {checkpoint['epoch']}" + f"; changed: {', '.join(changed)}" * bool(changed))
+    return checkpoint["epoch"], checkpoint["best_score"], checkpoint["metrics"]
+
+
+# ---------------------------------------------------------------- training
+
+def build_model(hp, device, world_size, main_process):
+    """-> (the network, what training calls: the network wrapped for DDP and torch.compile as asked)."""
+    torch.manual_seed(hp.seed)  # the same initial weights in every process and every run
+    net = model.build_model(hp).to(device)
+    if hp.channels_last:
+        net = net.to(memory_format=torch.channels_last_3d)
+    train_model = net
+    if world_size > 1:
+        if hp.norm == "batch" and device.type == "cuda":
+            train_model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)  # statistics over all GPUs
+        elif hp.norm == "batch" and main_process:
+            print("norm: batch on CPU processes: batch statistics stay per process (SyncBatchNorm needs GPUs)")
+        train_model = DistributedDataParallel(train_model, [device.index] if device.type == "cuda" else None)
+    return net, torch.compile(train_model) if hp.compile else train_model
+
+
+def train(hp):
+    """Train per hp (continuing run_dir's checkpoint_last.pt when hp.resume) -> the last epoch's
+    metrics row plus best_dice_mean and best_epoch."""
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    main_process = rank == 0
+    device = resolve_device(hp.device, int(os.environ.get("LOCAL_RANK", 0)), world_size)
+    if world_size > 1:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=PROCESS_GROUP_TIMEOUT)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # one patch size: let cuDNN time its kernels once
+    bf16 = torch.cuda.is_bf16_supported() if device.type == "cuda" else device.type == "cpu" and cpu_supports_bf16()
+    dtype, use_scaler = autocast_settings(hp.precision, device.type, bf16)
+
+    train_names, val_names = dataset.split_cases(prepare_dataset.read_manifest(hp.prepared_dir))
+    patches = dataset.PatchDataset(hp.prepared_dir, train_names, hp.patch_size, hp.foreground_fraction,
+                                   hp.augment, hp.seed, hp.steps_per_epoch * hp.batch_size * world_size)
+    volumes = dataset.VolumeDataset(hp.prepared_dir, val_names) if val_names else None
+    sampler = EpochSampler(hp.steps_per_epoch, hp.batch_size, rank, world_size)
+    net, train_model = build_model(hp, device, world_size, main_process)
+    loss_fn = loss.make_loss(hp)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=hp.learning_rate, weight_decay=hp.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, hp))
+    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+    done, best_score, rows = 0, None, []
+    if hp.resume:
+        done, best_score, rows = resume_state(hp, net, optimizer, scheduler, scaler, main_process)
+    if main_process:
+        hp.run_dir.mkdir(parents=True, exist_ok=True)
+        print(f"training on {device} x {world_size} process(es), {dtype or torch.float32}"
+              f"{' with loss scaling' if use_scaler else ''}, {model.count_parameters(net):,} parameters, "
+              f"{len(train_names)} training / {len(val_names)} validation cases, global batch "
+              f"{hp.batch_size * world_size}, epochs {done + 1}..{hp.epochs}")
+        if volumes is None:
+            print("no validation cases: checkpoint_best.pt is the latest epoch")
+        if done >= hp.epochs:
+            print(f"{hp.run_dir} has trained {done} epochs already; raise epochs to train on")
+    show = main_process and world_size == 1 and interactive_plots()
+    sampler.set_epoch(done + 1)
+    loader = start_loader(patches, sampler, hp.batch_size, hp.num_workers, device)
+
+    for epoch in range(done + 1, hp.epochs + 1):
+        start, lr = time.perf_counter(), optimizer.param_groups[0]["lr"]  # the epoch's first learning rate
+        sampler.set_epoch(epoch)
+        train_loss, skipped = train_epoch(train_model, loader, optimizer, scheduler, scaler, loss_fn, hp, device,
+                                          dtype, epoch, world_size, main_process)
+        row = {"epoch": epoch, "train_loss": train_loss, "lr": lr, "skipped_steps": skipped,
+               **dict.fromkeys(("dice_WT", "dice_TC", "dice_ET", "dice_mean", "accuracy"))}
+        if volumes is not None and (epoch % hp.val_every == 0 or epoch == hp.epochs):
+            row.update(validate(net, volumes, hp, device, dtype, rank, world_size))
+        row["seconds"] = time.perf_counter() - start
+        rows.append(row)
+        improved = volumes is None or (row["dice_mean"] is not None and
+                                       (best_score is None or row["dice_mean"] > best_score))
+        best_score = row["dice_mean"] if improved else best_score
+        if main_process:
+            state = {"model_args": model.model_args(hp), "model": net.state_dict(), "epoch": epoch,
+                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "scaler": scaler.state_dict(), "best_score": best_score, "metrics": rows, "rng": rng_state(),
+                     "hyperparameters": hp.to_dict(), "world_size": world_size}
+            model.save_checkpoint(state, hp.run_dir / "checkpoint_last.pt")
+            if improved:
+                model.save_checkpoint(state, hp.run_dir / "checkpoint_best.pt")
+            write_metrics_csv(rows, hp.run_dir / "metrics.csv")
+            plot_curves(rows, hp.run_dir / "curves.png", show)
+            print(summary_line(row, hp, improved and volumes is not None, device))
+    if world_size > 1:
+        dist.destroy_process_group()
+    best_epochs = [row["epoch"] for row in rows if row["dice_mean"] is not None and row["dice_mean"] == best_score]
+    return {**(rows[-1] if rows else {}), "best_dice_mean": best_score, "best_epoch": (best_epochs or [None])[0]}
+
+
+def main():
+    hp = hyperparameters.from_command_line()
+    try:
+        train(hp)
+    except Exception as error:
+        if int(os.environ.get("WORLD_SIZE", 1)) == 1:
+            raise
+        # under torchrun: name the failed process and exit now; torchrun then stops the others, which
+        # would otherwise wait in their next collective until PROCESS_GROUP_TIMEOUT
+        traceback.print_exc()
+        print(f"rank {os.environ.get('RANK')} failed: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)
+
+
+if __name__ == "__main__":
+    main()
