@@ -5,6 +5,7 @@ key's type and valid range. Another file (--hp FILE) may set any subset of the k
 `key=value` overrides are checked the same way. Parsing has no side effects (no folders are made).
 """
 import difflib
+import os
 import sys
 from pathlib import Path
 
@@ -281,6 +282,6 @@ def from_command_line(argv=None):
     except HyperparameterError as error:
         raise SystemExit(f"error: {error}") from None
     changed = differences(hp)
-    if changed:
+    if changed and os.environ.get("RANK", "0") == "0":  # under torchrun, once
         print("settings that differ from the defaults: " + ", ".join(f"{k}={v}" for k, v in changed.items()))
     return hp
