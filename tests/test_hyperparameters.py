@@ -22,9 +22,9 @@ def test_shipped_file_documents_every_key_once_with_a_comment():
 
 def test_defaults_are_typed():
     hp = load()
-    assert hp.patch_size == (64, 64, 64) and isinstance(hp.patch_size[0], int)
+    assert hp.patch_size == (48, 48, 48) and isinstance(hp.patch_size[0], int)
     assert hp.channel_names == ("flair", "t1", "t1ce", "t2")
-    assert hp.learning_rate == pytest.approx(3e-4) and isinstance(hp.learning_rate, float)
+    assert hp.learning_rate == pytest.approx(3e-3) and isinstance(hp.learning_rate, float)
     assert hp.augment is True and hp.resume is False
     assert hp.checkpoint is None and hp.predict_input_dir is None
     assert hp.raw_data_dir == DEFAULT_FILE.parent / "data" / "raw"
