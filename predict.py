@@ -1,14 +1,98 @@
-"""Whole-volume inference.
+"""Whole-volume inference: raw BraTS case folders -> label maps in the input's grid.
+
+    python predict.py                                   # validation cases of raw_data_dir, run_dir/checkpoint_best.pt
+    python predict.py predict_input_dir=data/BraTS2020_ValidationData tta_mirror=True
+
+Each case goes through the preprocessing of prepare_dataset.py (the same functions: crop to the brain,
+z-score over the brain voxels), the network runs window by window (sliding_window), probabilities
+become labels (regions nest: ET inside TC inside WT), the labels go back into the full grid and are
+written as prediction_dir/{case}.nii.gz: uint8 0/1/2/4 with the input's affine and header, ready for
+the BraTS portal. Cases with a prediction are skipped unless overwrite: True; a bad case is reported
+and skipped. The network is rebuilt from the checkpoint, and the settings it was trained with
+(target, channel_names, patch_size as the window, crop_margin) come from the checkpoint too, not from
+today's hyperparameters.txt.
 
 sliding_window() runs a network trained on patches over a whole volume: overlapping windows,
 the last one on each axis flush with the far border (the 155-slice axis of BraTS is not a multiple
 of any window), outputs blended with Gaussian weights so that the poorly informed window borders
 count less.
+
+et_min_voxels (off with 0): when a case's predicted enhancing tumor (ET) has fewer voxels than this,
+it becomes necrotic core (label 1). BraTS scores ET Dice 1 on a case without ET only when the
+prediction has none either, and 0 for a single false voxel, so a few doubtful ET voxels cost much
+more than they can gain. nnU-Net's BraTS 2020 entry used this with a threshold chosen on the
+training cases (a few hundred voxels).
+
+save_probabilities: also prediction_dir/{case}_probabilities.npz, for averaging several models:
+"probabilities" float16 (C, x, y, z) over the crop box only (outside it lies background, where no
+window ran), "crop_box" ((start, stop) per axis in the full grid), "original_shape", and "channels"
+(WT, TC, ET for target regions, the label names for target labels). Average the files' probabilities,
+then loss.probabilities_to_labels and labels_in_input_grid give the ensemble's labels.
 """
 import itertools
 
+import nibabel as nib
+import numpy as np
 import torch
+from tqdm import tqdm
 
+import hyperparameters
+from loss import LABEL_NAMES, REGION_NAMES, internal_to_brats, logits_to_probabilities, probabilities_to_labels
+from model import NUM_REGIONS, load_model
+from prepare_dataset import CaseError, atomic_write, find_cases, load_case, preprocess, read_manifest
+
+# Settings the network was trained with: predictions follow the checkpoint's, not the current file's.
+TRAINED_SETTINGS = ("channel_names", "patch_size", "crop_margin")
+
+
+# ---------------------------------------------------------------- device and precision (train.py uses them too)
+
+def resolve_device(name, local_rank=0, world_size=1, cuda_available=None, mps_available=None):
+    """hp.device -> torch.device. Under torchrun process k takes GPU LOCAL_RANK (choose GPUs with
+    CUDA_VISIBLE_DEVICES)."""
+    cuda_available = torch.cuda.is_available() if cuda_available is None else cuda_available
+    mps_available = torch.backends.mps.is_available() if mps_available is None else mps_available
+    if name == "auto":
+        name = "cuda" if cuda_available else "mps" if mps_available else "cpu"
+    if name.startswith("cuda"):
+        if not cuda_available:
+            raise RuntimeError(f"device: {name}, but this PyTorch sees no CUDA GPU (use device: auto or cpu)")
+        if ":" in name and world_size > 1:
+            raise ValueError(f"device: {name} names one GPU, but torchrun started {world_size} processes: "
+                             "use device: cuda or auto (process k takes GPU LOCAL_RANK)")
+        return torch.device(name) if ":" in name else torch.device("cuda", local_rank)
+    if name == "mps" and not mps_available:
+        raise RuntimeError("device: mps, but this PyTorch sees no Apple GPU (use device: auto or cpu)")
+    return torch.device(name)
+
+
+def cpu_supports_bf16():
+    """True when the CPU has native bfloat16 instructions (AVX512-BF16 or AMX), the ones oneDNN's bf16
+    kernels use. A trial bf16 convolution would prove nothing: autocast runs on any CPU, but without
+    these instructions bf16 is emulated and slower than float32."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, check, lambda: False)() for check in checks)
+
+
+def autocast_settings(precision, device_type, bf16_supported):
+    """hp.precision -> (autocast dtype, None for float32; whether a GradScaler is needed)."""
+    if precision == "auto":
+        if device_type == "cuda":
+            precision = "bf16" if bf16_supported else "fp16"
+        else:  # CPUs with native bf16; MPS and other CPUs stay in float32
+            precision = "bf16" if device_type == "cpu" and bf16_supported else "fp32"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+    # float16 has 5 exponent bits: small gradients underflow unless the loss is scaled up; bfloat16 has 8
+    return dtype, dtype == torch.float16
+
+
+def bf16_supported(device):
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and cpu_supports_bf16()
+
+
+# ---------------------------------------------------------------- sliding window
 
 def window_starts(size, window, stride):
     """Window offsets along one axis: every `stride` voxels, the last window flush with the far end."""
@@ -77,3 +161,169 @@ def sliding_window(predict_fn, image, window, overlap=0.5, batch_size=2, gaussia
             weight_sum[box] += weights
     total /= weight_sum
     return total[(slice(None), *(slice(o, o + s) for o, s in zip(offset, size)))].contiguous()
+
+
+# ---------------------------------------------------------------- one case
+
+def mirror_flips(tta_mirror):
+    """Spatial axes of a (B, C, X, Y, Z) batch to flip besides the plain prediction: none, or the 7
+    non-empty combinations of x, y and z."""
+    if not tta_mirror:
+        return []
+    return [axes for n in range(1, 4) for axes in itertools.combinations((2, 3, 4), n)]
+
+
+def predict_case(model, image, hp, target):
+    """Probabilities (C_out, X, Y, Z) float32, on the model's device, of a preprocessed image (C, X, Y, Z).
+
+    Uses hp.patch_size (the window), sw_overlap, sw_batch_size, precision (autocast as in training) and
+    tta_mirror: each window is then also predicted flipped along every combination of axes, flipped
+    back, and the 8 probabilities averaged."""
+    device = next(model.parameters()).device
+    dtype, _ = autocast_settings(hp.precision, device.type, bf16_supported(device))
+    flips = mirror_flips(hp.tta_mirror)
+
+    def probabilities(windows):  # (B, C, wx, wy, wz) -> (B, C_out, wx, wy, wz) float32
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            logits = model(windows)
+        return logits_to_probabilities(logits.float(), target)
+
+    def predict_fn(windows):
+        total = probabilities(windows)
+        for axes in flips:
+            total += probabilities(windows.flip(axes)).flip(axes)
+        if flips:
+            total /= 1 + len(flips)
+        return total
+
+    image = torch.as_tensor(image, dtype=torch.float32).to(device)
+    return sliding_window(predict_fn, image, hp.patch_size, hp.sw_overlap, hp.sw_batch_size)
+
+
+def labels_in_input_grid(labels_cropped, box, original_shape):
+    """Labels (x, y, z) of the crop box -> uint8 (X, Y, Z) in the full input grid, background outside the box."""
+    full = np.zeros(original_shape, dtype=np.uint8)
+    full[tuple(slice(start, stop) for start, stop in box)] = labels_cropped
+    return full
+
+
+def postprocess_et(labels, et_min_voxels):
+    """Internal labels whose enhancing tumor (3) has fewer than et_min_voxels voxels: it becomes necrotic core (1)."""
+    enhancing = labels == 3
+    if 0 < np.count_nonzero(enhancing) < et_min_voxels:
+        return np.where(enhancing, np.uint8(1), labels)
+    return labels
+
+
+def write_labels(labels, reference, path):
+    """Internal labels -> disk labels 0/1/2/4 uint8 with the reference image's affine and header, atomically."""
+    image = nib.Nifti1Image(internal_to_brats(labels), reference.affine, reference.header)
+    image.set_data_dtype(np.uint8)  # stored as is: nibabel writes no intensity scaling for uint8 labels
+    image.header["cal_min"], image.header["cal_max"] = 0, 4  # display range of the labels
+    atomic_write(path, lambda tmp: nib.save(image, tmp))
+
+
+def write_probabilities(probabilities, box, original_shape, target, path):
+    arrays = {"probabilities": probabilities.astype(np.float16), "crop_box": np.array(box),
+              "original_shape": np.array(original_shape),
+              "channels": np.array(REGION_NAMES if target == "regions" else LABEL_NAMES)}
+    atomic_write(path, lambda tmp: np.savez_compressed(tmp, **arrays))
+
+
+def output_paths(hp, name):
+    """[label map, probabilities if asked]; the label map is written last and marks a case as done."""
+    paths = [hp.prediction_dir / f"{name}.nii.gz"]
+    return paths + [hp.prediction_dir / f"{name}_probabilities.npz"] if hp.save_probabilities else paths
+
+
+def predict_file(model, case, hp):
+    """Predict one raw case and write its outputs -> the label map's path. CaseError for a bad case."""
+    image, _, reference = load_case(case._replace(seg_path=None))  # the truth plays no part in inference
+    normalized, box = preprocess(image, hp.crop_margin)  # (C, x, y, z) float32 cropped to the brain
+    probabilities = predict_case(model, normalized, hp, hp.target)  # (C_out, x, y, z)
+    labels = probabilities_to_labels(probabilities, hp.target).cpu().numpy()  # (x, y, z) internal
+    labels = postprocess_et(labels_in_input_grid(labels, box, image.shape[1:]), hp.et_min_voxels)
+    paths = output_paths(hp, case.name)
+    if hp.save_probabilities:
+        write_probabilities(probabilities.cpu().numpy(), box, image.shape[1:], hp.target, paths[1])
+    write_labels(labels, reference, paths[0])
+    return paths[0]
+
+
+# ---------------------------------------------------------------- all cases
+
+def load_for_inference(hp, device):
+    """(network in eval mode on device, hp with the settings it was trained with) from hp.checkpoint
+    (empty: run_dir/checkpoint_best.pt). The target follows the network's outputs (3: regions, 4: labels)."""
+    path = hp.checkpoint or hp.run_dir / "checkpoint_best.pt"
+    model, checkpoint = load_model(path, device, hp)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # one window size: let cuDNN time its kernels once
+    trained = checkpoint.get("hyperparameters", {})
+    settings = {key: trained[key] for key in TRAINED_SETTINGS if key in trained}
+    settings["target"] = "regions" if checkpoint["model_args"]["out_channels"] == NUM_REGIONS else "labels"
+    current = hp.to_dict()
+    changed = [f"{key}={value}" for key, value in settings.items() if current[key] != value]
+    if changed:
+        print(f"{path.name} was trained with {', '.join(changed)}: predicting with those")
+    return model, hp.replace(**settings)
+
+
+def cases_to_predict(hp):
+    """The cases of predict_input_dir, or (empty) the validation cases of raw_data_dir per prepared_dir's manifest."""
+    if hp.predict_input_dir is not None:
+        cases, problems = find_cases(hp.predict_input_dir, hp.channel_names, hp.seg_channel_name)
+        for _, reason in problems:
+            print(f"skipped {reason}")
+        return cases
+    manifest = read_manifest(hp.prepared_dir)
+    validation = sorted(name for name, case in manifest["cases"].items() if case["split"] == "val")
+    found = {case.name: case for case in find_cases(hp.raw_data_dir, hp.channel_names, hp.seg_channel_name)[0]}
+    missing = [name for name in validation if name not in found]
+    if missing:
+        print(f"{len(missing)} validation case(s) of {hp.prepared_dir / 'dataset.json'} not found under "
+              f"{hp.raw_data_dir}: {', '.join(missing[:5])}")
+    return [found[name] for name in validation if name in found]
+
+
+def predict_cases(hp, cases, model=None):
+    """Predict cases into hp.prediction_dir -> paths of the label maps written now.
+
+    model: a network to use instead of hp's checkpoint; hp then gives its target, channel_names and window."""
+    if model is None:
+        model, hp = load_for_inference(hp, resolve_device(hp.device))
+    hp.prediction_dir.mkdir(parents=True, exist_ok=True)
+    written, already, failed = [], [], {}
+    for case in tqdm(cases, desc="predict", unit="case"):
+        if not hp.overwrite and all(path.is_file() for path in output_paths(hp, case.name)):
+            already.append(case.name)
+            continue
+        try:
+            written.append(predict_file(model, case, hp))
+        except (CaseError, OSError) as error:
+            failed[case.name] = str(error)
+            tqdm.write(f"skipped {case.name}: {error}")
+    print(f"predicted {len(written)} case(s) into {hp.prediction_dir}"
+          + (f", {len(already)} already there (overwrite: True redoes them)" if already else "")
+          + (f", {len(failed)} failed:" if failed else ""))
+    for name, reason in failed.items():
+        print(f"  failed {name}: {reason}")
+    return written
+
+
+def predict(hp):
+    """Predict the cases of hp (see cases_to_predict) with hp's checkpoint -> paths of the label maps written."""
+    model, hp = load_for_inference(hp, resolve_device(hp.device))
+    return predict_cases(hp, cases_to_predict(hp), model)
+
+
+def main():
+    hp = hyperparameters.from_command_line()
+    try:
+        predict(hp)
+    except (CaseError, FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"error: {error}") from None
+
+
+if __name__ == "__main__":
+    main()

@@ -30,53 +30,13 @@ import loss
 import model
 import predict
 import prepare_dataset
+from predict import autocast_settings, bf16_supported, resolve_device
 
 METRIC_COLUMNS = ("epoch", "train_loss", "lr", "dice_WT", "dice_TC", "dice_ET", "dice_mean", "accuracy",
                   "skipped_steps", "seconds")
 # How long a process waits for the others in a collective before it fails: long enough for the slowest
 # process's share of validation, short enough that a dead process cannot hang the others for good.
 PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=10)
-
-
-# ---------------------------------------------------------------- device and precision
-
-def resolve_device(name, local_rank=0, world_size=1, cuda_available=None, mps_available=None):
-    """hp.device -> torch.device. Under torchrun process k takes GPU LOCAL_RANK (choose GPUs with
-    CUDA_VISIBLE_DEVICES)."""
-    cuda_available = torch.cuda.is_available() if cuda_available is None else cuda_available
-    mps_available = torch.backends.mps.is_available() if mps_available is None else mps_available
-    if name == "auto":
-        name = "cuda" if cuda_available else "mps" if mps_available else "cpu"
-    if name.startswith("cuda"):
-        if not cuda_available:
-            raise RuntimeError(f"device: {name}, but this PyTorch sees no CUDA GPU (use device: auto or cpu)")
-        if ":" in name and world_size > 1:
-            raise ValueError(f"device: {name} names one GPU, but torchrun started {world_size} processes: "
-                             "use device: cuda or auto (process k takes GPU LOCAL_RANK)")
-        return torch.device(name) if ":" in name else torch.device("cuda", local_rank)
-    if name == "mps" and not mps_available:
-        raise RuntimeError("device: mps, but this PyTorch sees no Apple GPU (use device: auto or cpu)")
-    return torch.device(name)
-
-
-def cpu_supports_bf16():
-    """True when the CPU has native bfloat16 instructions (AVX512-BF16 or AMX), the ones oneDNN's bf16
-    kernels use. A trial bf16 convolution would prove nothing: autocast runs on any CPU, but without
-    these instructions bf16 is emulated and slower than float32."""
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, check, lambda: False)() for check in checks)
-
-
-def autocast_settings(precision, device_type, bf16_supported):
-    """hp.precision -> (autocast dtype, None for float32; whether a GradScaler is needed)."""
-    if precision == "auto":
-        if device_type == "cuda":
-            precision = "bf16" if bf16_supported else "fp16"
-        else:  # CPUs with native bf16; MPS and other CPUs stay in float32
-            precision = "bf16" if device_type == "cpu" and bf16_supported else "fp32"
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
-    # float16 has 5 exponent bits: small gradients underflow unless the loss is scaled up; bfloat16 has 8
-    return dtype, dtype == torch.float16
 
 
 # ---------------------------------------------------------------- data
@@ -216,22 +176,16 @@ def train_epoch(train_model, batches, optimizer, scheduler, scaler, loss_fn, hp,
 # ---------------------------------------------------------------- validation
 
 @torch.no_grad()
-def validate(net, volumes, hp, device, dtype, rank=0, world_size=1):
+def validate(net, volumes, hp, device, rank=0, world_size=1):
     """Mean Dice per region, mean Dice (= mean F1) and accuracy over the whole validation volumes.
     Process r takes cases r, r + W, ... (none padded or repeated); the means run over the cases in
     their order, so any number of processes gives the same numbers."""
     net.eval()
-
-    def predict_fn(windows):  # (B, C, px, py, pz) -> probabilities (B, C_out, px, py, pz)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            logits = net(windows)
-        return loss.logits_to_probabilities(logits.float(), hp.target)
-
+    no_tta = hp.replace(tta_mirror=False)  # validation each epoch: one pass per window
     results = []
     for index in range(rank, len(volumes), world_size):
         _, image, truth = volumes[index]  # (C, x, y, z), (x, y, z)
-        probabilities = predict.sliding_window(predict_fn, image.to(device), hp.patch_size, hp.sw_overlap,
-                                               hp.sw_batch_size)
+        probabilities = predict.predict_case(net, image.to(device), no_tta, hp.target)  # as predict.py does
         labels = loss.probabilities_to_labels(probabilities, hp.target).cpu().numpy()  # (x, y, z)
         dice = loss.dice_per_region(labels, truth.numpy())
         results.append((index, [dice[region] for region in loss.REGION_NAMES], loss.accuracy(labels, truth.numpy())))
@@ -250,14 +204,14 @@ def validate(net, volumes, hp, device, dtype, rank=0, world_size=1):
 
 def write_metrics_csv(rows, path):
     """Rewrite the whole file from the rows kept in the checkpoint: a resume never repeats or loses a row."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as file:
-        writer = csv.writer(file)
-        writer.writerow(METRIC_COLUMNS)
-        for row in rows:
-            writer.writerow(["" if row[c] is None else f"{row[c]:.6g}" if isinstance(row[c], float) else row[c]
-                             for c in METRIC_COLUMNS])
-    os.replace(tmp, path)
+    def write(tmp):
+        with open(tmp, "w", newline="") as file:
+            writer = csv.writer(file)
+            writer.writerow(METRIC_COLUMNS)
+            for row in rows:
+                writer.writerow(["" if row[c] is None else f"{row[c]:.6g}" if isinstance(row[c], float) else row[c]
+                                 for c in METRIC_COLUMNS])
+    prepare_dataset.atomic_write(path, write)
 
 
 def interactive_plots():
@@ -291,9 +245,7 @@ def plot_curves(rows, path, show=False):
         axis.legend(fontsize=8)
     axes[1].set_ylim(0, 1)
     figure.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp")
-    figure.savefig(tmp, format="png", dpi=100)
-    os.replace(tmp, path)
+    prepare_dataset.atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
     if show:
         plt.show(block=False)
         plt.pause(0.001)
@@ -317,10 +269,17 @@ def resume_state(hp, net, optimizer, scheduler, scaler, main_process):
             print(f"resume: True, but there is no {path}: starting from scratch")
         return 0, None, []
     checkpoint = model.load_checkpoint(path)
-    if checkpoint["model_args"] != model.model_args(hp):
-        raise ValueError(f"{path}: the network was {checkpoint['model_args']}, the settings now ask for "
-                         f"{model.model_args(hp)}; set them back or train in another run_dir")
-    net.load_state_dict(checkpoint["model"])
+    missing = [key for key in ("model_args", "model", "optimizer", "scheduler", "epoch", "rng", "metrics")
+               if key not in checkpoint]
+    if missing:
+        raise ValueError(f"{path}: not a checkpoint of train.py (no {', '.join(missing)}); train in another run_dir")
+    weights = model.strip_wrapper_prefixes(checkpoint["model"])
+    problems = model.describe_mismatch(net, weights)
+    if checkpoint["model_args"] != model.model_args(hp) or problems:
+        differ = model.describe_args_difference(checkpoint["model_args"], model.model_args(hp))
+        raise ValueError(f"{path}: the network was trained with other settings ({differ or 'the same model_args'}); "
+                         f"weights that do not fit: {problems or 'none'}; set them back or train in another run_dir")
+    net.load_state_dict(weights)
     optimizer.load_state_dict(checkpoint["optimizer"])
     scheduler.load_state_dict(checkpoint["scheduler"])
     if checkpoint["scaler"] and scaler.is_enabled():  # empty when saved without fp16 (e.g. on a CPU)
@@ -339,6 +298,8 @@ def resume_state(hp, net, optimizer, scheduler, scaler, main_process):
 def build_model(hp, device, world_size, main_process):
     """-> (the network, what training calls: the network wrapped for DDP and torch.compile as asked)."""
     torch.manual_seed(hp.seed)  # the same initial weights in every process and every run
+    random.seed(hp.seed)  # and the same global random states, which checkpoints keep: equal checkpoints per seed
+    np.random.seed(hp.seed)
     net = model.build_model(hp).to(device)
     if hp.channels_last:
         net = net.to(memory_format=torch.channels_last_3d)
@@ -364,8 +325,7 @@ def train(hp):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=PROCESS_GROUP_TIMEOUT)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # one patch size: let cuDNN time its kernels once
-    bf16 = torch.cuda.is_bf16_supported() if device.type == "cuda" else device.type == "cpu" and cpu_supports_bf16()
-    dtype, use_scaler = autocast_settings(hp.precision, device.type, bf16)
+    dtype, use_scaler = autocast_settings(hp.precision, device.type, bf16_supported(device))
 
     train_names, val_names = dataset.split_cases(prepare_dataset.read_manifest(hp.prepared_dir))
     patches = dataset.PatchDataset(hp.prepared_dir, train_names, hp.patch_size, hp.foreground_fraction,
@@ -402,7 +362,7 @@ def train(hp):
         row = {"epoch": epoch, "train_loss": train_loss, "lr": lr, "skipped_steps": skipped,
                **dict.fromkeys(("dice_WT", "dice_TC", "dice_ET", "dice_mean", "accuracy"))}
         if volumes is not None and (epoch % hp.val_every == 0 or epoch == hp.epochs):
-            row.update(validate(net, volumes, hp, device, dtype, rank, world_size))
+            row.update(validate(net, volumes, hp, device, rank, world_size))
         row["seconds"] = time.perf_counter() - start
         rows.append(row)
         improved = volumes is None or (row["dice_mean"] is not None and
@@ -431,6 +391,8 @@ def main():
         train(hp)
     except Exception as error:
         if int(os.environ.get("WORLD_SIZE", 1)) == 1:
+            if isinstance(error, (OSError, ValueError)):  # missing or bad files, a full disk: one line, no traceback
+                raise SystemExit(f"error: {error}") from None
             raise
         # under torchrun: name the failed process and exit now; torchrun then stops the others, which
         # would otherwise wait in their next collective until PROCESS_GROUP_TIMEOUT
