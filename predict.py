@@ -184,6 +184,8 @@ def predict_case(model, image, hp, target):
     flips = mirror_flips(hp.tta_mirror)
 
     def probabilities(windows):  # (B, C, wx, wy, wz) -> (B, C_out, wx, wy, wz) float32
+        if hp.channels_last:
+            windows = windows.contiguous(memory_format=torch.channels_last_3d)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             logits = model(windows)
         return logits_to_probabilities(logits.float(), target)
@@ -259,6 +261,8 @@ def load_for_inference(hp, device):
     model, checkpoint = load_model(path, device, hp)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # one window size: let cuDNN time its kernels once
+    if hp.channels_last:
+        model = model.to(memory_format=torch.channels_last_3d)
     trained = checkpoint.get("hyperparameters", {})
     settings = {key: trained[key] for key in TRAINED_SETTINGS if key in trained}
     settings["target"] = "regions" if checkpoint["model_args"]["out_channels"] == NUM_REGIONS else "labels"
