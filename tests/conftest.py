@@ -46,3 +46,21 @@ def tiny_prepared(tmp_path_factory, tiny_raw):
                                          "val_fraction": 0.34})
     prepare_dataset.prepare_dataset(hp)
     return folder
+
+
+def monai_scores(pred, truth, spacing):
+    """MONAI Dice and HD95 per region (the independent reference); MONAI wants one-hot (B, C, ...) channels."""
+    import warnings
+
+    import torch
+    from monai.metrics import DiceMetric, HausdorffDistanceMetric
+
+    from loss import REGION_NAMES, labels_to_regions
+    p = torch.from_numpy(labels_to_regions(pred))[None].float()  # (1, 3, X, Y, Z)
+    t = torch.from_numpy(labels_to_regions(truth))[None].float()
+    # the channels are WT, TC, ET, none of them background: include_background=True keeps all three
+    dice = DiceMetric(include_background=True, reduction="none")(p, t)[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hd = HausdorffDistanceMetric(include_background=True, percentile=95)(p, t, spacing=list(spacing))[0]
+    return dict(zip(REGION_NAMES, dice.tolist())), dict(zip(REGION_NAMES, hd.tolist()))

@@ -3,19 +3,17 @@ empty regions, the spacing from the header, grids that do not match, the summary
 import csv
 import itertools
 import time
-import warnings
 
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 
 import evaluate
 import hyperparameters
 from loss import HD95_EMPTY, REGION_NAMES, brats_to_internal, labels_to_regions
 from prepare_dataset import CaseError
 
-from conftest import SAMPLE_DIR
+from conftest import SAMPLE_DIR, monai_scores
 
 REFERENCE_DIR = SAMPLE_DIR / "reference_segmentations"
 
@@ -85,18 +83,6 @@ def test_empty_regions_follow_the_brats_rules_and_are_counted(tmp_path, capsys):
     out = capsys.readouterr().out
     # truth empty: WT healthy; TC and ET healthy, false_et. Prediction empty: WT healthy; TC and ET healthy, missed_et
     assert "cases with an empty region, ground truth / prediction: WT 1 / 1, TC 2 / 2, ET 2 / 2" in out
-
-
-def monai_scores(pred, truth, spacing):
-    """MONAI Dice and HD95 per region (WT, TC, ET as three non-background channels)."""
-    from monai.metrics import DiceMetric, HausdorffDistanceMetric
-    p = torch.from_numpy(labels_to_regions(pred))[None].float()  # (1, 3, X, Y, Z)
-    t = torch.from_numpy(labels_to_regions(truth))[None].float()
-    dice = DiceMetric(include_background=True, reduction="none")(p, t)[0]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        hd = HausdorffDistanceMetric(include_background=True, percentile=95)(p, t, spacing=list(spacing))[0]
-    return dict(zip(REGION_NAMES, dice.tolist())), dict(zip(REGION_NAMES, hd.tolist()))
 
 
 def check_against_monai(results, pairs):

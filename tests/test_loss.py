@@ -1,5 +1,4 @@
 import itertools
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -7,10 +6,11 @@ import pytest
 import torch
 
 import hyperparameters
+from conftest import SAMPLE_DIR, monai_scores
 from loss import (HD95_EMPTY, REGIONS, accuracy, brats_to_internal, dice_per_region, hd95, labels_to_regions,
                   logits_to_probabilities, make_loss, one_hot_targets, probabilities_to_labels, region_metrics)
 
-REFERENCE_DIR = Path(__file__).resolve().parents[1].parent / "shared/data/brats_sample/reference_segmentations"
+REFERENCE_DIR = SAMPLE_DIR / "reference_segmentations"
 LOSSES = ["dice_ce", "dice", "modified_dice"]
 TARGETS = ["regions", "labels"]
 
@@ -177,19 +177,6 @@ def test_accuracy_counts_all_labels():
 
 
 # ------------------------------------------------------------------ metrics against MONAI
-def monai_scores(pred, truth, spacing):
-    """MONAI Dice and HD95 per region; MONAI wants one-hot (B, C, ...) channels."""
-    from monai.metrics import DiceMetric, HausdorffDistanceMetric
-    p = torch.from_numpy(labels_to_regions(pred))[None].float()  # (1, 3, X, Y, Z)
-    t = torch.from_numpy(labels_to_regions(truth))[None].float()
-    # the channels are WT, TC, ET, none of them background: include_background=True keeps all three
-    dice = DiceMetric(include_background=True, reduction="none")(p, t)[0]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        hd = HausdorffDistanceMetric(include_background=True, percentile=95)(p, t, spacing=list(spacing))[0]
-    return dict(zip(REGIONS, dice.tolist())), dict(zip(REGIONS, hd.tolist()))
-
-
 def ball(shape, center, radius, spacing=(1, 1, 1)):
     grid = np.indices(shape).astype(float)
     return sum(((g - c) * s) ** 2 for g, c, s in zip(grid, center, spacing)) <= radius ** 2
