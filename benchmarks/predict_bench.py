@@ -61,6 +61,8 @@ def monai_inference(net, image, hp, device):
     dtype, _ = predict.autocast_settings(hp.precision, device.type, predict.bf16_supported(device))
 
     def predictor(windows):  # (B, C, wx, wy, wz) -> probabilities (B, C_out, wx, wy, wz)
+        if hp.channels_last:
+            windows = windows.contiguous(memory_format=torch.channels_last_3d)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             return loss.logits_to_probabilities(net(windows).float(), hp.target)
 
@@ -89,7 +91,9 @@ def main():
 
         rows, reference = [], None
         for precision in ("fp32", default):
-            settings = hp.replace(precision=precision)
+            # float32 plain; the default with hyperparameters.txt's memory format, for both paths alike
+            settings = hp.replace(precision=precision, channels_last=hp.channels_last and precision == default)
+            net = net.to(memory_format=torch.channels_last_3d if settings.channels_last else torch.contiguous_format)
             corner = volume[:, :hp.patch_size[0], :hp.patch_size[1], :hp.patch_size[2]]
             predict.predict_case(net, corner, settings, hp.target)  # warm-up: kernels chosen for this precision
             runs = (("ours: predict.predict_case", lambda: predict.predict_case(net, volume, settings, hp.target)),
@@ -97,19 +101,20 @@ def main():
             for path, run in runs:
                 seconds, output = best_time(run, device)
                 reference = output if reference is None else reference  # ours in float32
-                rows.append((path, precision, seconds, (output.float() - reference).abs().max().item()))
+                rows.append((path, precision, settings.channels_last, seconds,
+                             (output.float() - reference).abs().max().item()))
 
         checkpoint = Path(tmp) / "checkpoint.pt"
         model.save_checkpoint({"model_args": model.model_args(hp), "model": net.state_dict(),
                                "hyperparameters": hp.to_dict()}, checkpoint)
         whole = hp.replace(checkpoint=checkpoint, prediction_dir=Path(tmp) / "predictions", overwrite=True)
         seconds, _ = best_time(lambda: predict.predict_cases(whole, [case]), device)
-        rows.append(("ours: whole case (read, preprocess, infer, write)", default, seconds, None))
+        rows.append(("ours: whole case (read, preprocess, infer, write)", default, hp.channels_last, seconds, None))
 
-    print(f"\n| path | precision | seconds | max abs probability difference vs ours fp32 |\n|---|---|---|---|")
-    for path, precision, seconds, difference in rows:
-        print(f"| {path} | {precision} | {seconds:.2f} | {'' if difference is None else f'{difference:.2e}'} |")
-    ours_fp32, monai_fp32, ours_default, monai_default = (row[2] for row in rows[:4])
+    print(f"\n| path | precision | channels_last | seconds | max abs probability difference vs ours fp32 |\n|---|---|---|---|---|")
+    for path, precision, channels_last, seconds, difference in rows:
+        print(f"| {path} | {precision} | {channels_last} | {seconds:.2f} | {'' if difference is None else f'{difference:.2e}'} |")
+    ours_fp32, monai_fp32, ours_default, monai_default = (row[3] for row in rows[:4])
     print(f"\nMONAI / ours: {monai_fp32 / ours_fp32:.2f}x in fp32, {monai_default / ours_default:.2f}x in {default}; "
           f"ours fp32 / {default}: {ours_fp32 / ours_default:.2f}x")
 
