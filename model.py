@@ -171,8 +171,10 @@ def save_checkpoint(state, path):
     try:
         torch.save(state, tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(error, OSError):  # e.g. a full disk: say which file could not be written
+            raise OSError(error.errno, f"cannot write {path}: {error.strerror or error}") from error
         raise
 
 
@@ -223,6 +225,12 @@ def describe_mismatch(model, state_dict):
     return "; ".join(parts)
 
 
+def describe_args_difference(saved, current):
+    """'features [4, 8] (checkpoint) vs [4, 16] (now), ...' for the model arguments that differ, '' if none."""
+    return ", ".join(f"{key} {saved.get(key)} (checkpoint) vs {value} (now)"
+                     for key, value in current.items() if saved.get(key) != value)
+
+
 def load_model(path, device="cpu", hp=None):
     """Rebuild the network from checkpoint["model_args"] and load its weights -> (model in eval mode, checkpoint).
 
@@ -241,11 +249,9 @@ def load_model(path, device="cpu", hp=None):
     problems = describe_mismatch(model, state_dict)
     if problems:
         message = f"{path}: weights do not fit the network built from its model_args: {problems}"
-        if hp is not None:
-            current = model_args(hp)
-            differ = [f"{k} {args.get(k)} (checkpoint) vs {v} (now)" for k, v in current.items() if args.get(k) != v]
-            if differ:
-                message += f"; model_args differ from the current hyperparameters: {', '.join(differ)}"
+        differ = describe_args_difference(args, model_args(hp)) if hp is not None else ""
+        if differ:
+            message += f"; model_args differ from the current hyperparameters: {differ}"
         raise ValueError(message)
     model.load_state_dict(state_dict)
     return model.to(device).eval(), checkpoint
