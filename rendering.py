@@ -32,7 +32,8 @@ from vtkmodules.vtkRenderingCore import (vtkActor, vtkCamera, vtkPolyDataMapper,
                                          vtkTextRenderer, vtkWindowToImageFilter)
 
 import hyperparameters
-from loss import BRATS_LABELS, LABEL_NAMES, brats_to_internal, dice_per_region
+from evaluate import load_labels
+from loss import BRATS_LABELS, LABEL_NAMES, dice_per_region
 from prepare_dataset import CaseError, atomic_write, crop_box, find_cases, load_nifti
 
 # Fixed colors (RGB 0..1) and opacities. The hues lie far apart and far from the neutral grey brain:
@@ -391,15 +392,12 @@ def find_case(hp, name):
     raise CaseError(f"case {name}: not found under {' or '.join(str(f) for f in folders)}")
 
 
-def load_labels(path, shape):
-    """Internal labels (X, Y, Z) of a segmentation NIfTI (disk labels 0, 1, 2, 4) on the image's grid."""
-    seg, _ = load_nifti(path)
-    if seg.shape != shape:
-        raise CaseError(f"{path}: shape {seg.shape} differs from the image's {shape}")
-    try:
-        return brats_to_internal(seg)
-    except ValueError as error:
-        raise CaseError(f"{path}: {error}") from None
+def labels_on_grid(path, shape):
+    """Internal labels (X, Y, Z) of a label map (disk labels 0, 1, 2, 4) that must lie on the image's grid."""
+    labels, _ = load_labels(path)
+    if labels.shape != shape:
+        raise CaseError(f"{path}: shape {labels.shape} differs from the image's {shape}")
+    return labels
 
 
 def render(hp):
@@ -409,7 +407,7 @@ def render(hp):
     if hp.render_modality not in hp.channel_names:
         raise CaseError(f"render_modality {hp.render_modality!r} is not one of channel_names {list(hp.channel_names)}")
     image, nifti = load_nifti(case.image_paths[hp.channel_names.index(hp.render_modality)])
-    truth = load_labels(case.seg_path, image.shape) if case.seg_path is not None else None
+    truth = labels_on_grid(case.seg_path, image.shape) if case.seg_path is not None else None
     if prediction_path(hp.prediction_dir, name) is None:  # no prediction yet: run the model on this case
         import predict
         print(f"{name}: no prediction in {hp.prediction_dir}, predicting it now")
@@ -417,7 +415,7 @@ def render(hp):
     path = prediction_path(hp.prediction_dir, name)
     if path is None:
         raise CaseError(f"{hp.prediction_dir}: no prediction {name}.nii.gz was written")
-    pred = load_labels(path, image.shape)
+    pred = labels_on_grid(path, image.shape)
     output = hp.render_output
     if output is None and not has_display():
         output = hp.run_dir / "render.png"

@@ -116,8 +116,8 @@ def test_real_sample_full_size_renders_fast_and_shows_all_labels(tmp_path, sampl
     """240 x 240 x 155: the fused segmentation against one challenge entry's segmentation."""
     name = sample_case.name
     image, nifti = load_nifti(sample_case / f"{name}_flair.nii.gz")
-    truth = rendering.load_labels(sample_case / f"{name}_seg.nii.gz", image.shape)
-    pred = rendering.load_labels(sample_case.parent / "reference_segmentations" / f"{name}_scan-20.nii.gz", image.shape)
+    truth = rendering.labels_on_grid(sample_case / f"{name}_seg.nii.gz", image.shape)
+    pred = rendering.labels_on_grid(sample_case.parent / "reference_segmentations" / f"{name}_scan-20.nii.gz", image.shape)
     start = time.perf_counter()
     pixels = render_to_png(tmp_path / "sample.png", image, truth, pred, nifti.affine, title=name)
     assert time.perf_counter() - start < 10  # the target on 2 CPU cores (about 2 s measured)
@@ -207,6 +207,6 @@ def test_unknown_case_and_bad_prediction_are_named(tiny_hp, tiny_raw, tmp_path):
     name = tumor_case_name(tiny_raw)
     tiny_hp.prediction_dir.mkdir(parents=True)
     bad = tiny_hp.prediction_dir / f"{name}.nii.gz"
-    nib.save(nib.Nifti1Image(np.full((4, 4, 4), 3, np.uint8), np.eye(4)), bad)
+    nib.save(nib.Nifti1Image(np.full((4, 4, 4), 2, np.uint8), np.eye(4)), bad)  # valid labels, wrong grid
     with pytest.raises(CaseError, match="shape"):
         rendering.render(tiny_hp.replace(rendering_sample_name=name, render_output=tmp_path / "x.png"))
