@@ -40,6 +40,10 @@ def labelled_entries(prepared_dir, case_names):
             raise ValueError(f"{manifest_path}: no case named {name!r}")
         if not cases[name]["seg"]:
             raise ValueError(f"{manifest_path}: case {name!r} has no segmentation")
+        for key in ("image", "seg"):  # checked now, not at the first patch of the case hours later
+            if not (Path(prepared_dir) / cases[name][key]).is_file():
+                raise FileNotFoundError(f"{Path(prepared_dir) / cases[name][key]}: listed in {manifest_path} but "
+                                        "missing; run prepare_dataset.py again")
         entries.append(cases[name])
     if not entries:
         raise ValueError(f"{manifest_path}: no cases to load")

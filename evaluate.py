@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 import hyperparameters
 from loss import REGION_NAMES, brats_to_internal, region_metrics
-from prepare_dataset import CaseError, atomic_write, find_cases, load_nifti
+from prepare_dataset import CaseError, atomic_write, find_cases, load_nifti, no_segmentation
 
 METRICS = ("dice", "hd95", "sensitivity", "specificity", "volume_pred", "volume_true")
 SUMMARY_METRICS = ("dice", "hd95", "sensitivity", "specificity")
@@ -50,17 +50,22 @@ def label_maps(folder):
     return {case_name(path): path for path in paths if path.is_file() and case_name(path)}
 
 
-def find_ground_truth(folders, channel_names, seg_channel_name):
-    """{case: segmentation path} from folders of label maps or of raw case folders (the first folder wins)."""
+def find_ground_truth(folders, channel_names, seg_channel_name, reasons=None):
+    """{case: segmentation path} from folders of label maps or of raw case folders (the first folder wins).
+    reasons: a dict that gets why a case folder gives no segmentation (a missing modality, a misnamed file)."""
     truth = {}
     for folder in folders:
         found = label_maps(folder)
         if not found:
             try:
-                cases, _ = find_cases(folder, channel_names, seg_channel_name)
+                cases, problems = find_cases(folder, channel_names, seg_channel_name)
             except CaseError:  # missing or holding no cases: the other folders may have them
                 continue
             found = {case.name: case.seg_path for case in cases if case.seg_path is not None}
+            if reasons is not None:
+                reasons.update({Path(path).name: reason for path, reason in problems})
+                reasons.update({case.name: no_segmentation(case, seg_channel_name)
+                                for case in cases if case.seg_path is None})
         for name, path in found.items():
             truth.setdefault(name, path)
     return truth
@@ -95,11 +100,14 @@ def evaluate_folders(pred_dir, truth_dirs, channel_names, seg_channel_name):
     if not predictions:
         raise CaseError(f"{pred_dir}: no predictions ({{case}}.nii.gz files): run predict.py first")
     truth_dirs = [truth_dirs] if isinstance(truth_dirs, (str, Path)) else list(truth_dirs)
-    truth = find_ground_truth(truth_dirs, channel_names, seg_channel_name)
+    unusable = {}
+    truth = find_ground_truth(truth_dirs, channel_names, seg_channel_name, unusable)
+    searched = " or ".join(f"{folder}" + ("" if Path(folder).is_dir() else " (does not exist)")
+                           for folder in truth_dirs)
     rows, not_evaluated = [], {}
     for name, path in tqdm(predictions.items(), desc="evaluate", unit="case"):
         if name not in truth:
-            not_evaluated[name] = f"no ground truth under {' or '.join(str(f) for f in truth_dirs)}"
+            not_evaluated[name] = unusable.get(name, f"no ground truth under {searched}")
             continue
         try:
             metrics = evaluate_pair(path, truth[name])
@@ -168,8 +176,13 @@ def evaluate(hp):
     if not rows:
         for name, reason in not_evaluated.items():
             print(f"  not evaluated {name}: {reason}")
-        raise CaseError(f"{hp.prediction_dir}: no prediction could be evaluated (see above)")
-    hp.run_dir.mkdir(parents=True, exist_ok=True)
+        reasons = set(not_evaluated.values())  # one reason for all (no ground truth at all): said in the error
+        raise CaseError(f"{hp.prediction_dir}: no prediction could be evaluated "
+                        f"({reasons.pop() if len(reasons) == 1 else 'see above'})")
+    try:
+        hp.run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CaseError(f"{hp.run_dir}: cannot create run_dir ({error.strerror})") from None
     write_csv(rows, hp.run_dir / "evaluation.csv")
     plot_boxes(rows, hp.run_dir / "evaluation_boxplot.png")
     print_summary(rows, not_evaluated)
@@ -181,7 +194,7 @@ def main():
     hp = hyperparameters.from_command_line()
     try:
         evaluate(hp)
-    except CaseError as error:
+    except (CaseError, OSError) as error:
         raise SystemExit(f"error: {error}") from None
 
 

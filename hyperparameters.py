@@ -274,7 +274,7 @@ def from_command_line(argv=None):
     if "--hp" in argv:
         at = argv.index("--hp")
         if at + 1 >= len(argv):
-            raise HyperparameterError("command line: --hp needs a file")
+            raise SystemExit("error: command line: --hp needs a file")
         path = argv[at + 1]
         del argv[at:at + 2]
     try:

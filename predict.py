@@ -29,6 +29,7 @@ window ran), "crop_box" ((start, stop) per axis in the full grid), "original_sha
 (WT, TC, ET for target regions, the label names for target labels). Average the files' probabilities,
 then loss.probabilities_to_labels and labels_in_input_grid give the ensemble's labels.
 """
+import errno
 import itertools
 
 import nibabel as nib
@@ -276,7 +277,7 @@ def load_for_inference(hp, device):
 def cases_to_predict(hp):
     """The cases of predict_input_dir, or (empty) the validation cases of raw_data_dir per prepared_dir's manifest."""
     if hp.predict_input_dir is not None:
-        cases, problems = find_cases(hp.predict_input_dir, hp.channel_names, hp.seg_channel_name)
+        cases, problems = find_cases(hp.predict_input_dir, hp.channel_names, hp.seg_channel_name, "predict_input_dir")
         for _, reason in problems:
             print(f"skipped {reason}")
         return cases
@@ -296,7 +297,10 @@ def predict_cases(hp, cases, model=None):
     model: a network to use instead of hp's checkpoint; hp then gives its target, channel_names and window."""
     if model is None:
         model, hp = load_for_inference(hp, resolve_device(hp.device))
-    hp.prediction_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        hp.prediction_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CaseError(f"{hp.prediction_dir}: cannot create prediction_dir ({error.strerror})") from None
     written, already, failed = [], [], {}
     for case in tqdm(cases, desc="predict", unit="case"):
         if not hp.overwrite and all(path.is_file() for path in output_paths(hp, case.name)):
@@ -305,6 +309,8 @@ def predict_cases(hp, cases, model=None):
         try:
             written.append(predict_file(model, case, hp))
         except (CaseError, OSError) as error:
+            if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+                raise  # a full disk: every later case would fail the same way, after all its work
             failed[case.name] = str(error)
             tqdm.write(f"skipped {case.name}: {error}")
     print(f"predicted {len(written)} case(s) into {hp.prediction_dir}"
@@ -325,7 +331,7 @@ def main():
     hp = hyperparameters.from_command_line()
     try:
         predict(hp)
-    except (CaseError, FileNotFoundError, ValueError) as error:
+    except (CaseError, OSError, ValueError) as error:
         raise SystemExit(f"error: {error}") from None
 
 

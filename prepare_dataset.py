@@ -3,6 +3,7 @@
 Also the home of what predict.py and rendering.py share with it: finding cases, loading NIfTI files
 with clear errors, and the preprocessing of one case (crop to the brain, z-score over brain voxels).
 """
+import errno
 import json
 import os
 from collections import namedtuple
@@ -72,13 +73,14 @@ def _match_case_files(folder, channel_names, seg_channel_name):
     return tuple(images), (segs[0] if segs else None)
 
 
-def find_cases(raw_dir, channel_names, seg_channel_name):
+def find_cases(raw_dir, channel_names, seg_channel_name, setting="raw_data_dir"):
     """Every folder below raw_dir that holds NIfTI files is a case, however deep the download nests it.
 
-    Returns (cases sorted by name, problems as (folder, reason) for folders that cannot be used)."""
+    Returns (cases sorted by name, problems as (folder, reason) for folders that cannot be used).
+    setting: the hyperparameter that named raw_dir, for the messages."""
     raw_dir = Path(raw_dir)
     if not raw_dir.is_dir():
-        raise CaseError(f"{raw_dir}: raw_data_dir does not exist")
+        raise CaseError(f"{raw_dir}: {setting} does not exist")
     folders = sorted(Path(root) for root, _, files in os.walk(raw_dir, followlinks=True)  # links: shared data
                      if any(_nifti_stem(Path(f)) is not None for f in files))
     cases, problems, seen = [], [], {}
@@ -94,8 +96,16 @@ def find_cases(raw_dir, channel_names, seg_channel_name):
         seen[folder.name] = folder
         cases.append(Case(folder.name, folder, images, seg))
     if not cases and not problems:
-        raise CaseError(f"{raw_dir}: no case folders with NIfTI files (*_{channel_names[0]}.nii[.gz]) found")
+        example = channel_names[0] if channel_names else seg_channel_name
+        raise CaseError(f"{raw_dir}: no case folders with NIfTI files (*_{example}.nii[.gz]) found")
     return cases, problems
+
+
+def no_segmentation(case, seg_channel_name):
+    """Why a case has no segmentation, naming the NIfTI files that are neither a modality nor the segmentation."""
+    others = sorted(p.name for p in case.folder.iterdir() if _nifti_stem(p) is not None and p not in case.image_paths)
+    unknown = f"; not recognized: {', '.join(others)}" if others else ""
+    return f"{case.folder}: no segmentation (*_{seg_channel_name}.nii[.gz]){unknown}"
 
 
 def load_nifti(path):
@@ -109,7 +119,8 @@ def load_nifti(path):
         image = nib.load(str(path))
         array = np.asanyarray(image.dataobj)
     except Exception as error:  # nibabel, gzip and zlib raise many types for broken files
-        raise CaseError(f"{path}: not a readable NIfTI file ({type(error).__name__}: {error})") from None
+        detail = " ".join(str(error).split())  # some span several lines: the message stays one line
+        raise CaseError(f"{path}: not a readable NIfTI file ({type(error).__name__}: {detail})") from None
     if array.ndim == 4 and array.shape[3] == 1:
         array = array[..., 0]
     if array.ndim != 3:
@@ -231,12 +242,18 @@ def prepare_case(case, settings, prepared_dir):
 
 
 def _run_one(case, settings, prepared_dir):
-    """(record, None) or (None, reason): a bad case is reported, never raised, so the run goes on."""
+    """(record, None) or (None, reason): a bad case is reported, never raised, so the run goes on.
+    A full disk is raised: every later case would fail the same way."""
     try:
         return prepare_case(case, settings, prepared_dir), None
     except CaseError as error:
         return None, str(error)
-    except (OSError, ValueError, MemoryError) as error:
+    except OSError as error:
+        if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise CaseError(f"{error.strerror}; the cases prepared so far are kept, run again once there is "
+                            "room") from None
+        return None, f"{case.folder}: {type(error).__name__}: {error}"
+    except (ValueError, MemoryError) as error:
         return None, f"{case.folder}: {type(error).__name__}: {error}"
 
 
@@ -248,9 +265,13 @@ def _prepare_all(cases, settings, prepared_dir, num_workers):
         try:
             with ProcessPoolExecutor(max_workers=min(num_workers, len(cases))) as pool:
                 futures = {pool.submit(_run_one, c, settings, prepared_dir): c.name for c in cases}
-                for future in as_completed(futures):
-                    results[futures[future]] = future.result()
-                    bar.update()
+                try:
+                    for future in as_completed(futures):
+                        results[futures[future]] = future.result()
+                        bar.update()
+                except CaseError:
+                    pool.shutdown(cancel_futures=True)  # a full disk: start no other case
+                    raise
         except (OSError, NotImplementedError, BrokenProcessPool) as error:
             print(f"worker processes could not start ({error}); preparing in this process")
     for case in cases:
@@ -280,6 +301,8 @@ def prepare_dataset(hp):
         prepared_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise CaseError(f"{prepared_dir}: cannot create prepared_dir ({error.strerror})") from None
+    for leftover in prepared_dir.glob(".tmp*"):  # half-written files of a killed run (one run per folder at a time)
+        leftover.unlink()
     settings = _settings(hp)
     results = _prepare_all(cases, settings, prepared_dir, hp.num_workers)
     skipped = {folder.name: reason for folder, reason in problems}
@@ -287,6 +310,8 @@ def prepare_dataset(hp):
     records = {name: record for name, (record, _) in results.items() if record is not None}
     filtered = {name: r["filtered"] for name, r in records.items() if r.get("filtered")}
     kept = {name: r for name, r in records.items() if not r.get("filtered")}
+    unlabeled = {case.name: no_segmentation(case, hp.seg_channel_name) + "; prepared as unlabeled" for case in cases
+                 if case.seg_path is None and case.name in kept}
     train, val = split_train_val([n for n, r in kept.items() if r["seg"]], hp.val_fraction, hp.seed)
     for name, record in kept.items():
         record.pop("fingerprint")
@@ -295,7 +320,7 @@ def prepare_dataset(hp):
                 "settings": {**settings, "val_fraction": hp.val_fraction, "seed": hp.seed,
                              "raw_data_dir": str(hp.raw_data_dir)},
                 "cases": dict(sorted(kept.items())), "filtered": dict(sorted(filtered.items())),
-                "skipped": dict(sorted(skipped.items()))}
+                "skipped": dict(sorted(skipped.items())), "unlabeled": dict(sorted(unlabeled.items()))}
     atomic_write(prepared_dir / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=1)))
     print_summary(manifest, prepared_dir)
     return manifest
@@ -308,8 +333,8 @@ def print_summary(manifest, prepared_dir):
                          ("unlabeled", splits.count("unlabeled")), ("filtered", len(manifest["filtered"])),
                          ("skipped", len(manifest["skipped"]))]:
         print(f"{label:<14} {count:>5}")
-    for title in ("filtered", "skipped"):
-        for name, reason in manifest[title].items():
+    for title in ("filtered", "skipped", "unlabeled"):
+        for name, reason in manifest.get(title, {}).items():
             print(f"  {title} {name}: {reason}")
 
 
@@ -328,7 +353,7 @@ def main():
     hp = hyperparameters.from_command_line()
     try:
         prepare_dataset(hp)
-    except CaseError as error:
+    except (CaseError, OSError) as error:
         raise SystemExit(f"error: {error}") from None
 
 
