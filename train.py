@@ -341,7 +341,10 @@ def train(hp):
     if hp.resume:
         done, best_score, rows = resume_state(hp, net, optimizer, scheduler, scaler, main_process)
     if main_process:
-        hp.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            hp.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise OSError(error.errno, f"{hp.run_dir}: cannot create run_dir ({error.strerror})") from None
         print(f"training on {device} x {world_size} process(es), {dtype or torch.float32}"
               f"{' with loss scaling' if use_scaler else ''}, {model.count_parameters(net):,} parameters, "
               f"{len(train_names)} training / {len(val_names)} validation cases, global batch "
