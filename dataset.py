@@ -7,8 +7,8 @@ with spawn on Windows/macOS) and each worker process reads only the voxels it ne
 
 Randomness: item `index` of epoch `epoch` is drawn from np.random.default_rng([seed, epoch, index]),
 so the same (seed, epoch, index) always gives the same patch, whatever the number of DataLoader
-workers or torchrun processes. Call set_epoch(epoch) before iterating a DataLoader over an epoch
-(with the default persistent_workers=False, each epoch's workers get a copy with the new epoch).
+workers or torchrun processes. Either call set_epoch(epoch) (fine without persistent workers) or index
+with (epoch, index) pairs, as train.py's sampler does.
 """
 from pathlib import Path
 
@@ -140,7 +140,10 @@ class PatchDataset(torch.utils.data.Dataset):
         return [int(rng.integers(lo, hi + 1)) for lo, hi in zip(low, high)]
 
     def __getitem__(self, index):
-        rng = np.random.default_rng([self.seed, self.epoch, index])
+        """index: an int (of the epoch set by set_epoch) or an (epoch, index) pair, which reaches
+        persistent DataLoader workers without set_epoch."""
+        epoch, index = index if isinstance(index, tuple) else (self.epoch, index)
+        rng = np.random.default_rng([self.seed, epoch, index])
         case = int(rng.integers(len(self.entries)))
         image, seg = open_case(self.prepared_dir, self.entries[case])
         start = self.patch_start(case, seg, rng)

@@ -45,7 +45,7 @@ class EpochSampler(torch.utils.data.Sampler):
     """This process's (epoch, index) pairs. Step s of the global batch holds the indices
     s*B*W ... (s+1)*B*W - 1 (B per process, W processes), and process r takes B consecutive ones, so a
     step's patches do not depend on how many processes share them. The sampler runs in the main
-    process: the epoch reaches persistent worker processes inside the indices."""
+    process: the epoch reaches persistent worker processes inside the (epoch, index) pairs."""
 
     def __init__(self, steps, batch_size, rank, world_size):
         self.steps, self.batch_size, self.rank, self.world_size = steps, batch_size, rank, world_size
@@ -63,23 +63,11 @@ class EpochSampler(torch.utils.data.Sampler):
             yield from ((self.epoch, index) for index in range(first, first + self.batch_size))
 
 
-class EpochPatches(torch.utils.data.Dataset):
-    """A PatchDataset indexed by (epoch, index): each worker's copy follows the epoch of its items."""
-
-    def __init__(self, patches):
-        self.patches = patches
-
-    def __getitem__(self, epoch_index):
-        epoch, index = epoch_index
-        self.patches.set_epoch(epoch)
-        return self.patches[index]
-
-
 def start_loader(patches, sampler, batch_size, num_workers, device):
     """A DataLoader whose workers have delivered a batch, or one loading in this process where worker
     processes cannot start (a script without a __main__ guard on Windows, a sandbox without shared memory)."""
     def make_loader(patches, sampler, batch_size, workers, device):
-        return torch.utils.data.DataLoader(EpochPatches(patches), batch_size, sampler=sampler, num_workers=workers,
+        return torch.utils.data.DataLoader(patches, batch_size, sampler=sampler, num_workers=workers,
                                            persistent_workers=workers > 0, pin_memory=device.type == "cuda")
 
     loader = make_loader(patches, sampler, batch_size, num_workers, device)
