@@ -16,7 +16,7 @@ import prepare_dataset
 import rendering
 import synthetic
 import train
-from loss import REGION_NAMES
+from conventions import REGION_NAMES
 
 
 def run_demo(hp):

@@ -25,7 +25,8 @@ import numpy as np
 from tqdm import tqdm
 
 import hyperparameters
-from loss import REGION_NAMES, brats_to_internal, region_metrics
+from conventions import REGION_NAMES, brats_to_internal
+from loss import region_metrics
 from prepare_dataset import CaseError, atomic_write, find_cases, load_nifti, no_segmentation
 
 METRICS = ("dice", "hd95", "sensitivity", "specificity", "volume_pred", "volume_true")

@@ -16,7 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 import hyperparameters
-from loss import brats_to_internal
+from conventions import brats_to_internal
 
 MANIFEST = "dataset.json"
 FORMAT_VERSION = 1  # bump when the prepared arrays change meaning, so old ones are redone

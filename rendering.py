@@ -33,7 +33,8 @@ from vtkmodules.vtkRenderingCore import (vtkActor, vtkCamera, vtkPolyDataMapper,
 
 import hyperparameters
 from evaluate import load_labels
-from loss import BRATS_LABELS, LABEL_NAMES, dice_per_region
+from conventions import BRATS_LABELS, LABEL_NAMES
+from loss import dice_per_region
 from prepare_dataset import CaseError, atomic_write, crop_box, find_cases, load_nifti
 
 # Fixed colors (RGB 0..1) and opacities. The hues lie far apart and far from the neutral grey brain:

@@ -24,13 +24,14 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+import conventions
 import dataset
 import hyperparameters
 import loss
 import model
 import predict
 import prepare_dataset
-from predict import autocast_settings, bf16_supported, resolve_device
+from devices import autocast_settings, bf16_supported, resolve_device
 
 METRIC_COLUMNS = ("epoch", "train_loss", "lr", "dice_WT", "dice_TC", "dice_ET", "dice_mean", "accuracy",
                   "skipped_steps", "seconds")
@@ -176,7 +177,7 @@ def validate(net, volumes, hp, device, rank=0, world_size=1):
         probabilities = predict.predict_case(net, image.to(device), no_tta, hp.target)  # as predict.py does
         labels = loss.probabilities_to_labels(probabilities, hp.target).cpu().numpy()  # (x, y, z)
         dice = loss.dice_per_region(labels, truth.numpy())
-        results.append((index, [dice[region] for region in loss.REGION_NAMES], loss.accuracy(labels, truth.numpy())))
+        results.append((index, [dice[region] for region in conventions.REGION_NAMES], loss.accuracy(labels, truth.numpy())))
     net.train()
     if world_size > 1:
         gathered = [None] * world_size
@@ -184,7 +185,7 @@ def validate(net, volumes, hp, device, rank=0, world_size=1):
         results = [result for part in gathered for result in part]
     results.sort()
     dice = np.mean([dice for _, dice, _ in results], axis=0)  # (3,) WT, TC, ET
-    row = {f"dice_{region}": float(value) for region, value in zip(loss.REGION_NAMES, dice)}
+    row = {f"dice_{region}": float(value) for region, value in zip(conventions.REGION_NAMES, dice)}
     return {**row, "dice_mean": float(dice.mean()), "accuracy": float(np.mean([a for _, _, a in results]))}
 
 
@@ -222,7 +223,7 @@ def plot_curves(rows, path, show=False):
     axes[0].plot([row["epoch"] for row in rows], [row["train_loss"] for row in rows], "o-", label="training loss")
     validated = [row for row in rows if row["dice_mean"] is not None]
     epochs = [row["epoch"] for row in validated]
-    for region in loss.REGION_NAMES:
+    for region in conventions.REGION_NAMES:
         axes[1].plot(epochs, [row[f"dice_{region}"] for row in validated], "o-", label=f"Dice {region}")
     axes[1].plot(epochs, [row["dice_mean"] for row in validated], "ko--", label="mean Dice (F1)")
     axes[2].plot(epochs, [row["accuracy"] for row in validated], "o-", label="voxel accuracy")
@@ -241,7 +242,7 @@ def plot_curves(rows, path, show=False):
 
 def summary_line(row, hp, best, device):
     dice = "" if row["dice_mean"] is None else (
-        "  Dice " + " ".join(f"{region} {row[f'dice_{region}']:.3f}" for region in loss.REGION_NAMES)
+        "  Dice " + " ".join(f"{region} {row[f'dice_{region}']:.3f}" for region in conventions.REGION_NAMES)
         + f"  mean {row['dice_mean']:.3f}  accuracy {row['accuracy']:.4f}" + "  best" * best)
     skipped = f"  skipped {row['skipped_steps']}" if row["skipped_steps"] else ""
     memory = f"  {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB peak" if device.type == "cuda" else ""

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import devices  # noqa: E402
 import hyperparameters  # noqa: E402
 import loss  # noqa: E402
 import model  # noqa: E402
@@ -58,7 +59,7 @@ def best_time(run, device):
 def monai_inference(net, image, hp, device):
     """MONAI's sliding_window_inference on the same volume, under the autocast that hp.precision selects."""
     from monai.inferers import sliding_window_inference
-    dtype, _ = predict.autocast_settings(hp.precision, device.type, predict.bf16_supported(device))
+    dtype, _ = devices.autocast_settings(hp.precision, device.type, devices.bf16_supported(device))
 
     def predictor(windows):  # (B, C, wx, wy, wz) -> probabilities (B, C_out, wx, wy, wz)
         if hp.channels_last:
@@ -73,8 +74,8 @@ def monai_inference(net, image, hp, device):
 
 def main():
     hp = hyperparameters.from_command_line()
-    device = predict.resolve_device(hp.device)
-    dtype, _ = predict.autocast_settings("auto", device.type, predict.bf16_supported(device))
+    device = devices.resolve_device(hp.device)
+    dtype, _ = devices.autocast_settings("auto", device.type, devices.bf16_supported(device))
     default = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[dtype]
     with tempfile.TemporaryDirectory() as tmp:
         case, source = find_case(hp, Path(tmp))

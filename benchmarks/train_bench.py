@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import devices  # noqa: E402
 import hyperparameters  # noqa: E402
 import loss  # noqa: E402
 import model  # noqa: E402
@@ -37,8 +38,8 @@ def time_steps(row, patch, batch, steps):
     hp = hyperparameters.load()
     torch.manual_seed(0)
     net = build(row, hp)
-    dtype, _ = predict.autocast_settings("fp32" if "float32" in row else hp.precision, "cpu",
-                                         predict.cpu_supports_bf16())
+    dtype, _ = devices.autocast_settings("fp32" if "float32" in row else hp.precision, "cpu",
+                                         devices.cpu_supports_bf16())
     optimizer = torch.optim.AdamW(net.parameters(), lr=hp.learning_rate)
     loss_fn = loss.make_loss(hp)
     image = torch.randn(batch, len(hp.channel_names), *patch)
@@ -67,7 +68,7 @@ def main(argv):
     batch = int(argv[1]) if len(argv) > 1 else hp.batch_size
     steps = int(argv[2]) if len(argv) > 2 else 10
     print(f"training step, patch {patch}, batch {batch}, median of {steps} steps, {torch.get_num_threads()} threads, "
-          f"CPU bf16 instructions: {predict.cpu_supports_bf16()}\n")
+          f"CPU bf16 instructions: {devices.cpu_supports_bf16()}\n")
     print("| model | autocast | channels_last | parameters | s/step | peak memory (MB) |\n| --- | --- | --- | --- | --- | --- |")
     results = {}
     for row in ROWS:

@@ -55,7 +55,7 @@ def monai_scores(pred, truth, spacing):
     import torch
     from monai.metrics import DiceMetric, HausdorffDistanceMetric
 
-    from loss import REGION_NAMES, labels_to_regions
+    from conventions import REGION_NAMES, labels_to_regions
     p = torch.from_numpy(labels_to_regions(pred))[None].float()  # (1, 3, X, Y, Z)
     t = torch.from_numpy(labels_to_regions(truth))[None].float()
     # the channels are WT, TC, ET, none of them background: include_background=True keeps all three

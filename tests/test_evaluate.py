@@ -10,7 +10,8 @@ import pytest
 
 import evaluate
 import hyperparameters
-from loss import HD95_EMPTY, REGION_NAMES, brats_to_internal, labels_to_regions
+from conventions import REGION_NAMES, brats_to_internal, labels_to_regions
+from loss import HD95_EMPTY
 from prepare_dataset import CaseError
 
 from conftest import SAMPLE_DIR, monai_scores

@@ -7,8 +7,9 @@ import torch
 
 import hyperparameters
 from conftest import SAMPLE_DIR, monai_scores
-from loss import (HD95_EMPTY, REGIONS, accuracy, brats_to_internal, dice_per_region, hd95, labels_to_regions,
-                  logits_to_probabilities, make_loss, one_hot_targets, probabilities_to_labels, region_metrics)
+from conventions import REGIONS, brats_to_internal, labels_to_regions
+from loss import (HD95_EMPTY, accuracy, dice_per_region, hd95, logits_to_probabilities, make_loss, one_hot_targets,
+                  probabilities_to_labels, region_metrics)
 
 REFERENCE_DIR = SAMPLE_DIR / "reference_segmentations"
 LOSSES = ["dice_ce", "dice", "modified_dice"]

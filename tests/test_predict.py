@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import conventions
 import hyperparameters
 import loss
 import model
@@ -48,7 +49,7 @@ def write_encoded_case(folder, name, shape=(40, 44, 32), seed=3):
     brain = images["flair"] > 0
     brain[: shape[0] // 3] = False
     seg = np.where(brain, seg, 0).astype(np.uint8)
-    regions = loss.labels_to_regions(loss.brats_to_internal(seg))  # (3, X, Y, Z) WT, TC, ET
+    regions = conventions.labels_to_regions(conventions.brats_to_internal(seg))  # (3, X, Y, Z) WT, TC, ET
     encoded = [np.where(brain, 100 + 100 * region, 0).astype(np.int16) for region in regions]
     encoded.append(np.where(brain, 100, 0).astype(np.int16))
     synthetic.write_case(folder, name, dict(zip(synthetic.MODALITIES, encoded)), seg)
@@ -87,7 +88,7 @@ def test_prediction_lands_back_on_the_real_sample(tmp_path, tiny_hp, sample_case
     image = np.stack([np.asanyarray(nib.load(sample_case / f"{sample_case.name}_{c}.nii.gz").dataobj)
                       for c in hp.channel_names])
     positive = prepare_dataset.zscore_brain(image)[:3] > 0
-    expected = loss.internal_to_brats(nested_labels(*positive))
+    expected = conventions.internal_to_brats(nested_labels(*positive))
     predicted = np.asanyarray(out.dataobj)
     assert set(np.unique(predicted)) == {0, 1, 2, 4}
     assert np.array_equal(predicted, expected)
@@ -188,7 +189,7 @@ def test_predict_validation_cases_with_a_checkpoint(tmp_path, tiny_hp, tiny_prep
         with np.load(hp.prediction_dir / f"{name}_probabilities.npz") as saved:
             # the checkpoint's target (4 softmax channels) and prepare_dataset's crop box
             assert saved["probabilities"].dtype == np.float16
-            assert list(saved["channels"]) == list(loss.LABEL_NAMES)
+            assert list(saved["channels"]) == list(conventions.LABEL_NAMES)
             assert saved["crop_box"].tolist() == manifest["cases"][name]["crop_box"]
             box_shape = [stop - start for start, stop in saved["crop_box"]]
             assert saved["probabilities"].shape == (4, *box_shape)

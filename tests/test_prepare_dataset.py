@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import prepare_dataset
-from loss import brats_to_internal
+from conventions import brats_to_internal
 from prepare_dataset import CaseError, find_cases, prepare_dataset as prepare, read_manifest, zscore_brain
 
 CHANNELS = ("flair", "t1", "t1ce", "t2")

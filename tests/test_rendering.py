@@ -13,7 +13,7 @@ from scipy import ndimage
 
 import rendering
 import synthetic
-from loss import brats_to_internal
+from conventions import brats_to_internal
 from prepare_dataset import CaseError, load_nifti
 from rendering import ERROR_STYLE, LABEL_STYLE, LEGEND_HEIGHT, VIEW_SIZE
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import devices
 import hyperparameters
 import loss
 import model
@@ -149,14 +150,14 @@ def test_non_finite_loss_or_gradients_skip_the_step(tiny_prepared, tmp_path, mon
 
 def test_autocast_settings_for_each_device():
     bf16, fp16 = torch.bfloat16, torch.float16
-    assert predict.autocast_settings("auto", "cuda", True) == (bf16, False)
-    assert predict.autocast_settings("auto", "cuda", False) == (fp16, True)  # e.g. V100, T4: fp16 + GradScaler
-    assert predict.autocast_settings("auto", "cpu", True) == (bf16, False)
-    assert predict.autocast_settings("auto", "cpu", False) == (None, False)
-    assert predict.autocast_settings("auto", "mps", False) == (None, False)
-    assert predict.autocast_settings("fp32", "cuda", True) == (None, False)
-    assert predict.autocast_settings("fp16", "cuda", True) == (fp16, True)
-    assert predict.autocast_settings("bf16", "cpu", False) == (bf16, False)
+    assert devices.autocast_settings("auto", "cuda", True) == (bf16, False)
+    assert devices.autocast_settings("auto", "cuda", False) == (fp16, True)  # e.g. V100, T4: fp16 + GradScaler
+    assert devices.autocast_settings("auto", "cpu", True) == (bf16, False)
+    assert devices.autocast_settings("auto", "cpu", False) == (None, False)
+    assert devices.autocast_settings("auto", "mps", False) == (None, False)
+    assert devices.autocast_settings("fp32", "cuda", True) == (None, False)
+    assert devices.autocast_settings("fp16", "cuda", True) == (fp16, True)
+    assert devices.autocast_settings("bf16", "cpu", False) == (bf16, False)
 
 
 def cpu_has_bf16_instructions():
@@ -169,7 +170,7 @@ def cpu_has_bf16_instructions():
 @pytest.mark.parametrize("precision", ["auto", "fp32"])
 def test_training_runs_in_bf16_exactly_on_cpus_with_bf16_instructions(tiny_prepared, tmp_path, monkeypatch, precision):
     native = cpu_has_bf16_instructions()
-    assert predict.cpu_supports_bf16() == native
+    assert devices.cpu_supports_bf16() == native
     dtypes, build_model = set(), model.build_model
 
     def build_and_watch(hp):  # record the dtype of every output of the network, in training and validation
@@ -183,7 +184,7 @@ def test_training_runs_in_bf16_exactly_on_cpus_with_bf16_instructions(tiny_prepa
 
 
 def test_resolve_device():
-    resolve = predict.resolve_device
+    resolve = devices.resolve_device
     assert resolve("auto", cuda_available=False, mps_available=False) == torch.device("cpu")
     assert resolve("auto", cuda_available=False, mps_available=True) == torch.device("mps")
     gpu_3 = resolve("auto", local_rank=3, world_size=4, cuda_available=True, mps_available=False)
