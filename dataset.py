@@ -8,8 +8,9 @@ with spawn on Windows/macOS) and each worker process reads only the voxels it ne
 Randomness: item `index` of epoch `epoch` is drawn from np.random.default_rng([seed, epoch, index]),
 so the same (seed, epoch, index) always gives the same patch, whatever the number of DataLoader
 workers or torchrun processes. Either call set_epoch(epoch) (fine without persistent workers) or index
-with (epoch, index) pairs, as train.py's sampler does.
+with (epoch, index) pairs, as EpochSampler below does.
 """
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -170,3 +171,45 @@ class VolumeDataset(torch.utils.data.Dataset):
         image = torch.from_numpy(np.asarray(image, dtype=np.float32))
         labels = torch.from_numpy(np.asarray(seg, dtype=np.int64))
         return self.case_names[index], image, labels
+
+
+# ---------------------------------------------------------------- loading
+
+class EpochSampler(torch.utils.data.Sampler):
+    """This process's (epoch, index) pairs. Step s of the global batch holds the indices
+    s*B*W ... (s+1)*B*W - 1 (B per process, W processes), and process r takes B consecutive ones, so a
+    step's patches do not depend on how many processes share them. The sampler runs in the main
+    process: the epoch reaches persistent worker processes inside the (epoch, index) pairs."""
+
+    def __init__(self, steps, batch_size, rank, world_size):
+        self.steps, self.batch_size, self.rank, self.world_size = steps, batch_size, rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.steps * self.batch_size
+
+    def __iter__(self):
+        for step in range(self.steps):
+            first = (step * self.world_size + self.rank) * self.batch_size
+            yield from ((self.epoch, index) for index in range(first, first + self.batch_size))
+
+
+def start_loader(patches, sampler, batch_size, num_workers, device):
+    """A DataLoader whose workers have delivered a batch, or one loading in this process where worker
+    processes cannot start (a script without a __main__ guard on Windows, a sandbox without shared memory)."""
+    def make_loader(patches, sampler, batch_size, workers, device):
+        return torch.utils.data.DataLoader(patches, batch_size, sampler=sampler, num_workers=workers,
+                                           persistent_workers=workers > 0, pin_memory=device.type == "cuda")
+
+    loader = make_loader(patches, sampler, batch_size, num_workers, device)
+    if num_workers > 0:
+        try:
+            next(iter(loader))
+        except (RuntimeError, OSError, EOFError, AttributeError, pickle.PickleError) as error:
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            print(f"DataLoader workers could not start ({reason}); loading in the main process (num_workers: 0)")
+            loader = make_loader(patches, sampler, batch_size, 0, device)
+    return loader

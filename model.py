@@ -13,11 +13,13 @@ Checkpoints hold plain tensors and Python values only and are read with
 import math
 import os
 import pickle
+import random
 import re
 import tempfile
 from collections import OrderedDict
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -255,3 +257,24 @@ def load_model(path, device="cpu", hp=None):
         raise ValueError(message)
     model.load_state_dict(state_dict)
     return model.to(device).eval(), checkpoint
+
+
+def rng_state():
+    """Random states as tensors and plain values, so that a weights_only load restores them."""
+    _, keys, position, has_gauss, cached = np.random.get_state()
+    version, python_state, gauss = random.getstate()
+    state = {"torch": torch.get_rng_state(), "python": [version, list(python_state), gauss],
+             "numpy": [torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached]}
+    if torch.cuda.is_initialized():  # this process's GPU only: touching the others would put a context on each
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    version, python_state, gauss = state["python"]
+    random.setstate((version, tuple(python_state), gauss))
+    keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), position, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])

@@ -12,7 +12,6 @@ import csv
 import datetime
 import math
 import os
-import pickle
 import random
 import sys
 import time
@@ -40,48 +39,6 @@ METRIC_COLUMNS = ("epoch", "train_loss", "lr", "dice_WT", "dice_TC", "dice_ET", 
 PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=10)
 
 
-# ---------------------------------------------------------------- data
-
-class EpochSampler(torch.utils.data.Sampler):
-    """This process's (epoch, index) pairs. Step s of the global batch holds the indices
-    s*B*W ... (s+1)*B*W - 1 (B per process, W processes), and process r takes B consecutive ones, so a
-    step's patches do not depend on how many processes share them. The sampler runs in the main
-    process: the epoch reaches persistent worker processes inside the (epoch, index) pairs."""
-
-    def __init__(self, steps, batch_size, rank, world_size):
-        self.steps, self.batch_size, self.rank, self.world_size = steps, batch_size, rank, world_size
-        self.epoch = 0
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-
-    def __len__(self):
-        return self.steps * self.batch_size
-
-    def __iter__(self):
-        for step in range(self.steps):
-            first = (step * self.world_size + self.rank) * self.batch_size
-            yield from ((self.epoch, index) for index in range(first, first + self.batch_size))
-
-
-def start_loader(patches, sampler, batch_size, num_workers, device):
-    """A DataLoader whose workers have delivered a batch, or one loading in this process where worker
-    processes cannot start (a script without a __main__ guard on Windows, a sandbox without shared memory)."""
-    def make_loader(patches, sampler, batch_size, workers, device):
-        return torch.utils.data.DataLoader(patches, batch_size, sampler=sampler, num_workers=workers,
-                                           persistent_workers=workers > 0, pin_memory=device.type == "cuda")
-
-    loader = make_loader(patches, sampler, batch_size, num_workers, device)
-    if num_workers > 0:
-        try:
-            next(iter(loader))
-        except (RuntimeError, OSError, EOFError, AttributeError, pickle.PickleError) as error:
-            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-            print(f"DataLoader workers could not start ({reason}); loading in the main process (num_workers: 0)")
-            loader = make_loader(patches, sampler, batch_size, 0, device)
-    return loader
-
-
 # ---------------------------------------------------------------- optimization
 
 def lr_factor(step, hp):
@@ -95,27 +52,6 @@ def lr_factor(step, hp):
     if hp.lr_schedule == "cosine":
         return 0.5 * (1 + math.cos(math.pi * t))
     return 1.0
-
-
-def rng_state():
-    """Random states as tensors and plain values, so that a weights_only load restores them."""
-    _, keys, position, has_gauss, cached = np.random.get_state()
-    version, python_state, gauss = random.getstate()
-    state = {"torch": torch.get_rng_state(), "python": [version, list(python_state), gauss],
-             "numpy": [torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached]}
-    if torch.cuda.is_initialized():  # this process's GPU only: touching the others would put a context on each
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    version, python_state, gauss = state["python"]
-    random.setstate((version, tuple(python_state), gauss))
-    keys, position, has_gauss, cached = state["numpy"]
-    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), position, has_gauss, cached))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
 
 
 def train_epoch(train_model, batches, optimizer, scheduler, scaler, loss_fn, hp, device, dtype, epoch,
@@ -273,7 +209,7 @@ def resume_state(hp, net, optimizer, scheduler, scaler, main_process):
     scheduler.load_state_dict(checkpoint["scheduler"])
     if checkpoint["scaler"] and scaler.is_enabled():  # empty when saved without fp16 (e.g. on a CPU)
         scaler.load_state_dict(checkpoint["scaler"])
-    set_rng_state(checkpoint["rng"])
+    model.set_rng_state(checkpoint["rng"])
     if main_process:
         before = checkpoint["hyperparameters"]
         changed = [f"{k} {before.get(k)} -> {v}" for k, v in hp.to_dict().items()
@@ -320,7 +256,7 @@ def train(hp):
     patches = dataset.PatchDataset(hp.prepared_dir, train_names, hp.patch_size, hp.foreground_fraction,
                                    hp.augment, hp.seed, hp.steps_per_epoch * hp.batch_size * world_size)
     volumes = dataset.VolumeDataset(hp.prepared_dir, val_names) if val_names else None
-    sampler = EpochSampler(hp.steps_per_epoch, hp.batch_size, rank, world_size)
+    sampler = dataset.EpochSampler(hp.steps_per_epoch, hp.batch_size, rank, world_size)
     net, train_model = build_model(hp, device, world_size, main_process)
     loss_fn = loss.make_loss(hp)
     optimizer = torch.optim.AdamW(net.parameters(), lr=hp.learning_rate, weight_decay=hp.weight_decay)
@@ -344,7 +280,7 @@ def train(hp):
             print(f"{hp.run_dir} has trained {done} epochs already; raise epochs to train on")
     show = main_process and world_size == 1 and interactive_plots()
     sampler.set_epoch(done + 1)
-    loader = start_loader(patches, sampler, hp.batch_size, hp.num_workers, device)
+    loader = dataset.start_loader(patches, sampler, hp.batch_size, hp.num_workers, device)
 
     for epoch in range(done + 1, hp.epochs + 1):
         start, lr = time.perf_counter(), optimizer.param_groups[0]["lr"]  # the epoch's first learning rate
@@ -363,7 +299,7 @@ def train(hp):
         if main_process:
             state = {"model_args": model.model_args(hp), "model": net.state_dict(), "epoch": epoch,
                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "scaler": scaler.state_dict(), "best_score": best_score, "metrics": rows, "rng": rng_state(),
+                     "scaler": scaler.state_dict(), "best_score": best_score, "metrics": rows, "rng": model.rng_state(),
                      "hyperparameters": hp.to_dict(), "world_size": world_size}
             model.save_checkpoint(state, hp.run_dir / "checkpoint_last.pt")
             if improved:

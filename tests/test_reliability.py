@@ -370,7 +370,7 @@ def save_tiny_checkpoint(path, features="2, 4"):
     net = model.build_model(hp)
     model.save_checkpoint({"model_args": model.model_args(hp), "model": net.state_dict(),
                            "optimizer": torch.optim.AdamW(net.parameters()).state_dict(), "scheduler": {},
-                           "scaler": {}, "epoch": 1, "best_score": None, "metrics": [], "rng": train.rng_state(),
+                           "scaler": {}, "epoch": 1, "best_score": None, "metrics": [], "rng": model.rng_state(),
                            "hyperparameters": hp.to_dict()}, path)
     return path
 

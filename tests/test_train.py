@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import dataset
 import devices
 import hyperparameters
 import loss
@@ -210,11 +211,11 @@ def test_learning_rate_schedules():
 
 
 def test_a_step_sees_the_same_patches_however_many_processes_share_it():
-    one = list(train.EpochSampler(steps=3, batch_size=4, rank=0, world_size=1))
-    shards = [list(train.EpochSampler(steps=3, batch_size=1, rank=r, world_size=4)) for r in range(4)]
+    one = list(dataset.EpochSampler(steps=3, batch_size=4, rank=0, world_size=1))
+    shards = [list(dataset.EpochSampler(steps=3, batch_size=1, rank=r, world_size=4)) for r in range(4)]
     for step in range(3):
         assert sorted(shard[step] for shard in shards) == one[4 * step:4 * step + 4]
-    sampler = train.EpochSampler(steps=2, batch_size=2, rank=1, world_size=2)
+    sampler = dataset.EpochSampler(steps=2, batch_size=2, rank=1, world_size=2)
     sampler.set_epoch(5)
     assert list(sampler) == [(5, 2), (5, 3), (5, 6), (5, 7)]
 
@@ -225,8 +226,8 @@ def test_persistent_workers_follow_the_epoch(tiny_prepared):
     patches = dataset.PatchDataset(tiny_prepared, train_names, (16, 16, 16), 0.5, True, 0, 4)
     batches = {}
     for workers in (0, 2):
-        sampler = train.EpochSampler(steps=2, batch_size=2, rank=0, world_size=1)
-        loader = train.start_loader(patches, sampler, 2, workers, torch.device("cpu"))
+        sampler = dataset.EpochSampler(steps=2, batch_size=2, rank=0, world_size=1)
+        loader = dataset.start_loader(patches, sampler, 2, workers, torch.device("cpu"))
         for epoch in (1, 2):
             sampler.set_epoch(epoch)
             batches[workers, epoch] = torch.cat([image for image, _ in loader])
@@ -246,7 +247,7 @@ def test_loader_falls_back_to_the_main_process_when_workers_cannot_start(tiny_pr
 
     original = torch.utils.data.DataLoader.__iter__
     monkeypatch.setattr(torch.utils.data.DataLoader, "__iter__", refuse)
-    loader = train.start_loader(patches, train.EpochSampler(1, 2, 0, 1), 2, 2, torch.device("cpu"))
+    loader = dataset.start_loader(patches, dataset.EpochSampler(1, 2, 0, 1), 2, 2, torch.device("cpu"))
     assert loader.num_workers == 0 and len(list(loader)) == 1
     assert "workers could not start (DataLoader worker (pid 123) exited unexpectedly)" in capsys.readouterr().out
 
@@ -254,8 +255,8 @@ def test_loader_falls_back_to_the_main_process_when_workers_cannot_start(tiny_pr
 def test_rng_state_survives_a_weights_only_round_trip(tmp_path):
     import random
     import numpy as np
-    torch.save(train.rng_state(), tmp_path / "rng.pt")
+    torch.save(model.rng_state(), tmp_path / "rng.pt")
     first = (torch.rand(3), np.random.rand(3), random.random())
-    train.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    model.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
     second = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(first[0], second[0]) and (first[1] == second[1]).all() and first[2] == second[2]
