@@ -275,7 +275,7 @@ def test_train_on_a_full_disk_stops_with_one_line_and_keeps_the_last_good_checkp
 
     def save(state, path):  # the second checkpoint_last.pt (of epoch 2) fills the disk
         calls.append(path)
-        if sum(".checkpoint_last.pt" in str(p) for p in calls) > 1:
+        if sum(str(p).endswith("-checkpoint_last.pt") for p in calls) > 1:
             disk_full(lambda state, path: partial_file(path))(state, path)
         return torch_save(state, path)
 
