@@ -314,6 +314,8 @@ def from_command_line(argv=None):
         hp = load(path, overrides=argv)
     except HyperparameterError as error:
         raise SystemExit(f"error: {error}") from None
+    if hasattr(sys.stdout, "reconfigure"):  # a folder name that is not UTF-8 prints as \udcNN, not a crash
+        sys.stdout.reconfigure(errors="backslashreplace")
     changed = differences(hp)
     if changed and os.environ.get("RANK", "0") == "0":  # under torchrun, once
         print("settings that differ from the defaults: " + ", ".join(f"{k}={v}" for k, v in changed.items()))
