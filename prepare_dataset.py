@@ -196,8 +196,10 @@ def zscore_brain(image):
     brain = (image != 0).any(axis=0)  # (X, Y, Z)
     out = np.zeros(image.shape, dtype=np.float32)
     for c, channel in enumerate(image):
-        values = channel[brain].astype(np.float64)  # float64 intensities beyond 3.4e38 would overflow float32
-        values /= np.abs(values).max() or 1.0  # z-scores do not change with the scale; squares of 1e200 would
+        values = channel[brain]
+        if values.dtype.kind == "f" and values.size:  # float64 beyond float32's range, or squares that overflow:
+            values = values / (np.abs(values).max() or 1.0)  # scaled to [-1, 1], as z-scores ignore the scale
+        values = values.astype(np.float32)
         std = values.std()
         out[c][brain] = (values - values.mean()) / (std if std > 0 else 1.0)  # |z| < sqrt(voxels): fits float16
     return out

@@ -27,16 +27,9 @@ from files import TEMPORARY, sole_writer
 
 from conftest import REPO
 from test_reliability import SOURCE, copy_case, copy_label_map, run_main, save_tiny_checkpoint
+from test_reliability import one_thread  # noqa: F401  (its autouse fixture: one thread for this module too)
 
 CASES = ["BraTS20_Training_001", "BraTS20_Training_002"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_train_settings(prepared, run_dir, **changes):
