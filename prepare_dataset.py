@@ -238,11 +238,8 @@ def done_record(case, settings, prepared_dir):
 
 
 def prepare_case(case, settings, prepared_dir):
-    """Prepare one case (or reuse what a run with the same settings and files left); returns its record."""
+    """Prepare one case (prepare_dataset reuses done_record instead where it can); returns its record."""
     prepared_dir = Path(prepared_dir)
-    record = done_record(case, settings, prepared_dir)
-    if record is not None:
-        return record
     fingerprint = _fingerprint(case, settings)
     image, labels, nifti = load_case(case)
     brain = (image != 0).any(axis=0)

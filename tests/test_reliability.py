@@ -119,7 +119,7 @@ def all_zero(path):
     return rewrite(path, np.zeros_like(read_nifti(path)[0]))
 
 
-def shifted(offset):
+def offset_intensities(offset):
     def shift(path):  # every voxel moved, background included: no voxel is 0
         return rewrite(path, read_nifti(path)[0].astype(np.int16) + np.int16(offset))
     return shift
@@ -191,7 +191,7 @@ BREAKS = [
           "unexpected label values [-1]", prediction_too=True),
     Break("float_label", "float label 3.9999", "seg", one_voxel(3.9999, np.float32), "non-integer label values",
           None, "non-integer label values", prediction_too=True),
-    Break("negative_t1", "non-zero background: every intensity - 1000", "t1", shifted(-1000),
+    Break("negative_t1", "non-zero background: every intensity - 1000", "t1", offset_intensities(-1000),
           "background is not 0 (the volume's border is mostly -1000)", "background is not 0", None),
     Break("intercept_t2", "non-zero background: int16 with intercept 100", "t2", with_intercept(100.0),
           "the header's intercept scl_inter is 100", "background is not 0", None),
