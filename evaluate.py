@@ -29,9 +29,9 @@ from tqdm import tqdm
 
 import hyperparameters
 from conventions import REGION_NAMES, brats_to_internal
-from files import atomic_write, output_folder
+from files import output_folder
 from loss import region_metrics
-from prepare_dataset import CaseError, find_cases, load_nifti, no_segmentation
+from prepare_dataset import CaseError, atomic_write, find_cases, load_nifti, no_segmentation
 
 METRICS = ("dice", "hd95", "sensitivity", "specificity", "volume_pred", "volume_true")
 SUMMARY_METRICS = ("dice", "hd95", "sensitivity", "specificity")

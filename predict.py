@@ -40,10 +40,10 @@ from tqdm import tqdm
 import hyperparameters
 from conventions import LABEL_NAMES, REGION_NAMES, internal_to_brats
 from devices import autocast_settings, bf16_supported, resolve_device
+from files import output_folder
 from loss import logits_to_probabilities, probabilities_to_labels
-from files import atomic_write, output_folder
 from model import NUM_REGIONS, load_model
-from prepare_dataset import CaseError, find_cases, load_case, preprocess, read_manifest
+from prepare_dataset import CaseError, atomic_write, find_cases, load_case, preprocess, read_manifest
 
 # Settings the network was trained with: predictions follow the checkpoint's, not the current file's.
 TRAINED_SETTINGS = ("channel_names", "patch_size", "crop_margin")
