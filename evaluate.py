@@ -17,8 +17,11 @@ HD95 comes from distance transforms of the two surfaces, not from pairwise point
 The ground truth is a folder of raw case folders (found like prepare_dataset.py finds them, the
 *_seg file of each) or a folder of label maps {case}.nii[.gz]; evaluate_folders compares any two such
 folders. A prediction without ground truth, or with another shape or affine, is listed as not evaluated.
+Predictions and ground truth must never be the same files: prediction_dir may not overlap the folders of
+the ground truth, and a prediction that is the ground-truth file itself (a link) is not evaluated.
 """
 import csv
+import os
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +29,7 @@ from tqdm import tqdm
 
 import hyperparameters
 from conventions import REGION_NAMES, brats_to_internal
+from files import output_folder
 from loss import region_metrics
 from prepare_dataset import CaseError, atomic_write, find_cases, load_nifti, no_segmentation
 
@@ -45,10 +49,17 @@ def case_name(path):
     return None
 
 
-def label_maps(folder):
-    """{case: path} of the label maps directly in folder."""
-    paths = sorted(Path(folder).iterdir()) if Path(folder).is_dir() else []
-    return {case_name(path): path for path in paths if path.is_file() and case_name(path)}
+def label_maps(folder, problems=None):
+    """{case: path} of the label maps directly in folder. A case with both {case}.nii and {case}.nii.gz is
+    left out, with the reason in problems ({case: reason}): which one is meant is not ours to guess."""
+    found = {}
+    for path in sorted(Path(folder).iterdir()) if Path(folder).is_dir() else []:
+        if path.is_file() and case_name(path):
+            found.setdefault(case_name(path), []).append(path)
+    if problems is not None:
+        problems.update({name: f"{paths[0]}: both {paths[0].name} and {paths[1].name}; remove one"
+                         for name, paths in found.items() if len(paths) > 1})
+    return {name: paths[0] for name, paths in found.items() if len(paths) == 1}
 
 
 def find_ground_truth(folders, channel_names, seg_channel_name, reasons=None):
@@ -56,7 +67,7 @@ def find_ground_truth(folders, channel_names, seg_channel_name, reasons=None):
     reasons: a dict that gets why a case folder gives no segmentation (a missing modality, a misnamed file)."""
     truth = {}
     for folder in folders:
-        found = label_maps(folder)
+        found = label_maps(folder, reasons)
         if not found:
             try:
                 cases, problems = find_cases(folder, channel_names, seg_channel_name)
@@ -83,6 +94,8 @@ def load_labels(path):
 
 def evaluate_pair(pred_path, truth_path):
     """{region: {metric: value}} of one case; CaseError naming both files when their grids differ."""
+    if os.path.samefile(pred_path, truth_path):
+        raise CaseError(f"{pred_path}: is the ground truth {truth_path} itself (a link), not a prediction")
     pred, pred_image = load_labels(pred_path)
     truth, truth_image = load_labels(truth_path)
     if pred.shape != truth.shape:
@@ -97,15 +110,15 @@ def evaluate_pair(pred_path, truth_path):
 def evaluate_folders(pred_dir, truth_dirs, channel_names, seg_channel_name):
     """Label maps of pred_dir against the ground truth in truth_dirs (a folder or a list of them)
     -> (rows: one dict of COLUMNS per evaluated case, not_evaluated: {case: reason})."""
-    predictions = label_maps(pred_dir)
-    if not predictions:
+    rows, not_evaluated = [], {}
+    predictions = label_maps(pred_dir, not_evaluated)
+    if not predictions and not not_evaluated:
         raise CaseError(f"{pred_dir}: no predictions ({{case}}.nii.gz files): run predict.py first")
     truth_dirs = [truth_dirs] if isinstance(truth_dirs, (str, Path)) else list(truth_dirs)
     unusable = {}
     truth = find_ground_truth(truth_dirs, channel_names, seg_channel_name, unusable)
     searched = " or ".join(f"{folder}" + ("" if Path(folder).is_dir() else " (does not exist)")
                            for folder in truth_dirs)
-    rows, not_evaluated = [], {}
     for name, path in tqdm(predictions.items(), desc="evaluate", unit="case"):
         if name not in truth:
             not_evaluated[name] = unusable.get(name, f"no ground truth under {searched}")
@@ -148,8 +161,8 @@ def print_summary(rows, not_evaluated):
 
 
 def write_csv(rows, path):
-    def write(tmp):
-        with open(tmp, "w", newline="") as file:
+    def write(tmp):  # a case folder name that is not UTF-8 (surrogates) is written as \udcNN
+        with open(tmp, "w", newline="", encoding="utf-8", errors="backslashreplace") as file:
             writer = csv.DictWriter(file, COLUMNS)
             writer.writeheader()
             writer.writerows(rows)
@@ -169,9 +182,28 @@ def plot_boxes(rows, path):
     atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
 
 
+def same_or_inside(inner, outer):
+    """True when folder inner is folder outer or lies inside it, however either is reached (links, letter case)."""
+    inner = Path(inner).resolve()
+    return Path(outer).exists() and any(
+        folder.exists() and os.path.samefile(folder, outer) for folder in (inner, *inner.parents))
+
+
+def check_apart(hp):
+    """CaseError naming both settings when prediction_dir overlaps a folder of the ground truth: the
+    predictions would be read as the ground truth, and score perfectly."""
+    for setting in ("raw_data_dir", "predict_input_dir"):
+        truth = getattr(hp, setting)
+        if truth is not None and (same_or_inside(hp.prediction_dir, truth) or same_or_inside(truth, hp.prediction_dir)):
+            raise CaseError(f"prediction_dir {hp.prediction_dir} and {setting} {truth} overlap: predictions and "
+                            "ground truth must be in separate folders")
+
+
 def evaluate(hp):
     """hp.prediction_dir against the ground truth under raw_data_dir (then predict_input_dir) -> rows;
     writes run_dir/evaluation.csv and run_dir/evaluation_boxplot.png and prints the summary."""
+    check_apart(hp)
+    output_folder(hp.run_dir, "run_dir")
     truth_dirs = [folder for folder in (hp.raw_data_dir, hp.predict_input_dir) if folder is not None]
     rows, not_evaluated = evaluate_folders(hp.prediction_dir, truth_dirs, hp.channel_names, hp.seg_channel_name)
     if not rows:
@@ -180,10 +212,6 @@ def evaluate(hp):
         reasons = set(not_evaluated.values())  # one reason for all (no ground truth at all): said in the error
         raise CaseError(f"{hp.prediction_dir}: no prediction could be evaluated "
                         f"({reasons.pop() if len(reasons) == 1 else 'see above'})")
-    try:
-        hp.run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise CaseError(f"{hp.run_dir}: cannot create run_dir ({error.strerror})") from None
     write_csv(rows, hp.run_dir / "evaluation.csv")
     plot_boxes(rows, hp.run_dir / "evaluation_boxplot.png")
     print_summary(rows, not_evaluated)

@@ -40,6 +40,7 @@ from tqdm import tqdm
 import hyperparameters
 from conventions import LABEL_NAMES, REGION_NAMES, internal_to_brats
 from devices import autocast_settings, bf16_supported, resolve_device
+from files import output_folder
 from loss import logits_to_probabilities, probabilities_to_labels
 from model import NUM_REGIONS, load_model
 from prepare_dataset import CaseError, atomic_write, find_cases, load_case, preprocess, read_manifest
@@ -199,6 +200,8 @@ def predict_file(model, case, hp):
     image, _, reference = load_case(case._replace(seg_path=None))  # the truth plays no part in inference
     normalized, box = preprocess(image, hp.crop_margin)  # (C, x, y, z) float32 cropped to the brain
     probabilities = predict_case(model, normalized, hp, hp.target)  # (C_out, x, y, z)
+    if not torch.isfinite(probabilities).all():  # never a NaN map written as background
+        raise CaseError(f"{case.folder}: the network gave NaN or Inf probabilities; nothing written")
     labels = probabilities_to_labels(probabilities, hp.target).cpu().numpy()  # (x, y, z) internal
     labels = postprocess_et(labels_in_input_grid(labels, box, image.shape[1:]), hp.et_min_voxels)
     paths = output_paths(hp, case.name)
@@ -252,10 +255,7 @@ def predict_cases(hp, cases, model=None):
     model: a network to use instead of hp's checkpoint; hp then gives its target, channel_names and window."""
     if model is None:
         model, hp = load_for_inference(hp, resolve_device(hp.device))
-    try:
-        hp.prediction_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise CaseError(f"{hp.prediction_dir}: cannot create prediction_dir ({error.strerror})") from None
+    output_folder(hp.prediction_dir, "prediction_dir")
     written, already, failed = [], [], {}
     for case in tqdm(cases, desc="predict", unit="case"):
         if not hp.overwrite and all(path.is_file() for path in output_paths(hp, case.name)):

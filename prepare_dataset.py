@@ -3,6 +3,7 @@
 Also the home of what predict.py and rendering.py share with it: finding cases, loading NIfTI files
 with clear errors, and the preprocessing of one case (crop to the brain, z-score over brain voxels).
 """
+import contextlib
 import errno
 import json
 import os
@@ -17,6 +18,7 @@ from tqdm import tqdm
 
 import hyperparameters
 from conventions import brats_to_internal
+from files import atomic_write, is_leftover, sole_writer
 
 MANIFEST = "dataset.json"
 FORMAT_VERSION = 1  # bump when the prepared arrays change meaning, so old ones are redone
@@ -26,20 +28,6 @@ Case = namedtuple("Case", "name folder image_paths seg_path")
 
 class CaseError(Exception):
     """A problem with one case's files; the message names the file and the problem."""
-
-
-def atomic_write(path, write):
-    """write(temporary_path) beside path, then rename into place: never a half-written file."""
-    path = Path(path)
-    tmp = path.with_name(f".tmp{os.getpid()}-{path.name}")  # keeps the suffix (.npy, .nii.gz)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException as error:
-        tmp.unlink(missing_ok=True)
-        if isinstance(error, OSError):
-            raise OSError(error.errno, f"cannot write {path}: {error.strerror or error}") from error
-        raise
 
 
 def _nifti_stem(path):
@@ -52,7 +40,7 @@ def _nifti_stem(path):
 def _match_case_files(folder, channel_names, seg_channel_name):
     """(image paths in channel order, seg path or None) of one folder, or CaseError."""
     files = {path: _nifti_stem(path).lower() for path in folder.iterdir()
-             if path.is_file() and _nifti_stem(path) is not None}
+             if path.is_file() and _nifti_stem(path) is not None and not is_leftover(path.name)}
     images, missing = [], []
     for channel in channel_names:
         found = [p for p, stem in files.items() if stem.endswith("_" + channel.lower())]
@@ -73,6 +61,19 @@ def _match_case_files(folder, channel_names, seg_channel_name):
     return tuple(images), (segs[0] if segs else None)
 
 
+def _folders_with_nifti(raw_dir):
+    """Folders below raw_dir (itself included) that hold NIfTI files. Links are followed (shared data), but
+    each real folder is visited once: a link back up (a loop) or a second way to a folder is not walked."""
+    seen = set()
+    for root, folders, files in os.walk(raw_dir, followlinks=True):
+        status = os.stat(root)
+        identity = (status.st_dev, status.st_ino) if status.st_ino else os.path.realpath(root)  # FAT: no inodes
+        folders[:] = [] if identity in seen else [name for name in folders if not is_leftover(name)]
+        if identity not in seen and any(_nifti_stem(Path(f)) and not is_leftover(f) for f in files):
+            yield Path(root)
+        seen.add(identity)
+
+
 def find_cases(raw_dir, channel_names, seg_channel_name, setting="raw_data_dir"):
     """Every folder below raw_dir that holds NIfTI files is a case, however deep the download nests it.
 
@@ -80,9 +81,8 @@ def find_cases(raw_dir, channel_names, seg_channel_name, setting="raw_data_dir")
     setting: the hyperparameter that named raw_dir, for the messages."""
     raw_dir = Path(raw_dir)
     if not raw_dir.is_dir():
-        raise CaseError(f"{raw_dir}: {setting} does not exist")
-    folders = sorted(Path(root) for root, _, files in os.walk(raw_dir, followlinks=True)  # links: shared data
-                     if any(_nifti_stem(Path(f)) is not None for f in files))
+        raise CaseError(f"{raw_dir}: {setting} {'is a file, not a folder' if raw_dir.exists() else 'does not exist'}")
+    folders = sorted(_folders_with_nifti(raw_dir))
     cases, problems, seen = [], [], {}
     for folder in folders:
         try:
@@ -103,7 +103,8 @@ def find_cases(raw_dir, channel_names, seg_channel_name, setting="raw_data_dir")
 
 def no_segmentation(case, seg_channel_name):
     """Why a case has no segmentation, naming the NIfTI files that are neither a modality nor the segmentation."""
-    others = sorted(p.name for p in case.folder.iterdir() if _nifti_stem(p) is not None and p not in case.image_paths)
+    others = sorted(p.name for p in case.folder.iterdir()
+                    if _nifti_stem(p) is not None and not is_leftover(p.name) and p not in case.image_paths)
     unknown = f"; not recognized: {', '.join(others)}" if others else ""
     return f"{case.folder}: no segmentation (*_{seg_channel_name}.nii[.gz]){unknown}"
 
@@ -144,6 +145,7 @@ def load_case(case):
             raise CaseError(f"{path}: NaN or Inf intensities")
         if not array.any():
             raise CaseError(f"{path}: image is all zero")
+        _check_background(path, array, image)
         channels.append(array)
     labels = None
     if case.seg_path is not None:
@@ -154,6 +156,20 @@ def load_case(case):
         except ValueError as error:
             raise CaseError(f"{case.seg_path}: {error}") from None
     return np.stack(channels), labels, reference[1]
+
+
+def _check_background(path, array, image):
+    """CaseError unless most of the volume's border is 0: the brain mask, the crop and the z-score take the
+    non-zero voxels for brain, so an image that is not skull-stripped or is shifted by an intercept would
+    put all its background into them."""
+    border = np.concatenate([face.ravel() for face in (array[0], array[-1], array[:, 0], array[:, -1],
+                                                          array[:, :, 0], array[:, :, -1])])
+    if np.count_nonzero(border) > border.size // 2:
+        values, counts = np.unique(border, return_counts=True)
+        intercept = getattr(image.dataobj, "inter", 0.0)
+        cause = f"; the header's intercept scl_inter is {intercept:g}" if intercept and np.isfinite(intercept) else ""
+        raise CaseError(f"{path}: background is not 0 (the volume's border is mostly {values[counts.argmax()]:g}"
+                        f"{cause}); a skull-stripped image with background 0 is needed")
 
 
 def _check_same_grid(path, array, image, reference_path, reference_image):
@@ -180,9 +196,12 @@ def zscore_brain(image):
     brain = (image != 0).any(axis=0)  # (X, Y, Z)
     out = np.zeros(image.shape, dtype=np.float32)
     for c, channel in enumerate(image):
-        values = channel[brain].astype(np.float32)
+        values = channel[brain]
+        if values.dtype.kind == "f" and values.size:  # float64 beyond float32's range, or squares that overflow:
+            values = values / (np.abs(values).max() or 1.0)  # scaled to [-1, 1], as z-scores ignore the scale
+        values = values.astype(np.float32)
         std = values.std()
-        out[c][brain] = (values - values.mean()) / (std if std > 0 else 1.0)
+        out[c][brain] = (values - values.mean()) / (std if std > 0 else 1.0)  # |z| < sqrt(voxels): fits float16
     return out
 
 
@@ -206,17 +225,22 @@ def _fingerprint(case, settings):
     return {"settings": settings, "files": files}
 
 
+def done_record(case, settings, prepared_dir):
+    """The record of a case prepared before with the same settings and files, whose outputs are all there, or None."""
+    record_path = Path(prepared_dir) / f"{case.name}.json"
+    if not record_path.is_file():
+        return None
+    record = json.loads(record_path.read_text())
+    outputs = [name for name in (record.get("image"), record.get("seg")) if name]
+    done = record.get("fingerprint") == _fingerprint(case, settings) and all(
+        (Path(prepared_dir) / name).is_file() for name in outputs)
+    return record if done else None
+
+
 def prepare_case(case, settings, prepared_dir):
-    """Prepare one case (or reuse what a run with the same settings and files left); returns its record."""
+    """Prepare one case (prepare_dataset reuses done_record instead where it can); returns its record."""
     prepared_dir = Path(prepared_dir)
-    record_path = prepared_dir / f"{case.name}.json"
     fingerprint = _fingerprint(case, settings)
-    if record_path.is_file():
-        record = json.loads(record_path.read_text())
-        outputs = [record.get("image"), record.get("seg")]
-        if record.get("fingerprint") == fingerprint and all(
-                (prepared_dir / name).is_file() for name in outputs if name):
-            return record
     image, labels, nifti = load_case(case)
     brain = (image != 0).any(axis=0)
     tumor_voxels = int((labels > 0).sum()) if labels is not None else None
@@ -237,7 +261,7 @@ def prepare_case(case, settings, prepared_dir):
             record["seg"] = f"{case.name}_seg.npy"
             cropped = np.ascontiguousarray(labels[tuple(slice(s, e) for s, e in box)])
             atomic_write(prepared_dir / record["seg"], lambda p: np.save(p, cropped))
-    atomic_write(record_path, lambda p: p.write_text(json.dumps(record, indent=1)))  # written last: marks done
+    atomic_write(prepared_dir / f"{case.name}.json", lambda p: p.write_text(json.dumps(record, indent=1)))  # last: done
     return record
 
 
@@ -250,8 +274,8 @@ def _run_one(case, settings, prepared_dir):
         return None, str(error)
     except OSError as error:
         if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
-            raise CaseError(f"{error.strerror}; the cases prepared so far are kept, run again once there is "
-                            "room") from None
+            room = ", run again once there is room" if error.errno != errno.EROFS else ""
+            raise CaseError(f"{error.strerror}; the cases prepared so far are kept{room}") from None
         return None, f"{case.folder}: {type(error).__name__}: {error}"
     except (ValueError, MemoryError) as error:
         return None, f"{case.folder}: {type(error).__name__}: {error}"
@@ -294,17 +318,26 @@ def split_train_val(names, val_fraction, seed):
 
 
 def prepare_dataset(hp):
-    """Prepare every case of hp.raw_data_dir into hp.prepared_dir; returns the manifest."""
+    """Prepare every case of hp.raw_data_dir into hp.prepared_dir; returns the manifest. A prepared folder
+    that is up to date is only checked, nothing written: it may be read-only."""
     cases, problems = find_cases(hp.raw_data_dir, hp.channel_names, hp.seg_channel_name)
-    prepared_dir = Path(hp.prepared_dir)
-    try:
-        prepared_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise CaseError(f"{prepared_dir}: cannot create prepared_dir ({error.strerror})") from None
-    for leftover in prepared_dir.glob(".tmp*"):  # half-written files of a killed run (one run per folder at a time)
-        leftover.unlink()
-    settings = _settings(hp)
-    results = _prepare_all(cases, settings, prepared_dir, hp.num_workers)
+    settings, prepared_dir = _settings(hp), Path(hp.prepared_dir)
+    done = {case.name: done_record(case, settings, prepared_dir) for case in cases}
+    todo = [case for case in cases if done[case.name] is None]
+    path = prepared_dir / MANIFEST
+    with sole_writer(prepared_dir, "prepared_dir") if todo or not path.is_file() else contextlib.nullcontext():
+        results = {name: (record, None) for name, record in done.items() if record is not None}
+        results.update(_prepare_all(todo, settings, prepared_dir, hp.num_workers))
+        manifest = build_manifest(hp, settings, cases, problems, results)
+        text = json.dumps(manifest, indent=1)
+        if not path.is_file() or path.read_bytes() != text.encode():  # unchanged: not rewritten
+            atomic_write(path, lambda tmp: tmp.write_text(text))
+    print_summary(manifest, prepared_dir)
+    return manifest
+
+
+def build_manifest(hp, settings, cases, problems, results):
+    """The dataset.json content: the kept cases with their split, the filtered, skipped and unlabeled ones."""
     skipped = {folder.name: reason for folder, reason in problems}
     skipped.update({name: reason for name, (record, reason) in results.items() if record is None})
     records = {name: record for name, (record, _) in results.items() if record is not None}
@@ -316,14 +349,11 @@ def prepare_dataset(hp):
     for name, record in kept.items():
         record.pop("fingerprint")
         record["split"] = "train" if name in train else "val" if name in val else "unlabeled"
-    manifest = {"version": FORMAT_VERSION, "channel_names": list(hp.channel_names),
-                "settings": {**settings, "val_fraction": hp.val_fraction, "seed": hp.seed,
-                             "raw_data_dir": str(hp.raw_data_dir)},
-                "cases": dict(sorted(kept.items())), "filtered": dict(sorted(filtered.items())),
-                "skipped": dict(sorted(skipped.items())), "unlabeled": dict(sorted(unlabeled.items()))}
-    atomic_write(prepared_dir / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=1)))
-    print_summary(manifest, prepared_dir)
-    return manifest
+    return {"version": FORMAT_VERSION, "channel_names": list(hp.channel_names),
+            "settings": {**settings, "val_fraction": hp.val_fraction, "seed": hp.seed,
+                         "raw_data_dir": str(hp.raw_data_dir)},
+            "cases": dict(sorted(kept.items())), "filtered": dict(sorted(filtered.items())),
+            "skipped": dict(sorted(skipped.items())), "unlabeled": dict(sorted(unlabeled.items()))}
 
 
 def print_summary(manifest, prepared_dir):

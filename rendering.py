@@ -32,7 +32,7 @@ from vtkmodules.vtkRenderingCore import (vtkActor, vtkCamera, vtkPolyDataMapper,
                                          vtkTextRenderer, vtkWindowToImageFilter)
 
 import hyperparameters
-from evaluate import load_labels
+from evaluate import label_maps, load_labels
 from conventions import BRATS_LABELS, LABEL_NAMES
 from loss import dice_per_region
 from prepare_dataset import CaseError, atomic_write, crop_box, find_cases, load_nifti
@@ -338,9 +338,10 @@ def slice_overlay_png(image, truth, pred, path, affine=None, title=""):
     orientation = nib.orientations.io_orientation(np.eye(4) if affine is None else np.asarray(affine))
     image, truth, pred = (None if a is None else nib.orientations.apply_orientation(a, orientation)
                           for a in (image, truth, pred))  # (R, A, S)
-    z = int(np.argmax(((truth if truth is not None else pred) > 0).sum(axis=(0, 1))))
-    rows, columns = (np.flatnonzero(image[:, :, z].any(axis=a)) for a in (1, 0))
-    crop = (slice(rows[0], rows[-1] + 1), slice(columns[0], columns[-1] + 1), z)  # the brain in this slice
+    tumor = ((truth if truth is not None else pred) > 0).sum(axis=(0, 1))  # tumor voxels per axial slice
+    z = int(np.argmax(tumor if tumor.any() else (image != 0).sum(axis=(0, 1))))  # no tumor: the widest brain
+    (x0, x1), (y0, y1), _ = crop_box(image[:, :, z:z + 1] != 0, 0)  # the brain in this slice (all if none)
+    crop = (slice(x0, x1), slice(y0, y1), z)
     image, truth, pred = (None if a is None else a[crop] for a in (image, truth, pred))  # (R, A)
     label_styles = [(label, color) for label, (color, _) in LABEL_STYLE.items()]
     panels = [(name, labels, label_styles) for name, labels in (("Target", truth), ("Prediction", pred))
@@ -348,7 +349,7 @@ def slice_overlay_png(image, truth, pred, path, affine=None, title=""):
     if truth is not None and pred is not None:
         errors = 1 * ((pred > 0) & (truth == 0)) + 2 * ((truth > 0) & (pred == 0))  # 1 FP, 2 FN
         panels.append(("Errors", errors, list(enumerate((color for color, _ in ERROR_STYLE.values()), 1))))
-    bright = np.percentile(image[image > 0], 99.5)  # grey scale: 0 (background) black, brightest 0.5% white
+    bright = np.percentile(image[image > 0], 99.5) if (image > 0).any() else 1.0  # 0 black, top 0.5% white
     figure = Figure(figsize=(4 * len(panels), 4.4), facecolor="black")
     for i, (name, labels, styles) in enumerate(panels):
         axes = figure.add_subplot(1, len(panels), i + 1)
@@ -368,12 +369,17 @@ def slice_overlay_png(image, truth, pred, path, affine=None, title=""):
 
 # ------------------------------------------------------------------ settings -> files -> render
 def prediction_path(prediction_dir, name):
-    paths = [Path(prediction_dir) / f"{name}{suffix}" for suffix in (".nii.gz", ".nii")]
-    return next((path for path in paths if path.is_file()), None)
+    """The label map of case name in prediction_dir, or None; CaseError when both .nii and .nii.gz are there."""
+    problems = {}
+    path = label_maps(prediction_dir, problems).get(name)
+    if name in problems:
+        raise CaseError(problems[name])
+    return path
 
 
 def first_predicted_case(prediction_dir):
-    names = sorted(p.name.split(".nii")[0] for p in Path(prediction_dir).glob("*.nii*"))
+    problems = {}
+    names = sorted([*label_maps(prediction_dir, problems), *problems])
     if not names:
         raise CaseError(f"{prediction_dir}: no predictions (*.nii.gz): run predict.py or set rendering_sample_name")
     return names[0]
@@ -420,6 +426,8 @@ def render(hp):
     output = hp.render_output
     if output is None and not has_display():
         output = hp.run_dir / "render.png"
+    elif output is not None and output.is_dir():  # a folder: the PNG goes into it
+        output = output / f"{name}_render.png"
     start = time.perf_counter()
     render_case(image, truth, pred, nifti.affine, output, hp.render_errors, name, hp.render_turntable)
     if output is not None:
@@ -434,7 +442,7 @@ def main():
     hp = hyperparameters.from_command_line()
     try:
         render(hp)
-    except (CaseError, FileNotFoundError, ValueError) as error:  # bad case, no checkpoint, bad settings
+    except (CaseError, OSError, ValueError) as error:  # bad case, no checkpoint, bad settings, a folder
         raise SystemExit(f"error: {error}") from None
 
 
