@@ -252,7 +252,7 @@ def train(hp):
         torch.backends.cudnn.benchmark = True  # one patch size: let cuDNN time its kernels once
     dtype, use_scaler = autocast_settings(hp.precision, device.type, bf16_supported(device))
 
-    train_names, val_names = dataset.split_cases(prepare_dataset.read_manifest(hp.prepared_dir))
+    train_names, val_names = dataset.split_cases(prepare_dataset.read_manifest(hp.prepared_dir, hp.data_format))
     patches = dataset.PatchDataset(hp.prepared_dir, train_names, hp.patch_size, hp.foreground_fraction,
                                    hp.augment, hp.seed, hp.steps_per_epoch * hp.batch_size * world_size)
     volumes = dataset.VolumeDataset(hp.prepared_dir, val_names) if val_names else None
