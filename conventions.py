@@ -75,7 +75,7 @@ def _labels_hint(values, data_format):
 
 
 def brats_to_internal(seg, data_format="brats2020"):
-    """Disk labels of a convention (2020: {0,1,2,4}) -> internal uint8 {0,1,2,3(,4)}; any other value is a ValueError."""
+    """Disk labels of a convention (2020: {0,1,2,4}) -> internal uint8 {0,1,2,3(,4)}; other values: ValueError."""
     disk_labels = CONVENTIONS[data_format].disk_labels
     seg = np.asarray(seg)
     if not np.issubdtype(seg.dtype, np.integer):
@@ -123,11 +123,7 @@ def file_suffix(channel, data_format):
 
 
 class ConventionMismatch(ValueError):
-    """The files of a case are named as in another convention than data_format; .data_formats names them."""
-
-    def __init__(self, message, data_formats):
-        super().__init__(message)
-        self.data_formats = data_formats
+    """The files of a case are named as in another convention than data_format."""
 
 
 def _with_suffix(stems, suffix):
@@ -137,7 +133,8 @@ def _with_suffix(stems, suffix):
 def _named_otherwise(data_format):
     """The conventions whose file names differ from data_format's (2023 and 2024 share theirs)."""
     own = CONVENTIONS[data_format]
-    return [name for name, other in CONVENTIONS.items() if (other.separator, other.suffixes) != (own.separator, own.suffixes)]
+    return [name for name, other in CONVENTIONS.items()
+            if (other.separator, other.suffixes) != (own.separator, own.suffixes)]
 
 
 def match_case_files(stems, channel_names, seg_name, data_format):
@@ -162,7 +159,7 @@ def match_case_files(stems, channel_names, seg_name, data_format):
             raise ValueError(f"mixes the file names of data_format {data_format} and {setting} (e.g. {example}); "
                              f"missing modality {', '.join(missing)}")
         raise ConventionMismatch(f"files named as in {CONVENTIONS[next(iter(others))].description} (e.g. {example}), "
-                                 f"not as data_format {data_format} names them: set data_format: {setting}", tuple(others))
+                                 f"not as data_format {data_format} names them: set data_format: {setting}")
     rest = [stem for stem in stems if stem not in images]
     segs = _with_suffix(rest, CONVENTIONS[data_format].separator + seg_name.lower())
     if not segs:  # a misnamed segmentation (BraTS 2020 case 355): the one seg-like file left

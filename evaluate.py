@@ -197,7 +197,8 @@ def cases_without_prediction(hp, predicted):
                                      data_format=hp.data_format)
     else:
         try:
-            expected = [name for name, case in read_manifest(hp.prepared_dir)["cases"].items() if case["split"] == "val"]
+            cases = read_manifest(hp.prepared_dir)["cases"]
+            expected = [name for name, case in cases.items() if case["split"] == "val"]
         except (FileNotFoundError, ValueError):
             return []
     return sorted(set(expected) - set(predicted))

@@ -10,10 +10,11 @@ written as prediction_dir/{case}.nii.gz: uint8 labels of the input's convention 
 for BraTS 2020 and 2021, 0/1/2/3 for 2023, 0/1/2/3/4 for 2024) with the input's affine and header, ready
 for the BraTS portal. Modalities are found by meaning: a network trained on BraTS 2020 files (flair,
 t1, t1ce, t2) reads BraTS 2023 files (t2f, t1n, t1c, t2w). A case outside the BraTS grid (spacing,
-shape, orientation, skull) is reported and skipped unless allow_any_grid: True. Cases with a prediction are skipped unless overwrite: True; a bad case is reported
-and skipped. The network is rebuilt from the checkpoint, and the settings it was trained with
-(target, channel_names, patch_size as the window, crop_margin) come from the checkpoint too, not from
-today's hyperparameters.txt; the number of its outputs says whether it knows the resection cavity.
+shape, orientation, skull) is reported and skipped unless allow_any_grid: True. Cases with a
+prediction are skipped unless overwrite: True; a bad case is reported and skipped. The network is
+rebuilt from the checkpoint, and the settings it was trained with (target, channel_names, patch_size
+as the window, crop_margin) come from the checkpoint too, not from today's hyperparameters.txt; the
+number of its outputs says whether it knows the resection cavity (BraTS 2024).
 
 sliding_window() runs a network trained on patches over a whole volume: overlapping windows,
 the last one on each axis flush with the far border (the 155-slice axis of BraTS is not a multiple

@@ -236,7 +236,8 @@ def build_window(brain_image, truth, pred, affine=None, show_errors=True, title=
     if show_errors and truth is not None and pred is not None:
         views.append(("Errors", error_actors(truth, pred, affine), error_note(truth, pred, affine)))
     disk_labels = CONVENTIONS[data_format].disk_labels  # the legend names the labels as the files hold them
-    entries = [(f"{INTERNAL_LABEL_NAMES[label]} ({disk_labels[label]})", color) for label, (color, _) in LABEL_STYLE.items()
+    entries = [(f"{INTERNAL_LABEL_NAMES[label]} ({disk_labels[label]})", color)
+               for label, (color, _) in LABEL_STYLE.items()
                if any((labels == label).any() for labels in volumes)]  # the labels on show
     if len(views) == 3:
         entries += [(name, color) for name, (color, _) in ERROR_STYLE.items()]

@@ -325,10 +325,12 @@ def write_case(out_dir, name, images, seg, compress=False, data_format="brats202
 
 def case_is_complete(out_dir, name, shape, compress=False, data_format="brats2020"):
     """True when all five phantom files of the case exist with the expected shape (they are written atomically)."""
-    return all(_phantom_shape(path) == tuple(shape) for path in case_paths(out_dir, name, compress, data_format).values())
+    paths = case_paths(out_dir, name, compress, data_format).values()
+    return all(_phantom_shape(path) == tuple(shape) for path in paths)
 
 
-def generate_dataset(out_dir, n_cases, shape=FULL_SHAPE, seed=0, compress=False, progress=False, data_format="brats2020"):
+def generate_dataset(out_dir, n_cases, shape=FULL_SHAPE, seed=0, compress=False, progress=False,
+                     data_format="brats2020"):
     """Write cases 1..n_cases (kinds from case_kind) into out_dir, skipping complete ones; returns their names.
 
     Case i depends only on (seed, i): adding cases or rerunning after an interruption changes no other case.
