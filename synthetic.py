@@ -3,9 +3,8 @@
 A skull-stripped brain (folded cortex over white matter, deep grey nuclei, CSF in sulci and ventricles) with
 a lumpy tumor: necrotic core (label 1) in an enhancing rim (4) in edema (2), each with its contrast in real
 scans, a bias field and Rician noise. Laid out like BraTS 2020: BraTS20_Training_NNN/BraTS20_Training_NNN_
-{flair,t1,t1ce,t2,seg}.nii (.nii.gz when compressed), int16 images, uint8 labels, 1 mm, the BraTS affine;
-or named and labelled as another convention of conventions.py (data_format: BraTS-GLI-NNNNN-000-t2f.nii, labels
-1/2/3). Phantoms carry MARK in their header: smaller than the BraTS grid, they are read without allow_any_grid.
+{flair,t1,t1ce,t2,seg}.nii (.nii.gz when compressed), int16 images, uint8 labels, 1 mm, the BraTS affine; or
+as another data_format of conventions.py. MARK in the header lets them be smaller than the BraTS grid.
 
     python synthetic.py                 # hp.synthetic_cases cases of hp.synthetic_shape into hp.raw_data_dir
     python synthetic.py --comparison    # also Images/synthetic_vs_real.png (needs ../shared/data/brats_sample)
@@ -305,11 +304,8 @@ def _phantom_shape(path):
 
 
 def write_case(out_dir, name, images, seg, compress=False, data_format="brats2020"):
-    """Write out_dir/name/name_{flair,t1,t1ce,t2,seg}.nii[.gz] (the names of data_format; seg holds its labels);
-    returns the case folder.
-
-    Refuses to replace files it did not write: real BraTS 2020 cases have the same names.
-    """
+    """Write out_dir/name/name_{flair,t1,t1ce,t2,seg}.nii[.gz] named as data_format (seg in its labels) -> the folder.
+    Refuses to replace files it did not write: real BraTS cases have the same names."""
     paths = case_paths(out_dir, name, compress, data_format)
     for path in (*paths.values(), *case_paths(out_dir, name, not compress, data_format).values()):
         if path.exists() and _phantom_shape(path) is None:
@@ -325,8 +321,7 @@ def write_case(out_dir, name, images, seg, compress=False, data_format="brats202
 
 def case_is_complete(out_dir, name, shape, compress=False, data_format="brats2020"):
     """True when all five phantom files of the case exist with the expected shape (they are written atomically)."""
-    paths = case_paths(out_dir, name, compress, data_format).values()
-    return all(_phantom_shape(path) == tuple(shape) for path in paths)
+    return all(_phantom_shape(p) == tuple(shape) for p in case_paths(out_dir, name, compress, data_format).values())
 
 
 def generate_dataset(out_dir, n_cases, shape=FULL_SHAPE, seed=0, compress=False, progress=False,
@@ -334,8 +329,7 @@ def generate_dataset(out_dir, n_cases, shape=FULL_SHAPE, seed=0, compress=False,
     """Write cases 1..n_cases (kinds from case_kind) into out_dir, skipping complete ones; returns their names.
 
     Case i depends only on (seed, i): adding cases or rerunning after an interruption changes no other case.
-    data_format: the convention of the names and labels (the phantoms have no resection cavity).
-    """
+    data_format: the convention of the names and labels (the phantoms have no resection cavity)."""
     names = [conventions.CONVENTIONS[data_format].case_name.format(index) for index in range(1, n_cases + 1)]
     for index, name in enumerate(tqdm(names, desc="synthetic cases", disable=not progress), start=1):
         if not case_is_complete(out_dir, name, shape, compress, data_format):
