@@ -22,10 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import conventions
 from files import atomic_write
-
-NUM_LABELS = 4  # internal labels 0..3
-NUM_REGIONS = 3  # WT, TC, ET
 
 
 def make_norm(norm, channels):
@@ -132,7 +130,7 @@ def model_args(hp):
     """Everything UNet3D needs, as plain values: stored in checkpoints to rebuild the network."""
     return {
         "in_channels": len(hp.channel_names),
-        "out_channels": NUM_REGIONS if hp.target == "regions" else NUM_LABELS,
+        "out_channels": conventions.num_outputs(hp.data_format, hp.target),  # 3 regions, 4 labels; 2024: 4, 5
         "features": [int(f) for f in hp.features],
         "norm": hp.norm,
         "deep_supervision": bool(hp.deep_supervision),

@@ -17,17 +17,23 @@ import numpy as np
 from tqdm import tqdm
 
 import hyperparameters
-from conventions import brats_to_internal
+import conventions
 from files import atomic_write, is_leftover, sole_writer
+from synthetic import MARK
 
 MANIFEST = "dataset.json"
 FORMAT_VERSION = 1  # bump when the prepared arrays change meaning, so old ones are redone
 
-Case = namedtuple("Case", "name folder image_paths seg_path")
+# data_format: the convention the files follow, and the one predictions of the case are written in
+Case = namedtuple("Case", "name folder image_paths seg_path data_format", defaults=("brats2020",))
 
 
 class CaseError(Exception):
     """A problem with one case's files; the message names the file and the problem."""
+
+
+class ConventionError(CaseError):
+    """A case's files follow another convention than the data_format setting."""
 
 
 def _nifti_stem(path):
@@ -37,28 +43,19 @@ def _nifti_stem(path):
     return None
 
 
-def _match_case_files(folder, channel_names, seg_channel_name):
-    """(image paths in channel order, seg path or None) of one folder, or CaseError."""
-    files = {path: _nifti_stem(path).lower() for path in folder.iterdir()
-             if path.is_file() and _nifti_stem(path) is not None and not is_leftover(path.name)}
-    images, missing = [], []
-    for channel in channel_names:
-        found = [p for p, stem in files.items() if stem.endswith("_" + channel.lower())]
-        if len(found) > 1:
-            raise CaseError(f"{folder}: several files for '{channel}': {sorted(p.name for p in found)}")
-        if found:
-            images.append(found[0])
-        else:
-            missing.append(channel)
-    if missing:
-        raise CaseError(f"{folder}: missing modality {', '.join(missing)}")
-    rest = [p for p in files if p not in images]
-    segs = [p for p in rest if files[p].endswith("_" + seg_channel_name.lower())]
-    if not segs:  # a misnamed segmentation (BraTS 2020 case 355): the one seg-like file left
-        segs = [p for p in rest if seg_channel_name.lower() in files[p]]
-    if len(segs) > 1:
-        raise CaseError(f"{folder}: several segmentation files: {sorted(p.name for p in segs)}")
-    return tuple(images), (segs[0] if segs else None)
+def _match_case_files(folder, channel_names, seg_channel_name, data_format):
+    """(image paths in channel order, seg path or None) of one folder, or CaseError (ConventionError when the
+    files follow another convention)."""
+    paths = sorted(path for path in folder.iterdir()
+                   if path.is_file() and _nifti_stem(path) is not None and not is_leftover(path.name))
+    stems = [_nifti_stem(path) for path in paths]  # a stem twice (.nii and .nii.gz) is refused as several files
+    try:
+        images, seg = conventions.match_case_files(stems, channel_names, seg_channel_name, data_format)
+    except conventions.ConventionMismatch as error:
+        raise ConventionError(f"{folder}: {error}") from None
+    except ValueError as error:
+        raise CaseError(f"{folder}: {error}") from None
+    return tuple(paths[stems.index(stem)] for stem in images), (paths[stems.index(seg)] if seg else None)
 
 
 def _folders_with_nifti(raw_dir):
@@ -74,19 +71,23 @@ def _folders_with_nifti(raw_dir):
         seen.add(identity)
 
 
-def find_cases(raw_dir, channel_names, seg_channel_name, setting="raw_data_dir"):
+def find_cases(raw_dir, channel_names, seg_channel_name, setting="raw_data_dir", data_format="brats2020"):
     """Every folder below raw_dir that holds NIfTI files is a case, however deep the download nests it.
 
     Returns (cases sorted by name, problems as (folder, reason) for folders that cannot be used).
-    setting: the hyperparameter that named raw_dir, for the messages."""
+    setting: the hyperparameter that named raw_dir, for the messages. Folders named as in another
+    convention than data_format are one error for all, and a raw_dir that mixes conventions is refused."""
     raw_dir = Path(raw_dir)
     if not raw_dir.is_dir():
         raise CaseError(f"{raw_dir}: {setting} {'is a file, not a folder' if raw_dir.exists() else 'does not exist'}")
     folders = sorted(_folders_with_nifti(raw_dir))
-    cases, problems, seen = [], [], {}
+    cases, problems, other_format, seen = [], [], [], {}
     for folder in folders:
         try:
-            images, seg = _match_case_files(folder, channel_names, seg_channel_name)
+            images, seg = _match_case_files(folder, channel_names, seg_channel_name, data_format)
+        except ConventionError as error:
+            other_format.append(str(error))
+            continue
         except CaseError as error:
             problems.append((folder, str(error)))
             continue
@@ -94,10 +95,17 @@ def find_cases(raw_dir, channel_names, seg_channel_name, setting="raw_data_dir")
             problems.append((folder, f"{folder}: case name already used by {seen[folder.name]}"))
             continue
         seen[folder.name] = folder
-        cases.append(Case(folder.name, folder, images, seg))
+        cases.append(Case(folder.name, folder, images, seg, data_format))
+    if other_format and cases:
+        raise CaseError(f"{raw_dir}: mixes conventions: {len(cases)} case folder(s) named as data_format "
+                        f"{data_format} expects, {len(other_format)} otherwise ({other_format[0]}); "
+                        "keep one convention per folder")
+    if other_format:
+        raise CaseError(f"{other_format[0]} ({len(other_format)} case folder(s) of {setting} alike)")
     if not cases and not problems:
         example = channel_names[0] if channel_names else seg_channel_name
-        raise CaseError(f"{raw_dir}: no case folders with NIfTI files (*_{example}.nii[.gz]) found")
+        raise CaseError(f"{raw_dir}: no case folders with NIfTI files "
+                        f"(*{conventions.file_suffix(example, data_format)}.nii[.gz]) found")
     return cases, problems
 
 
@@ -106,7 +114,8 @@ def no_segmentation(case, seg_channel_name):
     others = sorted(p.name for p in case.folder.iterdir()
                     if _nifti_stem(p) is not None and not is_leftover(p.name) and p not in case.image_paths)
     unknown = f"; not recognized: {', '.join(others)}" if others else ""
-    return f"{case.folder}: no segmentation (*_{seg_channel_name}.nii[.gz]){unknown}"
+    suffix = conventions.CONVENTIONS[case.data_format].separator + seg_channel_name
+    return f"{case.folder}: no segmentation (*{suffix}.nii[.gz]){unknown}"
 
 
 def load_nifti(path):
@@ -129,10 +138,11 @@ def load_nifti(path):
     return array, image
 
 
-def load_case(case):
+def load_case(case, allow_any_grid=False):
     """(image (C, X, Y, Z) in the files' dtype, internal labels uint8 (X, Y, Z) or None, nibabel image of channel 0).
 
-    Intensities stay in their stored type (int16 for BraTS): preprocess() converts only the cropped brain."""
+    Intensities stay in their stored type (int16 for BraTS): preprocess() converts only the cropped brain.
+    A case outside the BraTS grid is a CaseError unless allow_any_grid."""
     channels, reference = [], None
     for path in case.image_paths:
         array, image = load_nifti(path)
@@ -147,15 +157,23 @@ def load_case(case):
             raise CaseError(f"{path}: image is all zero")
         _check_background(path, array, image)
         channels.append(array)
+    image, nifti = np.stack(channels), reference[1]  # (C, X, Y, Z)
+    # phantoms of synthetic.py (MARK in their header) may be smaller than the BraTS grid
+    problems = [] if allow_any_grid else conventions.grid_differences(
+        (image != 0).any(axis=0), nifti.header.get_zooms()[:3], nifti.affine, nifti.header["descrip"] == MARK)
+    if problems:
+        raise CaseError(f"{reference[0]}: {', '.join(problems)}: not in the BraTS grid (1 mm, 240 x 240 x 155, "
+                        "LPS, skull-stripped; README: scans that are not BraTS-preprocessed; allow_any_grid: True "
+                        "reads it anyway)")
     labels = None
     if case.seg_path is not None:
-        seg, image = load_nifti(case.seg_path)
-        _check_same_grid(case.seg_path, seg, image, *reference)
+        seg, seg_image = load_nifti(case.seg_path)
+        _check_same_grid(case.seg_path, seg, seg_image, *reference)
         try:
-            labels = brats_to_internal(seg)
+            labels = conventions.brats_to_internal(seg, case.data_format)
         except ValueError as error:
             raise CaseError(f"{case.seg_path}: {error}") from None
-    return np.stack(channels), labels, reference[1]
+    return image, labels, nifti
 
 
 def _check_background(path, array, image):
@@ -216,7 +234,7 @@ def _settings(hp):
     """What the prepared arrays depend on; a case prepared with other settings is redone."""
     return {"version": FORMAT_VERSION, "channel_names": list(hp.channel_names),
             "seg_channel_name": hp.seg_channel_name, "crop_margin": hp.crop_margin,
-            "bg_threshold": hp.bg_threshold}
+            "bg_threshold": hp.bg_threshold, "data_format": hp.data_format, "allow_any_grid": hp.allow_any_grid}
 
 
 def _fingerprint(case, settings):
@@ -241,7 +259,7 @@ def prepare_case(case, settings, prepared_dir):
     """Prepare one case (prepare_dataset reuses done_record instead where it can); returns its record."""
     prepared_dir = Path(prepared_dir)
     fingerprint = _fingerprint(case, settings)
-    image, labels, nifti = load_case(case)
+    image, labels, nifti = load_case(case, settings["allow_any_grid"])
     brain = (image != 0).any(axis=0)
     tumor_voxels = int((labels > 0).sum()) if labels is not None else None
     record = {"fingerprint": fingerprint, "original_shape": list(brain.shape),
@@ -320,7 +338,7 @@ def split_train_val(names, val_fraction, seed):
 def prepare_dataset(hp):
     """Prepare every case of hp.raw_data_dir into hp.prepared_dir; returns the manifest. A prepared folder
     that is up to date is only checked, nothing written: it may be read-only."""
-    cases, problems = find_cases(hp.raw_data_dir, hp.channel_names, hp.seg_channel_name)
+    cases, problems = find_cases(hp.raw_data_dir, hp.channel_names, hp.seg_channel_name, data_format=hp.data_format)
     settings, prepared_dir = _settings(hp), Path(hp.prepared_dir)
     done = {case.name: done_record(case, settings, prepared_dir) for case in cases}
     todo = [case for case in cases if done[case.name] is None]
@@ -368,15 +386,22 @@ def print_summary(manifest, prepared_dir):
             print(f"  {title} {name}: {reason}")
 
 
-def read_manifest(prepared_dir):
-    """The manifest of a prepared folder, or a clear error saying which script to run first."""
+def read_manifest(prepared_dir, data_format=None):
+    """The manifest of a prepared folder, or a clear error saying which script to run first.
+    data_format: the labels the caller expects; a folder prepared with another label table is refused."""
     path = Path(prepared_dir) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"no {MANIFEST} in {prepared_dir}: run prepare_dataset.py first")
     try:
-        return json.loads(path.read_text())
+        manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{path}: unreadable manifest ({error}); run prepare_dataset.py again") from None
+    prepared = manifest.get("settings", {}).get("data_format", "brats2020")  # older manifests: BraTS 2020
+    labels = lambda name: len(conventions.CONVENTIONS[name].disk_labels)
+    if data_format is not None and labels(prepared) != labels(data_format):
+        raise ValueError(f"{path}: prepared with data_format {prepared}, whose labels differ from data_format "
+                         f"{data_format}; set data_format: {prepared} or run prepare_dataset.py again")
+    return manifest
 
 
 def main():

@@ -267,7 +267,7 @@ def train(hp):
         torch.backends.cudnn.benchmark = True  # one patch size: let cuDNN time its kernels once
     dtype, use_scaler = autocast_settings(hp.precision, device.type, bf16_supported(device))
 
-    manifest = prepare_dataset.read_manifest(hp.prepared_dir)
+    manifest = prepare_dataset.read_manifest(hp.prepared_dir, hp.data_format)
     dataset.check_prepared_settings(manifest, hp)  # channels, crop margin and format come from the prepared data
     model.check_patch_size(hp)
     train_names, val_names = dataset.split_cases(manifest)

@@ -380,7 +380,7 @@ def test_a_case_fixed_after_a_run_is_prepared_by_the_rerun_and_nothing_else_is_r
     assert "Case-later" in prepare_dataset.prepare_dataset(hp)["skipped"]
     shutil.copy(tiny_raw / SOURCE / f"{SOURCE}_t1.nii", folder / "Case-later_t1.nii")  # the download, redone
     loaded, load_case = [], prepare_dataset.load_case
-    monkeypatch.setattr(prepare_dataset, "load_case", lambda case: loaded.append(case.name) or load_case(case))
+    monkeypatch.setattr(prepare_dataset, "load_case", lambda case, *grid: loaded.append(case.name) or load_case(case, *grid))
     manifest = prepare_dataset.prepare_dataset(hp)
     assert loaded == ["Case-later"] and not manifest["skipped"]
     assert sorted(manifest["cases"]) == ["Case-good", "Case-later"]
