@@ -8,7 +8,8 @@ with the tumor's contrasts kept): a cerebellum, brainstem and temporal lobes, a 
 contrast, texture, bias field, thick slices, blur and noise, vessels and FLAIR-bright spots that are not tumor,
 a skull-strip rim, and tumors anywhere in the cerebrum with mass effect. Laid out like BraTS 2020:
 BraTS20_Training_NNN/BraTS20_Training_NNN_{flair,t1,t1ce,t2,seg}.nii (.nii.gz when compressed), int16
-images, uint8 labels, 1 mm, the BraTS affine.
+images, uint8 labels, 1 mm, the BraTS affine; or as another data_format of conventions.py. MARK in the
+header lets them be smaller than the BraTS grid; the style's name is in the header's aux_file.
 
     python synthetic.py                 # hp.synthetic_cases cases of hp.synthetic_shape into hp.raw_data_dir
     python synthetic.py --comparison    # also Images/synthetic_vs_real.png (needs ../shared/data/brats_sample)
@@ -24,6 +25,7 @@ import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
 
+import conventions
 import hyperparameters
 
 MODALITIES = ("flair", "t1", "t1ce", "t2")
@@ -460,16 +462,17 @@ def generate_case(shape=FULL_SHAPE, seed=0, kind="tumor", style="phantom"):
 
 # ---- files ----
 
-def file_mark(style):
-    """Header text of the files of a style: MARK (phantom), then the style's name ("custom" for a dict)."""
-    return MARK if style == "phantom" else MARK + b", " + (style if isinstance(style, str) else "custom").encode()
+def style_name(style):
+    """The header's aux_file of a style's files: empty for the phantom (as before styles), else its name."""
+    return b"" if style == "phantom" else (style if isinstance(style, str) else "custom").encode()
 
 
-def save_nifti(array, path, affine, mark=MARK):
+def save_nifti(array, path, affine, style=b""):
     """Write a NIfTI file like the BraTS ones (1 mm, scanner qform/sform), atomically and byte-reproducibly."""
     image = nib.Nifti1Image(array, affine)
     image.header.set_xyzt_units("mm")
-    image.header["descrip"] = mark
+    image.header["descrip"] = MARK
+    image.header["aux_file"] = style
     image.set_qform(affine, code=1)
     image.set_sform(affine, code=1)
     data = image.to_bytes()
@@ -483,57 +486,58 @@ def save_nifti(array, path, affine, mark=MARK):
         temporary.unlink(missing_ok=True)
 
 
-def case_paths(out_dir, name, compress=False):
-    """{channel: path} of one case folder, channels MODALITIES then "seg"."""
+def case_paths(out_dir, name, compress=False, data_format="brats2020"):
+    """{channel: path} of one case folder named as data_format names files, channels MODALITIES then "seg"."""
     extension = ".nii.gz" if compress else ".nii"
-    return {c: Path(out_dir) / name / f"{name}_{c}{extension}" for c in (*MODALITIES, SEG_NAME)}
+    return {c: Path(out_dir) / name / f"{name}{conventions.file_suffix(c, data_format)}{extension}"
+            for c in (*MODALITIES, SEG_NAME)}
 
 
 def _our_file(path):
-    """(shape, header mark) of a file this script wrote, else None (missing, unreadable or someone else's file)."""
+    """(shape, style name) of a file this script wrote, else None (missing, unreadable or someone else's file)."""
     try:
         image = nib.load(path)
-        mark = image.header["descrip"].item()
-        return (image.shape, mark) if mark.startswith(MARK) else None
+        return (image.shape, image.header["aux_file"].item()) if image.header["descrip"] == MARK else None
     except Exception:
         return None
 
 
-def write_case(out_dir, name, images, seg, compress=False, mark=MARK):
-    """Write out_dir/name/name_{flair,t1,t1ce,t2,seg}.nii[.gz]; returns the case folder.
-
-    Refuses to replace files it did not write: real BraTS 2020 cases have the same names.
-    """
-    paths = case_paths(out_dir, name, compress)
-    for path in (*paths.values(), *case_paths(out_dir, name, not compress).values()):
+def write_case(out_dir, name, images, seg, compress=False, data_format="brats2020", style=b""):
+    """Write out_dir/name/name_{flair,t1,t1ce,t2,seg}.nii[.gz] named as data_format (seg in its labels) -> the folder.
+    Refuses to replace files it did not write: real BraTS cases have the same names."""
+    paths = case_paths(out_dir, name, compress, data_format)
+    for path in (*paths.values(), *case_paths(out_dir, name, not compress, data_format).values()):
         if path.exists() and _our_file(path) is None:
             raise FileExistsError(f"{path}: not written by synthetic.py; refusing to overwrite it "
                                   "(choose another folder)")
     paths[SEG_NAME].parent.mkdir(parents=True, exist_ok=True)
     for channel, path in paths.items():
-        save_nifti(seg if channel == SEG_NAME else images[channel], path, brats_affine(seg.shape), mark)
+        save_nifti(seg if channel == SEG_NAME else images[channel], path, brats_affine(seg.shape), style)
         # A leftover copy with the other extension would make the case ambiguous.
         Path(str(path)[:-3] if compress else str(path) + ".gz").unlink(missing_ok=True)
     return paths[SEG_NAME].parent
 
 
-def case_is_complete(out_dir, name, shape, compress=False, mark=MARK):
+def case_is_complete(out_dir, name, shape, compress=False, data_format="brats2020", style=b""):
     """True when all five files of the case exist with the expected shape and style (they are written atomically)."""
-    return all(_our_file(path) == (tuple(shape), mark) for path in case_paths(out_dir, name, compress).values())
+    paths = case_paths(out_dir, name, compress, data_format).values()
+    return all(_our_file(path) == (tuple(shape), style) for path in paths)
 
 
-def generate_dataset(out_dir, n_cases, shape=FULL_SHAPE, seed=0, compress=False, progress=False, style="phantom"):
+def generate_dataset(out_dir, n_cases, shape=FULL_SHAPE, seed=0, compress=False, progress=False,
+                     data_format="brats2020", style="phantom"):
     """Write cases 1..n_cases (kinds from case_kind) into out_dir, skipping complete ones; returns their names.
 
-    Case i depends only on (seed, i, style): adding cases or rerunning after an interruption changes no other case.
-    Complete cases of another shape or style are written again.
-    """
+    Case i depends only on (seed, i, style): adding cases or rerunning after an interruption changes no other case;
+    cases of another shape or style are written again. data_format: the convention of the names and labels (the
+    generated cases have no resection cavity). style: see generate_case."""
     style_ranges(style)  # an unknown style fails before any file is written
-    names = [f"BraTS20_Training_{index:03d}" for index in range(1, n_cases + 1)]
+    names = [conventions.CONVENTIONS[data_format].case_name.format(index) for index in range(1, n_cases + 1)]
     for index, name in enumerate(tqdm(names, desc="synthetic cases", disable=not progress), start=1):
-        if not case_is_complete(out_dir, name, shape, compress, file_mark(style)):
+        if not case_is_complete(out_dir, name, shape, compress, data_format, style_name(style)):
             images, seg = generate_case(shape, seed=(seed, index), kind=case_kind(index), style=style)
-            write_case(out_dir, name, images, seg, compress, file_mark(style))
+            seg = conventions.internal_to_brats(conventions.brats_to_internal(seg), data_format)  # (X, Y, Z)
+            write_case(out_dir, name, images, seg, compress, data_format, style_name(style))
     return names
 
 
@@ -585,7 +589,7 @@ def main():
     hp = hyperparameters.from_command_line(argv)
     try:
         names = generate_dataset(hp.raw_data_dir, hp.synthetic_cases, hp.synthetic_shape, hp.seed,
-                                 hp.synthetic_compress, progress=True, style=hp.synthetic_style)
+                                 hp.synthetic_compress, True, hp.data_format, hp.synthetic_style)
         print(f"{len(names)} {hp.synthetic_style} cases of shape {tuple(hp.synthetic_shape)} in {hp.raw_data_dir}")
         if comparison:
             print(f"wrote {save_comparison_png()}")
