@@ -99,7 +99,7 @@ def run_recipe(name):
                                style="phantom" if style == "phantom" else {**synthetic.STYLES["randomized"], **style})
     run(["prepare_dataset.py", *settings], out / "prepare.log")
     print(f"{name}: training (log: {out / 'train.log'})", flush=True)
-    cpu, wall = run(["train.py", *settings], out / "train.log")
+    cpu, wall = run(["train.py", *settings, "overwrite=True"], out / "train.log")  # a rerun starts over
     real = DATA / "real"  # a folder holding only the real case (its neighbour reference_segmentations/ is no case)
     real.mkdir(parents=True, exist_ok=True)
     if not (real / SAMPLE.name).exists():
