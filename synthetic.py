@@ -55,7 +55,7 @@ STYLES = {"randomized": {
     "deform_mm": 3.0,  # std of a smooth random displacement of the whole anatomy (asymmetric shapes)
     "contrast": 0.3,  # contrasts to white matter raised to a power exp(+-contrast), jittered by contrast / 4
     "texture": 0.08,  # largest amplitude of the tissue texture, relative to the mean
-    "bias": 0.3,  # largest std of the log bias field
+    "bias": 0.15,  # the std of the log bias field grows from 0.1 by up to this
     "slice_mm": 6.0,  # thickest slices: scans acquired with thick slices along one axis, resampled to 1 mm
     "blur_mm": 1.0,  # largest std of an isotropic blur
     "noise": 2.0,  # noise scaled by a factor between 1 / noise and noise
@@ -296,7 +296,7 @@ def tumor_plan(rng, kind, ranges, vox):
                            rng.uniform(-50 - 20 * spread, 45 + 20 * spread), rng.uniform(-12 - 6 * spread, 38 + 8 * spread)])
         if np.sum((centre / BRAIN_AXES) ** 2) < 0.45 + 0.35 * spread:
             break
-    radius = rng.uniform(8 - 3 * spread, (20 if kind == "tumor" else 16) + 5 * spread)
+    radius = rng.uniform(8 - 3 * spread, (20 if kind == "tumor" else 16) + 2 * spread)
     radius = max(radius, 3.5 * float(vox.max()))  # core, mm
     blobs = []
     for k in range(rng.integers(1, 5)):
@@ -323,7 +323,7 @@ def tumor_fractions(rng, brain, kind, plan, ranges):
         edema_t = np.minimum(edema_t, core_t - 0.3)
     tissues = brain.tissues
     spread = ranges["spread"]
-    reach = rng.uniform(1.3 - 0.2 * spread, 2.2 + 0.3 * spread) * (0.4 + 0.6 * (tissues["wm"] + tissues["deep_gm"]))
+    reach = rng.uniform(1.3 - 0.2 * spread, 2.2 + 0.1 * spread) * (0.4 + 0.6 * (tissues["wm"] + tissues["deep_gm"]))
     solid = 1 - tissues["csf"]  # edema follows white matter and spares CSF
     filled = 1 if ranges["mass_effect"] else solid  # a core that pushes the brain aside fills sulci, too
     core = soft((1 - core_t) * radius, step) * filled
