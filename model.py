@@ -272,6 +272,17 @@ def load_model(path, device="cpu", hp=None):
     return model.to(device).eval(), checkpoint
 
 
+def save_for_inference(checkpoint_path, path):
+    """A checkpoint of train.py -> a small file that predict.py reads as well: the weights, the network's
+    arguments, the epoch, the metrics and the settings, without the optimizer and random states and without
+    the folders of the machine it was trained on (settings holding an absolute path)."""
+    checkpoint = load_checkpoint(checkpoint_path)
+    settings = {key: value for key, value in checkpoint.get("hyperparameters", {}).items()
+                if not (isinstance(value, str) and Path(value).is_absolute())}
+    kept = ("model_args", "model", "epoch", "metrics")
+    save_checkpoint({**{key: checkpoint[key] for key in kept if key in checkpoint}, "hyperparameters": settings}, path)
+
+
 def rng_state():
     """Random states as tensors and plain values, so that a weights_only load restores them."""
     _, keys, position, has_gauss, cached = np.random.get_state()
