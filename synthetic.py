@@ -54,7 +54,7 @@ STYLES = {"randomized": {
     "hindbrain": 1,  # 1: cerebellum, brainstem and temporal lobes under the cerebrum; 0: an egg-shaped brain
     "deform_mm": 3.0,  # std of a smooth random displacement of the whole anatomy (asymmetric shapes)
     "contrast": 0.3,  # contrasts to white matter raised to a power exp(+-contrast), jittered by contrast / 4
-    "texture": 0.08,  # largest amplitude of the tissue texture, relative to the mean
+    "texture": 0.1,  # largest amplitude of the tissue texture and of regional changes, relative to the mean
     "bias": 0.15,  # the std of the log bias field grows from 0.1 by up to this
     "slice_mm": 6.0,  # thickest slices: scans acquired with thick slices along one axis, resampled to 1 mm
     "blur_mm": 1.0,  # largest std of an isotropic blur
@@ -349,8 +349,9 @@ def intensity_table(rng, ranges):
         power, wm = np.exp(rng.uniform(-ranges["contrast"], ranges["contrast"], 4)), table["wm"]
         table = {name: wm * (value / wm) ** power * np.exp(rng.normal(0, ranges["contrast"] / 4, 4))
                  for name, value in table.items()}
-    if ranges["distractors"]:
-        table["rim"] = table["wm"] * np.exp(rng.normal(0, 0.4, 4))  # what skull stripping left: dark or bright
+    if ranges["distractors"]:  # vessels and what skull stripping left: darker or brighter in each modality
+        table["vessel"] = table["vessel"] * np.exp(rng.normal(0, 0.4, 4))
+        table["rim"] = table["wm"] * np.exp(rng.normal(0, 0.4, 4))
     return table
 
 
@@ -445,10 +446,10 @@ def generate_case(shape=FULL_SHAPE, seed=0, kind="tumor", style="phantom"):
     mix = lambda parts: np.array([table[n] for n in parts], np.float32).T @ np.stack(list(parts.values()))
     fine = brain_noise(rng, brain, 3.0)
     healthy_texture, lesion_texture = 0.04 * fine, 0.1 * fine
-    if ranges["texture"]:  # texture of random strength at two scales: patches of brighter and darker tissue
-        coarse = brain_noise(rng, brain, 10.0)
-        healthy_texture = rng.uniform(0.01, ranges["texture"]) * fine + rng.uniform(0, ranges["texture"]) * coarse
-        lesion_texture = rng.uniform(0.03, 2 * ranges["texture"]) * fine + rng.uniform(0, ranges["texture"]) * coarse
+    if ranges["texture"]:  # grain of random strength, and regions brighter or darker in each modality
+        regions = rng.uniform(0, ranges["texture"], (4, 1)) * np.stack([brain_noise(rng, brain, 12.0) for _ in range(4)])
+        healthy_texture = rng.uniform(0.01, ranges["texture"]) * fine + regions  # (M, N)
+        lesion_texture = rng.uniform(0.03, 2 * ranges["texture"]) * fine + regions
     signal = mix(brain.tissues) * ((1 + healthy_texture) * healthy)
     if lesion:
         signal += mix(lesion) * (1 + lesion_texture)

@@ -51,6 +51,16 @@ RECIPES = {
     "no_contrast": ("randomized, the phantom's contrasts and texture", {"contrast": 0, "texture": 0}, []),
     "no_tumor_variety": ("randomized, tumors as in the phantoms (deep, no mass effect), no deformation",
                          {"spread": 0, "mass_effect": 0, "deform_mm": 0}, []),
+    # the training side, at twice the steps of the rows above (or as many CPU seconds)
+    "longer": ("randomized, 2400 steps", {}, ["epochs=8", "steps_per_epoch=300", "val_every=4"]),
+    "wider": ("randomized, widths 16-128, as many CPU seconds as 'longer'", {},
+              ["epochs=8", "steps_per_epoch=130", "val_every=4", "features=16,32,64,128"]),
+    "patch64": ("randomized, 64^3 patches, as many CPU seconds as 'longer'", {},
+                ["epochs=8", "steps_per_epoch=130", "val_every=4", "patch_size=64,64,64"]),
+    "more_tumor_patches": ("randomized, 2400 steps, half the patches centred on tumor", {},
+                           ["epochs=8", "steps_per_epoch=300", "val_every=4", "foreground_fraction=0.5"]),
+    "more_cases": ("randomized, 2400 steps, 48 cases", {},
+                   ["epochs=8", "steps_per_epoch=300", "val_every=4", "synthetic_cases=48"]),
 }
 
 
