@@ -87,8 +87,7 @@ def main():
         print(f"{source} {case.name}: crop {tuple(volume.shape[1:])} of {image.shape[1:]}, {device}, "
               f"{torch.get_num_threads()} CPU threads, model {list(hp.features)}, window {hp.patch_size}, "
               f"overlap {hp.sw_overlap}, {hp.sw_batch_size} windows per batch")
-        if device.type == "cuda":
-            torch.backends.cudnn.benchmark = True  # as predict.py: one window size, cuDNN times its kernels once
+        devices.use_device(device)  # as predict.py: cuDNN times its kernels once for the one window size
 
         rows, reference = [], None
         for precision in ("fp32", default):
