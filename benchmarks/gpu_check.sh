@@ -39,11 +39,12 @@ HP=(--hp hyperparameters_brats2020_gpu.txt raw_data_dir="$WORK/raw" prepared_dir
     run_dir="$WORK/run" prediction_dir="$WORK/predictions" seed=0 "${SIZE[@]}")
 FAILED=()
 
+TIMEOUT=$(command -v timeout)  # coreutils; where it is missing, steps run without a time limit
 run_step() {  # NAME SECONDS COMMAND...: run with a time limit, output into $WORK/NAME.log
   local name=$1 limit=$2
   shift 2
   echo "gpu_check: $name" >&2
-  timeout "$limit" "$@" > "$WORK/$name.log" 2>&1
+  ${TIMEOUT:+"$TIMEOUT" "$limit"} "$@" > "$WORK/$name.log" 2>&1
 }
 measure() {  # NAME SECONDS COMMAND...: as run_step; a failure becomes a FAILED row
   local name=$1
