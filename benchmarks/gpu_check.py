@@ -78,7 +78,7 @@ def time_steps(hp, device, steps):
         train.train_epoch(train_model, [(image, labels)] * steps, optimizer, scheduler, scaler, loss_fn,
                           hp.replace(steps_per_epoch=steps), device, dtype, 1, 1, False)
 
-    run(WARMUP_STEPS)
+    run(min(WARMUP_STEPS, steps))
     synchronize(device)
     start, done = time.perf_counter(), 0
     while done < steps and time.perf_counter() - start < TIMED_SECONDS:

@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 
 if [ "${GPU_CHECK_TINY:-0}" = 1 ]; then
-  GPUS=2 SHAPE=40,40,32 STEPS=2 TESTS=tests/test_cuda.py
+  GPUS=2 SHAPE=40,40,32 STEPS=1 TESTS=tests/test_cuda.py
   SIZE=(device=cpu features=4,8,16 patch_size=16,16,16 num_workers=2 sw_batch_size=8)
 else
   FOUND=$("$PY" -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0, \

@@ -64,7 +64,7 @@ def test_every_step_runs_on_the_cpu_at_tiny_sizes():
     assert re.fullmatch(r"\d+\.\d patches/s; (not loader-bound: \d+\.\dx|LOADER-BOUND: training waits, the loader "
                         r"gives \d+%) .*", result), result
     (setting, result), = rows.pop("torchrun train.py, 2 epochs")
-    assert setting == "2 process(es), gloo, steps_per_epoch 2"
+    assert setting == "2 process(es), gloo, steps_per_epoch 1"
     assert re.fullmatch(r"ok: epoch 2 took \d+\.\d s with validation", result), result
     predicted = rows.pop("predict one whole case (40x40x32: read, infer, write), sw_batch_size 8")
     assert [setting for setting, _ in predicted] == ["no TTA", "mirror TTA (8 passes)"]
