@@ -115,7 +115,7 @@ def measure_steps(hp, device, results, steps):
 
 def measure_loader(hp, device, results):
     """Row: patches/s of training's DataLoader (hp.num_workers workers) against the GPU's patches/s."""
-    train_names, _ = dataset.split_cases(prepare_dataset.read_manifest(hp.prepared_dir))
+    train_names, _ = dataset.split_cases(prepare_dataset.read_manifest(hp.prepared_dir, hp.data_format))
     batches = 10 * max(hp.num_workers, 2)  # well past what the workers prefetch while the first batch loads
     patches = dataset.PatchDataset(hp.prepared_dir, train_names, hp.patch_size, hp.foreground_fraction,
                                    hp.augment, hp.seed, (batches + 1) * hp.batch_size)
@@ -141,7 +141,8 @@ def measure_loader(hp, device, results):
 def measure_predict(hp, device, results):
     """Rows: seconds of predict.predict_cases for one whole raw case, without and with mirror TTA (the
     network seeded and untrained: the time does not depend on the weights)."""
-    cases, _ = prepare_dataset.find_cases(hp.raw_data_dir, hp.channel_names, hp.seg_channel_name)
+    cases, _ = prepare_dataset.find_cases(hp.raw_data_dir, hp.channel_names, hp.seg_channel_name,
+                                          data_format=hp.data_format)
     torch.manual_seed(hp.seed)
     net = model.build_model(hp)
     with tempfile.TemporaryDirectory() as tmp:
