@@ -75,6 +75,17 @@ def _optional(convert):
     return optional
 
 
+def _auto_or(convert):
+    def auto_or(value):
+        if isinstance(value, str) and value.strip() == "auto":
+            return "auto"
+        try:
+            return convert(value)
+        except ValueError as error:
+            raise ValueError(f"auto or {error}") from None
+    return auto_or
+
+
 def _list_of(convert, length=None):
     def list_of(value):
         items = value.split(",") if isinstance(value, str) else list(value)
@@ -154,7 +165,7 @@ SCHEMA = {
     "num_workers": (_int, _non_negative, ">= 0"),
     "device": (_text, _device, "auto, cpu, cuda, cuda:N or mps"),
     "precision": (_choice("auto", "bf16", "fp16", "fp32"), None, ""),
-    "channels_last": (_bool, None, ""),
+    "channels_last": (_auto_or(_bool), None, ""),
     "compile": (_bool, None, ""),
     "resume": (_bool, None, ""),
     "checkpoint": (_PATH, None, ""),

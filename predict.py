@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 import hyperparameters
 from conventions import internal_to_brats, output_names
-from devices import autocast_settings, bf16_supported, resolve_device
+from devices import resolve_device, run_settings, use_device
 from files import output_folder
 from loss import logits_to_probabilities, probabilities_to_labels
 from model import load_model
@@ -141,11 +141,11 @@ def predict_case(model, image, hp, target):
     tta_mirror: each window is then also predicted flipped along every combination of axes, flipped
     back, and the 8 probabilities averaged."""
     device = next(model.parameters()).device
-    dtype, _ = autocast_settings(hp.precision, device.type, bf16_supported(device))
+    dtype, _, channels_last = run_settings(hp.precision, hp.channels_last, device)
     flips = mirror_flips(hp.tta_mirror)
 
     def probabilities(windows):  # (B, C, wx, wy, wz) -> (B, C_out, wx, wy, wz) float32
-        if hp.channels_last:
+        if channels_last:
             windows = windows.contiguous(memory_format=torch.channels_last_3d)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             logits = model(windows)
@@ -223,9 +223,8 @@ def load_for_inference(hp, device):
     (empty: run_dir/checkpoint_best.pt)."""
     path = hp.checkpoint or hp.run_dir / "checkpoint_best.pt"
     model, checkpoint = load_model(path, device, hp)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # one window size: let cuDNN time its kernels once
-    if hp.channels_last:
+    use_device(device)
+    if run_settings(hp.precision, hp.channels_last, device)[2]:
         model = model.to(memory_format=torch.channels_last_3d)
     trained = checkpoint.get("hyperparameters", {})
     settings = {key: trained[key] for key in TRAINED_SETTINGS if key in trained}

@@ -30,7 +30,7 @@ import loss
 import model
 import predict
 import prepare_dataset
-from devices import autocast_settings, bf16_supported, resolve_device
+from devices import resolve_device, run_settings, start_process_group, use_device
 from files import output_folder
 
 RUN_FILES = ("checkpoint_last.pt", "checkpoint_best.pt", "metrics.csv", "curves.png")  # what a run writes
@@ -60,13 +60,14 @@ def train_epoch(train_model, batches, optimizer, scheduler, scaler, loss_fn, hp,
                 world_size, main_process):
     """hp.steps_per_epoch optimizer steps -> (mean finite loss over all processes, skipped steps)."""
     loss_sum, loss_count, skipped = 0.0, 0, 0
+    channels_last = run_settings(hp.precision, hp.channels_last, device)[2]
     params = [p for p in train_model.parameters() if p.requires_grad]
     bar = tqdm(total=hp.steps_per_epoch, desc=f"epoch {epoch}/{hp.epochs}", disable=not main_process, leave=False)
     start = time.perf_counter()
     for step, (image, labels) in enumerate(batches, start=1):
         image = image.to(device, non_blocking=True)  # (B, C, px, py, pz)
         labels = labels.to(device, non_blocking=True)  # (B, px, py, pz)
-        if hp.channels_last:
+        if channels_last:
             image = image.contiguous(memory_format=torch.channels_last_3d)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             logits = train_model(image)  # (B, C_out, px, py, pz); a list of them with deep supervision
@@ -94,7 +95,7 @@ def train_epoch(train_model, batches, optimizer, scheduler, scaler, loss_fn, hp,
         bar.set_postfix(loss=f"{batch_loss.item():.4f}", patches_per_s=f"{rate:.1f}")
         bar.update()
     bar.close()
-    totals = torch.tensor([loss_sum, loss_count], dtype=torch.float64)
+    totals = torch.tensor([loss_sum, loss_count], dtype=torch.float64)  # in CPU memory: Gloo's part of the group
     if world_size > 1:
         dist.all_reduce(totals)
     return (totals[0] / totals[1]).item() if totals[1] > 0 else math.nan, skipped
@@ -241,7 +242,7 @@ def build_model(hp, device, world_size, main_process):
     random.seed(hp.seed)  # and the same global random states, which checkpoints keep: equal checkpoints per seed
     np.random.seed(hp.seed)
     net = model.build_model(hp).to(device)
-    if hp.channels_last:
+    if run_settings(hp.precision, hp.channels_last, device)[2]:
         net = net.to(memory_format=torch.channels_last_3d)
     train_model = net
     if world_size > 1:
@@ -259,13 +260,10 @@ def train(hp):
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     main_process = rank == 0
     device = resolve_device(hp.device, int(os.environ.get("LOCAL_RANK", 0)), world_size)
+    use_device(device)
     if world_size > 1:
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=PROCESS_GROUP_TIMEOUT)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # one patch size: let cuDNN time its kernels once
-    dtype, use_scaler = autocast_settings(hp.precision, device.type, bf16_supported(device))
+        start_process_group(device, PROCESS_GROUP_TIMEOUT)
+    dtype, use_scaler, channels_last = run_settings(hp.precision, hp.channels_last, device)
 
     manifest = prepare_dataset.read_manifest(hp.prepared_dir, hp.data_format)
     dataset.check_prepared_settings(manifest, hp)  # channels, crop margin and format come from the prepared data
@@ -286,7 +284,8 @@ def train(hp):
     if main_process:
         start_run_dir(hp.run_dir, hp)
         print(f"training on {device} x {world_size} process(es), {dtype or torch.float32}"
-              f"{' with loss scaling' if use_scaler else ''}, {model.count_parameters(net):,} parameters, "
+              f"{' with loss scaling' if use_scaler else ''}{', channels_last' * channels_last}, "
+              f"{model.count_parameters(net):,} parameters, "
               f"{len(train_names)} training / {len(val_names)} validation cases, global batch "
               f"{hp.batch_size * world_size}, epochs {done + 1}..{hp.epochs}")
         if volumes is None:

@@ -59,10 +59,10 @@ def best_time(run, device):
 def monai_inference(net, image, hp, device):
     """MONAI's sliding_window_inference on the same volume, under the autocast that hp.precision selects."""
     from monai.inferers import sliding_window_inference
-    dtype, _ = devices.autocast_settings(hp.precision, device.type, devices.bf16_supported(device))
+    dtype, _, channels_last = devices.run_settings(hp.precision, hp.channels_last, device)
 
     def predictor(windows):  # (B, C, wx, wy, wz) -> probabilities (B, C_out, wx, wy, wz)
-        if hp.channels_last:
+        if channels_last:
             windows = windows.contiguous(memory_format=torch.channels_last_3d)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             return loss.logits_to_probabilities(net(windows).float(), hp.target)
@@ -87,14 +87,15 @@ def main():
         print(f"{source} {case.name}: crop {tuple(volume.shape[1:])} of {image.shape[1:]}, {device}, "
               f"{torch.get_num_threads()} CPU threads, model {list(hp.features)}, window {hp.patch_size}, "
               f"overlap {hp.sw_overlap}, {hp.sw_batch_size} windows per batch")
-        if device.type == "cuda":
-            torch.backends.cudnn.benchmark = True  # as predict.py: one window size, cuDNN times its kernels once
+        devices.use_device(device)  # as predict.py: cuDNN times its kernels once for the one window size
 
         rows, reference = [], None
         for precision in ("fp32", default):
             # float32 plain; the default with hyperparameters.txt's memory format, for both paths alike
-            settings = hp.replace(precision=precision, channels_last=hp.channels_last and precision == default)
-            net = net.to(memory_format=torch.channels_last_3d if settings.channels_last else torch.contiguous_format)
+            layout = hp.channels_last if precision == default else False
+            settings = hp.replace(precision=precision, channels_last=layout)
+            channels_last = devices.run_settings(precision, settings.channels_last, device)[2]
+            net = net.to(memory_format=torch.channels_last_3d if channels_last else torch.contiguous_format)
             corner = volume[:, :hp.patch_size[0], :hp.patch_size[1], :hp.patch_size[2]]
             predict.predict_case(net, corner, settings, hp.target)  # warm-up: kernels chosen for this precision
             runs = (("ours: predict.predict_case", lambda: predict.predict_case(net, volume, settings, hp.target)),
@@ -102,7 +103,7 @@ def main():
             for path, run in runs:
                 seconds, output = best_time(run, device)
                 reference = output if reference is None else reference  # ours in float32
-                rows.append((path, precision, settings.channels_last, seconds,
+                rows.append((path, precision, channels_last, seconds,
                              (output.float() - reference).abs().max().item()))
 
         checkpoint = Path(tmp) / "checkpoint.pt"
@@ -110,7 +111,7 @@ def main():
                                "hyperparameters": hp.to_dict()}, checkpoint)
         whole = hp.replace(checkpoint=checkpoint, prediction_dir=Path(tmp) / "predictions", overwrite=True)
         seconds, _ = best_time(lambda: predict.predict_cases(whole, [case]), device)
-        rows.append(("ours: whole case (read, preprocess, infer, write)", default, hp.channels_last, seconds, None))
+        rows.append(("ours: whole case (read, preprocess, infer, write)", default, channels_last, seconds, None))
 
     print(f"\n| path | precision | channels_last | seconds | max abs probability difference vs ours fp32 |\n|---|---|---|---|---|")
     for path, precision, channels_last, seconds, difference in rows:

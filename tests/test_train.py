@@ -184,7 +184,8 @@ def test_training_runs_in_bf16_exactly_on_cpus_with_bf16_instructions(tiny_prepa
     assert dtypes == {torch.bfloat16 if precision == "auto" and native else torch.float32}
 
 
-def test_resolve_device():
+def test_resolve_device(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     resolve = devices.resolve_device
     assert resolve("auto", cuda_available=False, mps_available=False) == torch.device("cpu")
     assert resolve("auto", cuda_available=False, mps_available=True) == torch.device("mps")
