@@ -141,18 +141,19 @@ def sampling_grid(affine, centre, box_size, patch_size, device):
     return torch.stack(coordinates[::-1], dim=-1)[None]  # grid_sample wants (z, y, x) order: last axis first
 
 
-def place_patch(image, labels, params, b, patch_size):
-    """One patch from its cropped box: resampled through its affine, or only mirrored."""
-    image = image.float()  # (C, bx, by, bz)
+def place_patch(out, out_labels, image, labels, params, b, patch_size):
+    """Write one patch into out (C, px, py, pz) and out_labels (px, py, pz) from its cropped box (C, bx, by, bz):
+    resampled through its affine, or only mirrored (a copy, no interpolation)."""
     if not params["spatial"][b]:
         axes = [axis for axis in range(3) if params["mirror"][b, axis]]
-        return image.flip([a + 1 for a in axes]), labels.flip(axes)
+        out.copy_(image.flip([a + 1 for a in axes]) if axes else image)  # float16 -> float32 in the copy
+        out_labels.copy_(labels.flip(axes) if axes else labels)
+        return
     grid = sampling_grid(params["affine"][b].tolist(), params["centre"][b].tolist(), image.shape[1:],
                          patch_size, image.device)
-    image = F.grid_sample(image[None], grid, mode="bilinear", padding_mode="zeros", align_corners=True)[0]
-    labels = F.grid_sample(labels[None, None].float(), grid, mode="nearest", padding_mode="zeros",
-                           align_corners=True)[0, 0]
-    return image, labels  # (C, px, py, pz), (px, py, pz)
+    out[None] = F.grid_sample(image[None].float(), grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    out_labels.copy_(F.grid_sample(labels[None, None].float(), grid, mode="nearest", padding_mode="zeros",
+                                   align_corners=True)[0, 0])
 
 
 def chosen_channels(identity_differs):
@@ -225,19 +226,29 @@ def simulate_low_resolution(image, factor):
     return image
 
 
+def mean_std(x):
+    """Mean and (unbiased) std of all of x, from its sum and its dot product with itself: two fast passes
+    (torch.std_mean's one-pass kernel is several times slower on CPUs)."""
+    flat = x.reshape(-1)
+    n = flat.numel()
+    mean = flat.sum() / n
+    variance = (torch.dot(flat, flat) - n * mean * mean) / max(n - 1, 1)
+    return mean, variance.clamp_min(0).sqrt()
+
+
 def gamma(image, gammas, invert):
     """x -> ((x - min) / range)^gamma * range + min per channel (gamma 1: unchanged), keeping the channel's
     mean and std (nnU-Net's retain_stats). invert: on -x, which bends the bright end instead of the dark one.
     The rescalings fold into one multiply-add after the power: four passes over each channel."""
     for b, c in zip(*chosen_channels(gammas != 1)):
         x = image[b, c]  # a view: changed in place
-        std, mean = torch.std_mean(x)
+        mean, std = mean_std(x)
         low, high = x.aminmax()
         span = (high - low).clamp_min(1e-7)
         # z in [0, 1]: (x - min) / range, or (-x - min(-x)) / range of -x when inverted
         z = (high - x).div_(span) if invert else (x - low).div_(span)
         z.pow_(float(gammas[b, c]))
-        z_std, z_mean = torch.std_mean(z)
+        z_mean, z_std = mean_std(z)
         scale = std / z_std.clamp_min(1e-7)  # the stretch back to the channel's std, and its mean
         sign = -1.0 if invert else 1.0
         torch.add(z.mul_(sign * scale), sign * (mean * sign - z_mean * scale), out=x)
@@ -247,9 +258,11 @@ def gamma(image, gammas, invert):
 def augment_batch(images, labels, params, patch_size):
     """Cropped boxes (C, bx, by, bz) and their labels, with the collated parameters of draw_nnunet and
     source_box -> (image (B, C, px, py, pz) float32, labels (B, px, py, pz) int64), in nnU-Net's order."""
-    placed = [place_patch(image, label, params, b, patch_size) for b, (image, label) in enumerate(zip(images, labels))]
-    image = torch.stack([image for image, _ in placed])  # (B, C, px, py, pz)
-    labels = torch.stack([label for _, label in placed]).long()  # (B, px, py, pz)
+    device = images[0].device
+    image = torch.empty(len(images), images[0].shape[0], *patch_size, device=device)  # (B, C, px, py, pz)
+    label_patches = torch.empty(len(images), *patch_size, dtype=torch.long, device=device)  # (B, px, py, pz)
+    for b, (box, box_labels) in enumerate(zip(images, labels)):
+        place_patch(image[b], label_patches[b], box, box_labels, params, b, patch_size)
     brain = (image != 0).any(1, keepdim=True)  # (B, 1, px, py, pz)
     image = add_noise(image, params["noise_std"], params["noise_seed"])
     image = gaussian_blur(image, params["blur_sigma"])
@@ -257,7 +270,7 @@ def augment_batch(images, labels, params, patch_size):
     image = simulate_low_resolution(image, params["low_resolution"])
     image = gamma(image, params["gamma_inverted"], invert=True)
     image = gamma(image, params["gamma"], invert=False)
-    return image.mul_(brain), labels
+    return image.mul_(brain), label_patches
 
 
 def collate(items):

@@ -45,13 +45,14 @@ def brain_volume(seed=0):
 
 
 def nnunet_box(patch, rotation=augment.ROTATION, smallest_scale=0.85):
-    """nnU-Net's larger box (get_patch_size): the patch side rotated by the largest angle about each axis
-    in turn, the largest extent kept, divided by its smallest scale (0.85, a leftover from nnU-Net v1)."""
-    size = np.asarray(patch, dtype=float)
+    """nnU-Net's larger box (get_patch_size): the patch's size vector rotated by the largest angle about each
+    axis (either way), the largest extent per axis kept, divided by its smallest scale (0.85, a leftover of nnU-Net v1)."""
+    patch = np.asarray(patch, dtype=float)
+    size = patch.copy()
     cos, sin = math.cos(rotation), math.sin(rotation)
     for axis in range(3):
         a, b = [k for k in range(3) if k != axis]
-        turned = np.abs([cos * size[a] - sin * size[b], sin * size[a] + cos * size[b]])
+        turned = [cos * patch[a] + sin * patch[b], sin * patch[a] + cos * patch[b]]  # by +angle or -angle
         size[a], size[b] = max(size[a], turned[0]), max(size[b], turned[1])
     return [int(s / smallest_scale) for s in size]
 

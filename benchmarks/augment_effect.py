@@ -1,7 +1,7 @@
 """The effect of nnU-Net's augmentation, measured: the same training on generated phantoms with `augment: light`
 and with `augment: nnunet` (same seed, steps and network), each scored by predict.py + evaluate.py on
 generated test phantoms (another seed, never trained on) and on the real BraTS sample case.
-    python benchmarks/augment_effect.py [work_dir]        (about 15 minutes on 2 idle CPU cores)
+    python benchmarks/augment_effect.py [work_dir [mode]]   (mode light or nnunet: only that run; default both)
 """
 import sys
 import tempfile
@@ -21,7 +21,7 @@ from conventions import REGION_NAMES  # noqa: E402
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "brats_sample" / "BraTS20_Training_TCGA-FG-6692"
 SHAPE = (128, 128, 80)  # the phantoms' full-size head in 1.9 mm voxels: the real sample's brain looks 1.9x larger
 SETTINGS = {"synthetic_cases": 32, "synthetic_shape": SHAPE, "val_fraction": 0.15, "patch_size": (48, 48, 48),
-            "epochs": 12, "steps_per_epoch": 40, "val_every": 12, "num_workers": 2, "seed": 42}
+            "epochs": 8, "steps_per_epoch": 25, "val_every": 8, "num_workers": 2, "seed": 42}
 
 
 def scores(hp, input_dir, name):
@@ -34,7 +34,7 @@ def scores(hp, input_dir, name):
             for metric in ("dice", "hd95") for region in REGION_NAMES}, len(rows)
 
 
-def main(work):
+def main(work, modes=("light", "nnunet")):
     work = Path(work)
     hp = hyperparameters.load(overrides={**SETTINGS, "raw_data_dir": work / "raw", "prepared_dir": work / "prepared"})
     synthetic.generate_dataset(hp.raw_data_dir, hp.synthetic_cases, SHAPE, hp.seed, progress=True)
@@ -45,7 +45,7 @@ def main(work):
     if SAMPLE.is_dir() and not (real / SAMPLE.name).exists():
         (real / SAMPLE.name).symlink_to(SAMPLE)
     results = {}
-    for mode in ("light", "nnunet"):
+    for mode in modes:
         run = hp.replace(augment=mode, run_dir=work / f"run_{mode}")
         if not (run.run_dir / "checkpoint_last.pt").is_file():
             train.train(run)
@@ -63,7 +63,7 @@ def main(work):
 
 if __name__ == "__main__":
     if len(sys.argv) > 1:
-        main(sys.argv[1])
+        main(sys.argv[1], sys.argv[2:] or ("light", "nnunet"))
     else:
         with tempfile.TemporaryDirectory() as folder:
             main(folder)

@@ -108,7 +108,7 @@ def test_resume_with_nnunet_augmentation_on_the_device_gives_the_uninterrupted_w
                                                                                        monkeypatch):
     """nnU-Net's augmentation, batched after the loader with SGD: a run stopped after epoch 1 and resumed
     ends with the weights of an uninterrupted run (every parameter and noise field comes from the seed)."""
-    hp = tiny_settings(tiny_prepared, tmp_path / "full", epochs=2, steps_per_epoch=3, val_every=10, augment="nnunet",
+    hp = tiny_settings(tiny_prepared, tmp_path / "full", epochs=2, steps_per_epoch=2, val_every=10, augment="nnunet",
                        augment_on="device", optimizer="sgd", learning_rate=1e-2)
     train.train(hp)
     plot = train.plot_curves
