@@ -172,13 +172,13 @@ def add_noise(image, std, seeds):
 
 def blur_axis(x, sigma, axis):
     """x (N, X, Y, Z) smoothed along axis 1 + `axis` with a Gaussian of sigma (N,) voxels, edges replicated:
-    a sum of shifted copies, in place with scalar weights (no temporaries, 3-5x faster than conv3d on a CPU)."""
+    a sum of shifted copies, in place with scalar weights (no temporaries; conv3d was slower on a CPU)."""
     taps = torch.arange(-BLUR_RADIUS, BLUR_RADIUS + 1, dtype=torch.float64)
     weights = torch.exp(-0.5 * (taps / sigma.double()[:, None]) ** 2)
     weights = (weights / weights.sum(1, keepdim=True)).tolist()  # (N, taps)
     size = x.shape[axis + 1]
     edges_repeated = torch.arange(-BLUR_RADIUS, size + BLUR_RADIUS, device=x.device).clamp_(0, size - 1)
-    padded = x.index_select(axis + 1, edges_repeated)  # (F.pad's replicate mode is 100x slower on CPUs)
+    padded = x.index_select(axis + 1, edges_repeated)  # (F.pad's replicate mode was slower on a CPU)
     out = torch.empty_like(x)
     for n, row in enumerate(weights):
         torch.mul(padded[n].narrow(axis, 0, size), row[0], out=out[n])
@@ -228,7 +228,7 @@ def simulate_low_resolution(image, factor):
 
 def mean_std(x):
     """Mean and (unbiased) std of all of x, from its sum and its dot product with itself: two fast passes
-    (torch.std_mean's one-pass kernel is several times slower on CPUs)."""
+    (torch.std_mean's one-pass kernel was slower on a CPU)."""
     flat = x.reshape(-1)
     n = flat.numel()
     mean = flat.sum() / n
