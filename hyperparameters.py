@@ -105,6 +105,13 @@ def _choice(*choices):
     return choice
 
 
+def _augment(value):
+    """none | light | nnunet; True and False (settings from before the three modes) mean light and none."""
+    if isinstance(value, bool) or str(value).strip().lower() in ("true", "false"):
+        return "light" if _bool(value) else "none"
+    return _choice("none", "light", "nnunet")(value)
+
+
 _PATH = _optional(lambda value: Path(str(value).strip()).expanduser())  # made absolute in _convert
 
 
@@ -152,7 +159,9 @@ SCHEMA = {
     "loss": (_choice("dice_ce", "dice", "modified_dice"), None, ""),
     "patch_size": (_list_of(_int, 3), _positive, "each > 0"),
     "batch_size": (_int, _positive, "> 0"),
+    "optimizer": (_choice("adamw", "sgd"), None, ""),
     "learning_rate": (_float, _positive, "> 0"),
+    "momentum": (_float, lambda x: 0 <= x < 1, ">= 0 and < 1"),
     "weight_decay": (_float, _non_negative, ">= 0"),
     "lr_schedule": (_choice("poly", "cosine", "constant"), None, ""),
     "warmup_epochs": (_int, _non_negative, ">= 0"),
@@ -160,7 +169,8 @@ SCHEMA = {
     "steps_per_epoch": (_int, _positive, "> 0"),
     "val_every": (_int, _positive, "> 0"),
     "foreground_fraction": (_float, _fraction, "between 0 and 1"),
-    "augment": (_bool, None, ""),
+    "augment": (_augment, None, ""),
+    "augment_on": (_choice("auto", "device", "workers"), None, ""),
     "grad_clip": (_float, _non_negative, ">= 0"),
     "num_workers": (_int, _non_negative, ">= 0"),
     "device": (_text, _device, "auto, cpu, cuda, cuda:N or mps"),

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+import augment
 import conventions
 import dataset
 import hyperparameters
@@ -56,6 +57,14 @@ def lr_factor(step, hp):
     return 1.0
 
 
+def make_optimizer(net, hp):
+    """AdamW, or nnU-Net's SGD with Nesterov momentum; weight decay as hp.weight_decay."""
+    if hp.optimizer == "sgd":
+        return torch.optim.SGD(net.parameters(), lr=hp.learning_rate, momentum=hp.momentum, nesterov=True,
+                               weight_decay=hp.weight_decay)
+    return torch.optim.AdamW(net.parameters(), lr=hp.learning_rate, weight_decay=hp.weight_decay)
+
+
 def train_epoch(train_model, batches, optimizer, scheduler, scaler, loss_fn, hp, device, dtype, epoch,
                 world_size, main_process):
     """hp.steps_per_epoch optimizer steps -> (mean finite loss over all processes, skipped steps)."""
@@ -64,9 +73,8 @@ def train_epoch(train_model, batches, optimizer, scheduler, scaler, loss_fn, hp,
     params = [p for p in train_model.parameters() if p.requires_grad]
     bar = tqdm(total=hp.steps_per_epoch, desc=f"epoch {epoch}/{hp.epochs}", disable=not main_process, leave=False)
     start = time.perf_counter()
-    for step, (image, labels) in enumerate(batches, start=1):
-        image = image.to(device, non_blocking=True)  # (B, C, px, py, pz)
-        labels = labels.to(device, non_blocking=True)  # (B, px, py, pz)
+    for step, batch in enumerate(batches, start=1):
+        image, labels = augment.to_device(batch, device, hp.patch_size)  # (B, C, px, py, pz), (B, px, py, pz)
         if channels_last:
             image = image.contiguous(memory_format=torch.channels_last_3d)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
@@ -270,12 +278,13 @@ def train(hp):
     model.check_patch_size(hp)
     train_names, val_names = dataset.split_cases(manifest)
     patches = dataset.PatchDataset(hp.prepared_dir, train_names, hp.patch_size, hp.foreground_fraction,
-                                   hp.augment, hp.seed, hp.steps_per_epoch * hp.batch_size * world_size)
+                                   hp.augment, hp.seed, hp.steps_per_epoch * hp.batch_size * world_size,
+                                   augment.runs_on_device(hp.augment, hp.augment_on, device))
     volumes = dataset.VolumeDataset(hp.prepared_dir, val_names) if val_names else None
     sampler = dataset.EpochSampler(hp.steps_per_epoch, hp.batch_size, rank, world_size)
     net, train_model = build_model(hp, device, world_size, main_process)
     loss_fn = loss.make_loss(hp)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=hp.learning_rate, weight_decay=hp.weight_decay)
+    optimizer = make_optimizer(net, hp)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, hp))
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     done, best_score, rows = 0, None, []

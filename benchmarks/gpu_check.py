@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import augment  # noqa: E402
 import dataset  # noqa: E402
 import devices  # noqa: E402
 import hyperparameters  # noqa: E402
@@ -64,7 +65,7 @@ def time_steps(hp, device, steps):
     hp.patch_size patches, held in pinned CPU memory as the DataLoader delivers it."""
     dtype, use_scaler, _ = devices.run_settings(hp.precision, hp.channels_last, device)
     net, train_model = train.build_model(hp, device, 1, False)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=hp.learning_rate, weight_decay=hp.weight_decay)
+    optimizer = train.make_optimizer(net, hp)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     loss_fn = loss.make_loss(hp)
@@ -114,20 +115,24 @@ def measure_steps(hp, device, results, steps):
 
 
 def measure_loader(hp, device, results):
-    """Row: patches/s of training's DataLoader (hp.num_workers workers) against the GPU's patches/s."""
+    """Rows: patches/s of training's DataLoader (hp.num_workers workers) against the GPU's patches/s, and
+    where train.py augments the batch on the device (augment nnunet), the seconds that takes per batch."""
     train_names, _ = dataset.split_cases(prepare_dataset.read_manifest(hp.prepared_dir, hp.data_format))
     batches = 10 * max(hp.num_workers, 2)  # well past what the workers prefetch while the first batch loads
+    on_device = augment.runs_on_device(hp.augment, hp.augment_on, device)  # as train.py decides
     patches = dataset.PatchDataset(hp.prepared_dir, train_names, hp.patch_size, hp.foreground_fraction,
-                                   hp.augment, hp.seed, (batches + 1) * hp.batch_size)
+                                   hp.augment, hp.seed, (batches + 1) * hp.batch_size, on_device)
     sampler = dataset.EpochSampler(batches + 1, hp.batch_size, 0, 1)
     sampler.set_epoch(1)
     loader = iter(dataset.start_loader(patches, sampler, hp.batch_size, hp.num_workers, device))
-    next(loader)  # workers started
+    first = next(loader)  # workers started
     start = time.perf_counter()
     for _ in loader:
         pass
     rate = batches * hp.batch_size / (time.perf_counter() - start)
     gpu = [row["patches_per_s"] for row in read_rows(results) if row.get("default")]
+    if on_device:
+        measure_device_augmentation(hp, device, results, first, gpu)
     if not gpu:
         verdict = "the step rate was not measured"
     elif rate >= gpu[0]:
@@ -136,6 +141,21 @@ def measure_loader(hp, device, results):
         verdict = f"LOADER-BOUND: training waits, the loader gives {rate / gpu[0]:.0%} of its {gpu[0]:.1f} patches/s"
     add_row(results, "data loader, patches of the prepared generated cases", f"num_workers {hp.num_workers}",
             f"{rate:.1f} patches/s; {verdict}")
+
+
+def measure_device_augmentation(hp, device, results, batch, gpu):
+    """Row: seconds per batch of augment.to_device (nnunet, all patches at once) and its share of a step."""
+    augment.to_device(batch, device, hp.patch_size)  # warm-up: kernels chosen, memory cached
+    synchronize(device)
+    start, done = time.perf_counter(), 0
+    while done < 10 and time.perf_counter() - start < TIMED_SECONDS:
+        augment.to_device(batch, device, hp.patch_size)
+        synchronize(device)
+        done += 1
+    seconds = (time.perf_counter() - start) / done
+    share = f", {seconds * gpu[0] / hp.batch_size:.0%} of a training step" if gpu else ""
+    add_row(results, f"augment {hp.augment} on the {device.type.upper()}, batched after the loader",
+            f"batch {hp.batch_size}, patch {'x'.join(map(str, hp.patch_size))}", f"{seconds:.3f} s per batch{share}")
 
 
 def measure_predict(hp, device, results):

@@ -5,7 +5,8 @@
 #     channels_last on vs off, torch.compile, the process group's collectives
 #   - steps/s and peak GPU memory of hyperparameters_brats2020_gpu.txt's model (its widths) on its 128^3
 #     patches, for bf16 / fp16 / fp32 x channels_last off / on
-#   - the DataLoader's patches/s with its num_workers against the GPU's step rate
+#   - the DataLoader's patches/s with its num_workers against the GPU's step rate, and the seconds that
+#     nnU-Net's augmentation takes batched on the GPU (its share of a training step)
 #   - torchrun over all GPUs for 2 short epochs (NCCL from 2 GPUs on)
 #   - whole-case predict time with and without mirror TTA
 # Meant to finish within 8 minutes on one GPU; without a GPU it says so and exits 0.
@@ -17,7 +18,7 @@ PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3
 
 if [ "${GPU_CHECK_TINY:-0}" = 1 ]; then
   GPUS=2 SHAPE=40,40,32 STEPS=1 TESTS=tests/test_cuda.py
-  SIZE=(device=cpu features=4,8,16 patch_size=16,16,16 num_workers=2 sw_batch_size=8)
+  SIZE=(device=cpu features=4,8,16 patch_size=16,16,16 num_workers=2 sw_batch_size=8 augment_on=device)
 else
   FOUND=$("$PY" -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0, \
 torch.__version__)" 2>&1 | tail -n 1)

@@ -104,6 +104,43 @@ def test_resume_after_a_stop_gives_the_uninterrupted_run(full_run, tmp_path, mon
     assert resumed["scheduler"]["last_epoch"] == uninterrupted["scheduler"]["last_epoch"]
 
 
+def test_resume_with_nnunet_augmentation_on_the_device_gives_the_uninterrupted_weights(tiny_prepared, tmp_path,
+                                                                                       monkeypatch):
+    """nnU-Net's augmentation, batched after the loader with SGD: a run stopped after epoch 1 and resumed
+    ends with the weights of an uninterrupted run (every parameter and noise field comes from the seed)."""
+    hp = tiny_settings(tiny_prepared, tmp_path / "full", epochs=2, steps_per_epoch=2, val_every=10, augment="nnunet",
+                       augment_on="device", optimizer="sgd", learning_rate=1e-2)
+    train.train(hp)
+    plot = train.plot_curves
+
+    def stop_after_epoch_1(rows, path, show=False):
+        plot(rows, path, show)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "plot_curves", stop_after_epoch_1)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(hp.replace(run_dir=tmp_path / "resumed"))
+    monkeypatch.setattr(train, "plot_curves", plot)
+    train.train(hp.replace(run_dir=tmp_path / "resumed", resume=True))
+    uninterrupted = torch.load(tmp_path / "full" / "checkpoint_last.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "resumed" / "checkpoint_last.pt", weights_only=True)
+    assert resumed["epoch"] == 2
+    for key, value in uninterrupted["model"].items():
+        assert torch.equal(resumed["model"][key], value), key
+    momentum = [state["momentum_buffer"] for state in resumed["optimizer"]["state"].values()]
+    assert momentum and all(torch.isfinite(m).all() for m in momentum)  # SGD (Nesterov) state kept
+
+
+def test_optimizer_choice():
+    net = torch.nn.Linear(2, 2)
+    sgd = train.make_optimizer(net, hyperparameters.load(overrides={"optimizer": "sgd", "learning_rate": 1e-2,
+                                                                   "weight_decay": 3e-5}))
+    assert isinstance(sgd, torch.optim.SGD)
+    assert {k: sgd.defaults[k] for k in ("lr", "momentum", "nesterov", "weight_decay")} == {
+        "lr": 1e-2, "momentum": 0.99, "nesterov": True, "weight_decay": 3e-5}  # nnU-Net's
+    assert isinstance(train.make_optimizer(net, hyperparameters.load()), torch.optim.AdamW)
+
+
 def test_resume_refuses_a_checkpoint_of_another_network(full_run, tmp_path):
     hp, _ = full_run
     shutil.copy(hp.run_dir / "checkpoint_last.pt", tmp_path / "checkpoint_last.pt")
