@@ -63,6 +63,9 @@ def test_every_step_runs_on_the_cpu_at_tiny_sizes():
     assert setting == "num_workers 2"
     assert re.fullmatch(r"\d+\.\d patches/s; (not loader-bound: \d+\.\dx|LOADER-BOUND: training waits, the loader "
                         r"gives \d+%) .*", result), result
+    (setting, result), = rows.pop("augment nnunet on the CPU, batched after the loader")  # augment_on=device
+    assert setting == "batch 2, patch 16x16x16"
+    assert re.fullmatch(r"\d+\.\d{3} s per batch, \d+% of a training step", result), result
     (setting, result), = rows.pop("torchrun train.py, 2 epochs")
     assert setting == "2 process(es), gloo, steps_per_epoch 1"
     assert re.fullmatch(r"ok: epoch 2 took \d+\.\d s with validation", result), result
