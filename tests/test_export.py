@@ -143,6 +143,10 @@ def test_onnx_backend_names_what_is_missing(tmp_path, monkeypatch):
     (tmp_path / "model.onnx").write_bytes(b"\x08\x07 damaged")
     with pytest.raises(ValueError, match=r"model\.onnx: not a readable ONNX model \("):
         predict.load_for_inference(hp, torch.device("cpu"))
+    monkeypatch.setitem(sys.modules, "onnxscript", None)
+    with pytest.raises(ValueError, match=r"^export\.py needs the onnxscript package: pip install -r "
+                                         r"requirements-onnx\.txt$"):
+        export.export(hp)
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     with pytest.raises(ValueError, match=r"^backend: onnxruntime needs the onnxruntime package: pip install -r "
                                          r"requirements-onnx\.txt$"):
