@@ -239,8 +239,8 @@ def train(hp):
         improved = volumes is None or (row["dice_mean"] is not None and
                                        (best_score is None or row["dice_mean"] > best_score))
         best_score = row["dice_mean"] if improved else best_score
-        if main_process:  # the logs first: a resume from the checkpoint before rewrites them
-            log.record(rows, volumes[0] if labels is not None else None, labels)
+        if main_process:
+            log.to_tensorboard(row, volumes, labels)
             state = {"model_args": model.model_args(hp), "model": net.state_dict(), "epoch": epoch,
                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "scaler": scaler.state_dict(), "best_score": best_score, "metrics": rows, "rng": model.rng_state(),
@@ -248,7 +248,7 @@ def train(hp):
             model.save_checkpoint(state, hp.run_dir / "checkpoint_last.pt")
             if improved:
                 model.save_checkpoint(state, hp.run_dir / "checkpoint_best.pt")
-            print(training_log.summary_line(row, hp, improved and volumes is not None, device))
+            log.write(rows, improved and volumes is not None, device)
     if main_process:
         log.close()
     if world_size > 1:

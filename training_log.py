@@ -42,11 +42,6 @@ def write_metrics_csv(rows, path):
     prepare_dataset.atomic_write(path, write)
 
 
-def in_ipython_kernel():
-    """True in a kernel whose output goes to a frontend: Spyder, PyCharm's Python console, Jupyter."""
-    return "ipykernel" in sys.modules
-
-
 def interactive_plots():
     """True in Spyder, PyCharm or IPython with a matplotlib backend that can show figures."""
     if not ("IPython" in sys.modules or os.environ.get("PYCHARM_HOSTED") or hasattr(sys, "ps1")):
@@ -103,10 +98,11 @@ def plot_curves(rows, path, show=False):
 # ---------------------------------------------------------------- the console
 
 def progress_bar(total, description, disable):
-    """The bar of an epoch's steps. In an IPython kernel on stdout, where the epoch's line replaces it: on
-    stderr a frontend shows it apart, in red, and keeps the blank line it leaves when cleared."""
+    """The bar of an epoch's steps. In an IPython console (Spyder, PyCharm, Jupyter) on stdout, where the
+    epoch's line replaces it: on stderr the console shows it apart, in red, and keeps the blank line it
+    leaves when cleared. Elsewhere on stderr, so that `python train.py > log.txt` logs no bars."""
     return tqdm(total=total, desc=description, disable=disable, leave=False,
-                file=sys.stdout if in_ipython_kernel() else None)
+                file=sys.stdout if "IPython" in sys.modules else None)
 
 
 def summary_line(row, hp, best, device):
@@ -169,22 +165,27 @@ class TrainingLog:
     """The per-epoch outputs of the main process, made once per run after run_dir exists."""
 
     def __init__(self, hp, completed_epochs, show):
-        self.run_dir, self.show = hp.run_dir, show
+        self.hp, self.show = hp, show
         self.channel = hp.channel_names.index("flair") if "flair" in hp.channel_names else 0
         self.writer = open_tensorboard(hp.run_dir / "tensorboard", completed_epochs + 1) if hp.tensorboard else None
 
-    def record(self, rows, case=None, pred=None):
-        """metrics.csv, curves.png (and the plots pane), TensorBoard for rows[-1]. case: a validation volume
-        (name, image (C, x, y, z), truth (x, y, z)) and pred its predicted labels, for TensorBoard's picture."""
-        if self.writer is not None:
-            picture, tag = None, None
-            if case is not None and pred is not None:
-                name, image, truth = case  # (C, x, y, z), (x, y, z)
-                picture = slice_picture(np.asarray(image[self.channel]), np.asarray(truth), pred)
-                tag = f"validation/{name}"
-            add_to_tensorboard(self.writer, rows[-1], picture, tag)
-        write_metrics_csv(rows, self.run_dir / "metrics.csv")
-        plot_curves(rows, self.run_dir / "curves.png", self.show)
+    def to_tensorboard(self, row, volumes=None, pred=None):
+        """The epoch's scalars, and with pred (the labels predicted for volumes[0]) its picture. Called before
+        the epoch's checkpoint: a run stopped in between is resumed from the checkpoint before, whose
+        purge_step drops this epoch's events, and logs them again."""
+        if self.writer is None:
+            return
+        picture, tag = None, None
+        if pred is not None:
+            name, image, truth = volumes[0]  # (C, x, y, z), (x, y, z)
+            picture, tag = slice_picture(np.asarray(image[self.channel]), np.asarray(truth), pred), f"validation/{name}"
+        add_to_tensorboard(self.writer, row, picture, tag)
+
+    def write(self, rows, best, device):
+        """After the epoch's checkpoint: metrics.csv, curves.png (and the plots pane), the printed line."""
+        write_metrics_csv(rows, self.hp.run_dir / "metrics.csv")
+        plot_curves(rows, self.hp.run_dir / "curves.png", self.show)
+        print(summary_line(rows[-1], self.hp, best, device))
 
     def close(self):
         if self.writer is not None:

@@ -80,18 +80,18 @@ def test_checkpoint_holds_plain_unwrapped_state(full_run):
 def test_resume_after_a_stop_gives_the_uninterrupted_run(full_run, tmp_path, monkeypatch):
     hp, _ = full_run
     hp = hp.replace(run_dir=tmp_path)
-    summary_line = training_log.summary_line
+    plot = training_log.plot_curves
 
-    def stop_after_epoch_2(row, *args):  # an interrupt once epoch 2 is saved
-        if row["epoch"] == 2:
+    def stop_after_epoch_2(rows, path, show=False):  # an interrupt once epoch 2 is saved
+        plot(rows, path, show)
+        if rows[-1]["epoch"] == 2:
             raise KeyboardInterrupt
-        return summary_line(row, *args)
 
-    monkeypatch.setattr(training_log, "summary_line", stop_after_epoch_2)
+    monkeypatch.setattr(training_log, "plot_curves", stop_after_epoch_2)
     with pytest.raises(KeyboardInterrupt):
         train.train(hp)
     assert torch.load(tmp_path / "checkpoint_last.pt", weights_only=True)["epoch"] == 2
-    monkeypatch.setattr(training_log, "summary_line", summary_line)
+    monkeypatch.setattr(training_log, "plot_curves", plot)
     train.train(hp.replace(resume=True))
 
     resumed = torch.load(tmp_path / "checkpoint_last.pt", weights_only=True)
