@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from prepare_dataset import read_manifest
+from prepare_dataset import FORMAT_VERSION, MANIFEST, read_manifest
 
 # Tumor voxels remembered per case for centring patches: an evenly spaced subset of all of them,
 # so a worker holds at most 80 kB per case instead of a list of up to ~10^5 voxels.
@@ -29,6 +29,19 @@ def split_cases(manifest):
     train = sorted(name for name, case in cases.items() if case["seg"] and case["split"] == "train")
     val = sorted(name for name, case in cases.items() if case["seg"] and case["split"] == "val")
     return train, val
+
+
+def check_prepared_settings(manifest, hp):
+    """ValueError when a setting disagrees with what the prepared arrays were made with (dataset.json):
+    the channels and their order, the crop margin, the format (normalisation) of the arrays."""
+    prepared = {"channel_names": ", ".join(manifest["channel_names"]),
+                "crop_margin": manifest["settings"]["crop_margin"], "format": manifest["version"]}
+    current = {"channel_names": ", ".join(hp.channel_names), "crop_margin": hp.crop_margin, "format": FORMAT_VERSION}
+    differ = [f"{key} {prepared[key]} (prepared) vs {current[key]} (now)" for key in prepared
+              if prepared[key] != current[key]]
+    if differ:
+        raise ValueError(f"{Path(hp.prepared_dir) / MANIFEST}: the data was prepared with other settings "
+                         f"({'; '.join(differ)}): set them back, or run prepare_dataset.py again")
 
 
 def labelled_entries(prepared_dir, case_names):

@@ -12,11 +12,12 @@ with torch.onnx.export(dynamo=True), PyTorch's default exporter since 2.9 (the T
 
 What a user needs besides the weights is in the model's metadata_props (JSON values; onnx.load(path).
 metadata_props, or InferenceSession(path).get_modelmeta().custom_metadata_map):
-  channel_names    input channel order, e.g. ["flair", "t1", "t1ce", "t2"] (file suffixes of the BraTS cases)
+  channel_names    input channel order, e.g. ["flair", "t1", "t1ce", "t2"]; file_suffixes: of the case's files
   normalization    how an input volume is prepared: crop to the brain, z-score per channel over the brain
   crop_margin      voxels kept around the brain's bounding box
   patch_size       the window the network was trained on: run it window by window (sliding_window)
-  sw_overlap, input_multiple, target, output_activation, output_channels, brats_labels, regions, labels_rule
+  sw_overlap, input_multiple, target, output_activation, output_channels, brats_labels (the label values on
+  disk of data_format), regions, labels_rule (outputs -> labels on disk)
   model_args, epoch, dice_mean, source_checkpoint
 """
 import glob
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 
 import hyperparameters
-from conventions import BRATS_LABELS, LABEL_NAMES, REGION_NAMES, REGIONS
+from conventions import ALL_REGIONS, CONVENTIONS, file_suffix, output_names
 from model import load_model
 from predict import onnx_path
 from prepare_dataset import atomic_write
@@ -39,9 +40,16 @@ NORMALIZATION = ("channels in channel_names order, float32, axes (x, y, z) as st
                  "bounding box of the voxels where any channel is non-zero (the brain of a skull-stripped scan) "
                  "plus crop_margin voxels; z-score per channel over those brain voxels of the whole volume (subtract "
                  "their mean, divide by their standard deviation), the background stays 0")
-LABELS_RULE = {"regions": "sigmoid; background unless WT > 0.5; inside WT label 2, where TC > 0.5 too label 1, "
-                          "where ET > 0.5 too label 4 (BraTS labels)",
-               "labels": "softmax; the argmax channel k is BraTS label brats_labels[k]"}
+
+
+def labels_rule(target, disk_labels):
+    """How the outputs become the label values on disk (loss.probabilities_to_labels), in words."""
+    if target == "labels":
+        return "softmax; the argmax channel k is label brats_labels[k] on disk"
+    d = disk_labels
+    rule = (f"sigmoid; background {d[0]} unless WT > 0.5; inside WT label {d[2]} (edema), where TC > 0.5 too "
+            f"{d[1]} (core), where ET > 0.5 too {d[3]} (enhancing)")
+    return rule + (f"; label {d[4]} (resection cavity) where RC > 0.5 outside WT" if len(d) > 4 else "")
 
 
 def checkpoint_paths(hp):
@@ -59,16 +67,21 @@ def metadata(checkpoint, path):
     """The metadata_props of the ONNX model: everything needed to use it, as JSON text per key."""
     trained, args = checkpoint.get("hyperparameters", {}), checkpoint["model_args"]
     defaults = hyperparameters.load().to_dict()  # for checkpoints that predate a setting
-    setting = lambda key: trained.get(key, defaults[key])
-    target = "regions" if args["out_channels"] == len(REGION_NAMES) else "labels"
+    setting = lambda key: trained.get(key, defaults[key])  # noqa: E731
+    target = trained.get("target", "regions" if args["out_channels"] == 3 else "labels")
+    data_format = setting("data_format")
+    convention = CONVENTIONS[data_format]
+    disk = convention.disk_labels
     values = {
-        "channel_names": list(setting("channel_names")), "normalization": NORMALIZATION,
-        "crop_margin": setting("crop_margin"), "patch_size": list(setting("patch_size")),
-        "sw_overlap": setting("sw_overlap"), "input_multiple": 2 ** (len(args["features"]) - 1),
+        "channel_names": list(setting("channel_names")), "data_format": data_format,
+        "file_suffixes": [file_suffix(channel, data_format) for channel in setting("channel_names")],
+        "normalization": NORMALIZATION, "crop_margin": setting("crop_margin"),
+        "patch_size": list(setting("patch_size")), "sw_overlap": setting("sw_overlap"),
+        "input_multiple": 2 ** (len(args["features"]) - 1),
         "target": target, "output_activation": "sigmoid" if target == "regions" else "softmax",
-        "output_channels": list(REGION_NAMES if target == "regions" else LABEL_NAMES),
-        "brats_labels": list(BRATS_LABELS), "labels_rule": LABELS_RULE[target],
-        "regions": {name: [BRATS_LABELS[label] for label in members] for name, members in REGIONS.items()},
+        "output_channels": list(output_names(target, args["out_channels"])),
+        "brats_labels": list(disk), "labels_rule": labels_rule(target, disk),
+        "regions": {name: [disk[label] for label in ALL_REGIONS[name]] for name in convention.regions},
         "model_args": args, "epoch": checkpoint.get("epoch"),
         "dice_mean": checkpoint.get("best_score"), "source_checkpoint": Path(path).name,
     }

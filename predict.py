@@ -6,11 +6,15 @@
 Each case goes through the preprocessing of prepare_dataset.py (the same functions: crop to the brain,
 z-score over the brain voxels), the network runs window by window (sliding_window), probabilities
 become labels (regions nest: ET inside TC inside WT), the labels go back into the full grid and are
-written as prediction_dir/{case}.nii.gz: uint8 0/1/2/4 with the input's affine and header, ready for
-the BraTS portal. Cases with a prediction are skipped unless overwrite: True; a bad case is reported
-and skipped. The network is rebuilt from the checkpoint, and the settings it was trained with
-(target, channel_names, patch_size as the window, crop_margin) come from the checkpoint too, not from
-today's hyperparameters.txt.
+written as prediction_dir/{case}.nii.gz: uint8 labels of the input's convention (data_format: 0/1/2/4
+for BraTS 2020 and 2021, 0/1/2/3 for 2023, 0/1/2/3/4 for 2024) with the input's affine and header, ready
+for the BraTS portal. Modalities are found by meaning: a network trained on BraTS 2020 files (flair,
+t1, t1ce, t2) reads BraTS 2023 files (t2f, t1n, t1c, t2w). A case outside the BraTS grid (spacing,
+shape, orientation, skull) is reported and skipped unless allow_any_grid: True. Cases with a
+prediction are skipped unless overwrite: True; a bad case is reported and skipped. The network is
+rebuilt from the checkpoint, and the settings it was trained with (target, channel_names, patch_size
+as the window, crop_margin) come from the checkpoint too, not from today's hyperparameters.txt; the
+number of its outputs says whether it knows the resection cavity (BraTS 2024).
 
 sliding_window() runs a network trained on patches over a whole volume: overlapping windows,
 the last one on each axis flush with the far border (the 155-slice axis of BraTS is not a multiple
@@ -26,7 +30,7 @@ training cases (a few hundred voxels).
 save_probabilities: also prediction_dir/{case}_probabilities.npz, for averaging several models:
 "probabilities" float16 (C, x, y, z) over the crop box only (outside it lies background, where no
 window ran), "crop_box" ((start, stop) per axis in the full grid), "original_shape", and "channels"
-(WT, TC, ET for target regions, the label names for target labels). Average the files' probabilities,
+(WT, TC, ET (, RC) for target regions, the label names for target labels). Average the files' probabilities,
 then loss.probabilities_to_labels and labels_in_input_grid give the ensemble's labels.
 """
 import errno
@@ -40,14 +44,15 @@ import torch
 from tqdm import tqdm
 
 import hyperparameters
-from conventions import LABEL_NAMES, REGION_NAMES, internal_to_brats
+from conventions import internal_to_brats, output_names
 from devices import autocast_settings, bf16_supported, resolve_device
+from files import output_folder
 from loss import logits_to_probabilities, probabilities_to_labels
-from model import NUM_REGIONS, load_model
+from model import load_model
 from prepare_dataset import CaseError, atomic_write, find_cases, load_case, preprocess, read_manifest
 
 # Settings the network was trained with: predictions follow the checkpoint's, not the current file's.
-TRAINED_SETTINGS = ("channel_names", "patch_size", "crop_margin")
+TRAINED_SETTINGS = ("channel_names", "patch_size", "crop_margin", "target")
 ONNX_NAME = "model.onnx"  # what export.py writes beside a checkpoint, and backend: onnxruntime reads
 
 
@@ -177,9 +182,10 @@ def postprocess_et(labels, et_min_voxels):
     return labels
 
 
-def write_labels(labels, reference, path):
-    """Internal labels -> disk labels 0/1/2/4 uint8 with the reference image's affine and header, atomically."""
-    image = nib.Nifti1Image(internal_to_brats(labels), reference.affine, reference.header)
+def write_labels(labels, reference, path, data_format="brats2020"):
+    """Internal labels -> uint8 disk labels of data_format (2020: 0/1/2/4) with the reference image's affine
+    and header, atomically."""
+    image = nib.Nifti1Image(internal_to_brats(labels, data_format), reference.affine, reference.header)
     image.set_data_dtype(np.uint8)  # stored as is: nibabel writes no intensity scaling for uint8 labels
     image.header["cal_min"], image.header["cal_max"] = 0, 4  # display range of the labels
     atomic_write(path, lambda tmp: nib.save(image, tmp))
@@ -188,7 +194,7 @@ def write_labels(labels, reference, path):
 def write_probabilities(probabilities, box, original_shape, target, path):
     arrays = {"probabilities": probabilities.astype(np.float16), "crop_box": np.array(box),
               "original_shape": np.array(original_shape),
-              "channels": np.array(REGION_NAMES if target == "regions" else LABEL_NAMES)}
+              "channels": np.array(output_names(target, len(probabilities)))}
     atomic_write(path, lambda tmp: np.savez_compressed(tmp, **arrays))
 
 
@@ -200,15 +206,17 @@ def output_paths(hp, name):
 
 def predict_file(model, case, hp):
     """Predict one raw case and write its outputs -> the label map's path. CaseError for a bad case."""
-    image, _, reference = load_case(case._replace(seg_path=None))  # the truth plays no part in inference
+    image, _, reference = load_case(case._replace(seg_path=None), hp.allow_any_grid)  # the truth plays no part
     normalized, box = preprocess(image, hp.crop_margin)  # (C, x, y, z) float32 cropped to the brain
     probabilities = predict_case(model, normalized, hp, hp.target)  # (C_out, x, y, z)
+    if not torch.isfinite(probabilities).all():  # never a NaN map written as background
+        raise CaseError(f"{case.folder}: the network gave NaN or Inf probabilities; nothing written")
     labels = probabilities_to_labels(probabilities, hp.target).cpu().numpy()  # (x, y, z) internal
     labels = postprocess_et(labels_in_input_grid(labels, box, image.shape[1:]), hp.et_min_voxels)
     paths = output_paths(hp, case.name)
     if hp.save_probabilities:
         write_probabilities(probabilities.cpu().numpy(), box, image.shape[1:], hp.target, paths[1])
-    write_labels(labels, reference, paths[0])
+    write_labels(labels, reference, paths[0], case.data_format)  # in the input's convention
     return paths[0]
 
 
@@ -239,13 +247,13 @@ def onnx_predictor(path, device):
 
     def logits(windows):  # (B, C, wx, wy, wz) -> (B, C_out, wx, wy, wz) float32
         return torch.from_numpy(session.run(None, {"image": np.ascontiguousarray(windows.cpu().numpy())})[0])
-    return logits, {key: json.loads(metadata[key]) for key in TRAINED_SETTINGS + ("target",) if key in metadata}
+    return logits, {key: json.loads(metadata[key]) for key in TRAINED_SETTINGS if key in metadata}
 
 
 def load_for_inference(hp, device):
     """(network in eval mode on device, hp with the settings it was trained with) from hp.checkpoint
-    (empty: run_dir/checkpoint_best.pt). The target follows the network's outputs (3: regions, 4: labels).
-    With backend onnxruntime the network is the checkpoint's ONNX model (onnx_path), run in float32."""
+    (empty: run_dir/checkpoint_best.pt). With backend onnxruntime the network is the checkpoint's ONNX model
+    (onnx_path), run in float32, and the settings come from its metadata."""
     path = hp.checkpoint or hp.run_dir / "checkpoint_best.pt"
     if hp.backend == "onnxruntime":
         path = onnx_path(path)
@@ -259,7 +267,7 @@ def load_for_inference(hp, device):
             model = model.to(memory_format=torch.channels_last_3d)
         trained = checkpoint.get("hyperparameters", {})
         settings = {key: trained[key] for key in TRAINED_SETTINGS if key in trained}
-        settings["target"] = "regions" if checkpoint["model_args"]["out_channels"] == NUM_REGIONS else "labels"
+        settings.setdefault("target", "regions" if checkpoint["model_args"]["out_channels"] == 3 else "labels")
     current = hp.to_dict()
     changed = [f"{key}={value}" for key, value in settings.items() if current[key] != value]
     if changed:
@@ -270,13 +278,15 @@ def load_for_inference(hp, device):
 def cases_to_predict(hp):
     """The cases of predict_input_dir, or (empty) the validation cases of raw_data_dir per prepared_dir's manifest."""
     if hp.predict_input_dir is not None:
-        cases, problems = find_cases(hp.predict_input_dir, hp.channel_names, hp.seg_channel_name, "predict_input_dir")
+        cases, problems = find_cases(hp.predict_input_dir, hp.channel_names, hp.seg_channel_name, "predict_input_dir",
+                                     hp.data_format)
         for _, reason in problems:
             print(f"skipped {reason}")
         return cases
     manifest = read_manifest(hp.prepared_dir)
     validation = sorted(name for name, case in manifest["cases"].items() if case["split"] == "val")
-    found = {case.name: case for case in find_cases(hp.raw_data_dir, hp.channel_names, hp.seg_channel_name)[0]}
+    found = {case.name: case for case in
+             find_cases(hp.raw_data_dir, hp.channel_names, hp.seg_channel_name, data_format=hp.data_format)[0]}
     missing = [name for name in validation if name not in found]
     if missing:
         print(f"{len(missing)} validation case(s) of {hp.prepared_dir / 'dataset.json'} not found under "
@@ -290,10 +300,7 @@ def predict_cases(hp, cases, model=None):
     model: a network to use instead of hp's checkpoint; hp then gives its target, channel_names and window."""
     if model is None:
         model, hp = load_for_inference(hp, resolve_device(hp.device))
-    try:
-        hp.prediction_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise CaseError(f"{hp.prediction_dir}: cannot create prediction_dir ({error.strerror})") from None
+    output_folder(hp.prediction_dir, "prediction_dir")
     written, already, failed = [], [], {}
     for case in tqdm(cases, desc="predict", unit="case"):
         if not hp.overwrite and all(path.is_file() for path in output_paths(hp, case.name)):

@@ -79,7 +79,9 @@ def test_another_architecture_exports_with_its_own_shapes_and_metadata(exported)
     assert metadata["channel_names"] == ["t1", "t1ce", "t2", "flair"] and metadata["patch_size"] == [48, 48, 48]
     assert metadata["crop_margin"] == 2 and metadata["input_multiple"] == 8 and metadata["target"] == "labels"
     assert metadata["output_activation"] == "softmax" and metadata["brats_labels"] == [0, 1, 2, 4]
-    assert metadata["regions"] == {"WT": [1, 2, 4], "TC": [1, 4], "ET": [4]}
+    assert metadata["regions"] == {"WT": [1, 2, 4], "TC": [1, 4], "ET": [4]} and metadata["data_format"] == "brats2020"
+    assert metadata["file_suffixes"] == ["_t1", "_t1ce", "_t2", "_flair"]
+    assert metadata["output_channels"] == ["background", "necrotic and non-enhancing core", "edema", "enhancing tumor"]
     assert metadata["model_args"] == model.model_args(hp) and metadata["epoch"] == 7
     assert "z-score" in metadata["normalization"]
     image = torch.randn(2, 4, 16, 24, 8, generator=torch.Generator().manual_seed(1))
