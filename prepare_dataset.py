@@ -143,7 +143,7 @@ def load_case(case, allow_any_grid=False):
 
     Intensities stay in their stored type (int16 for BraTS): preprocess() converts only the cropped brain.
     A case outside the BraTS grid is a CaseError unless allow_any_grid."""
-    channels, reference = [], None
+    channels, niftis, reference = [], [], None
     for path in case.image_paths:
         array, image = load_nifti(path)
         if reference is None:
@@ -155,16 +155,16 @@ def load_case(case, allow_any_grid=False):
             raise CaseError(f"{path}: NaN or Inf intensities")
         if not array.any():
             raise CaseError(f"{path}: image is all zero")
-        _check_background(path, array, image)
         channels.append(array)
+        niftis.append(image)
     image, nifti = np.stack(channels), reference[1]  # (C, X, Y, Z)
     # phantoms of synthetic.py (MARK in their header) may be smaller than the BraTS grid
     problems = [] if allow_any_grid else conventions.grid_differences(
         (image != 0).any(axis=0), nifti.header.get_zooms()[:3], nifti.affine, nifti.header["descrip"] == MARK)
     if problems:
-        raise CaseError(f"{reference[0]}: {', '.join(problems)}: not in the BraTS grid (1 mm, 240 x 240 x 155, "
-                        "LPS, skull-stripped; README: scans that are not BraTS-preprocessed; allow_any_grid: True "
-                        "reads it anyway)")
+        raise CaseError(f"{reference[0]}: {', '.join(problems)}{_background_note(case.image_paths, channels, niftis)}"
+                        ": not in the BraTS grid (1 mm, 240 x 240 x 155, LPS, skull-stripped; README: scans that are "
+                        "not BraTS-preprocessed; allow_any_grid: True reads it anyway)")
     labels = None
     if case.seg_path is not None:
         seg, seg_image = load_nifti(case.seg_path)
@@ -176,18 +176,21 @@ def load_case(case, allow_any_grid=False):
     return image, labels, nifti
 
 
-def _check_background(path, array, image):
-    """CaseError unless most of the volume's border is 0: the brain mask, the crop and the z-score take the
-    non-zero voxels for brain, so an image that is not skull-stripped or is shifted by an intercept would
-    put all its background into them."""
-    border = np.concatenate([face.ravel() for face in (array[0], array[-1], array[:, 0], array[:, -1],
-                                                          array[:, :, 0], array[:, :, -1])])
-    if np.count_nonzero(border) > border.size // 2:
-        values, counts = np.unique(border, return_counts=True)
-        intercept = getattr(image.dataobj, "inter", 0.0)
-        cause = f"; the header's intercept scl_inter is {intercept:g}" if intercept and np.isfinite(intercept) else ""
-        raise CaseError(f"{path}: background is not 0 (the volume's border is mostly {values[counts.argmax()]:g}"
-                        f"{cause}); a skull-stripped image with background 0 is needed")
+def _background_note(paths, arrays, niftis):
+    """'; background is not 0 in FILE (...)' for the channel whose border is most often non-zero, when more than
+    half of it is: the brain mask, the crop and the z-score take the non-zero voxels for brain, so a background
+    that is not 0 (no skull stripping, an intercept in the header, all-negative values) would enter all three."""
+    borders = [np.concatenate([face.ravel() for axis in range(3) for face in (a.take(0, axis), a.take(-1, axis))])
+               for a in arrays]
+    worst = int(np.argmax([np.count_nonzero(border) for border in borders]))
+    border, image = borders[worst], niftis[worst]
+    if np.count_nonzero(border) <= border.size // 2:
+        return ""
+    values, counts = np.unique(border, return_counts=True)
+    intercept = getattr(image.dataobj, "inter", 0.0)
+    cause = f"; the header's intercept scl_inter is {intercept:g}" if intercept and np.isfinite(intercept) else ""
+    return (f"; background is not 0 in {Path(paths[worst]).name} (the volume's border is mostly "
+            f"{values[counts.argmax()]:g}{cause})")
 
 
 def _check_same_grid(path, array, image, reference_path, reference_image):

@@ -192,7 +192,7 @@ BREAKS = [
     Break("float_label", "float label 3.9999", "seg", one_voxel(3.9999, np.float32), "non-integer label values",
           None, "non-integer label values", prediction_too=True),
     Break("negative_t1", "non-zero background: every intensity - 1000", "t1", offset_intensities(-1000),
-          "background is not 0 (the volume's border is mostly -1000)", "background is not 0", None),
+          "t1.nii (the volume's border is mostly -1000)", "background is not 0", None),
     Break("intercept_t2", "non-zero background: int16 with intercept 100", "t2", with_intercept(100.0),
           "the header's intercept scl_inter is 100", "background is not 0", None),
     Break("huge_flair", "float64 intensities near 1e200", "flair", scaled(1e200), None, None, None),
