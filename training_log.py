@@ -166,7 +166,8 @@ class TrainingLog:
 
     def __init__(self, hp, completed_epochs, show):
         self.hp, self.show = hp, show
-        self.channel = hp.channel_names.index("flair") if "flair" in hp.channel_names else 0
+        meanings = [conventions.meaning(channel) for channel in hp.channel_names]  # flair, or 2023's t2f
+        self.channel = meanings.index("flair") if "flair" in meanings else 0  # the image of the picture
         self.writer = open_tensorboard(hp.run_dir / "tensorboard", completed_epochs + 1) if hp.tensorboard else None
 
     def to_tensorboard(self, row, volumes=None, pred=None):
