@@ -35,7 +35,7 @@ def read_events(folder):
 
 def test_tensorboard_logs_each_epoch_once_across_a_resume(tmp_path, tiny_prepared, monkeypatch):
     hp = hyperparameters.load(overrides={**TINY, "prepared_dir": tiny_prepared, "run_dir": tmp_path,
-                                         "tensorboard": True, "epochs": 3})
+                                         "tensorboard": True, "epochs": 3, "steps_per_epoch": 1})
     save = model.save_checkpoint
 
     def killed_while_saving_epoch_2(state, path):  # TensorBoard has epoch 2, the checkpoint has not
