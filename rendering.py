@@ -348,7 +348,7 @@ def slice_overlay_png(image, truth, pred, path, affine=None, title=""):
     orientation = nib.orientations.io_orientation(np.eye(4) if affine is None else np.asarray(affine))
     image, truth, pred = (None if a is None else nib.orientations.apply_orientation(a, orientation)
                           for a in (image, truth, pred))  # (R, A, S)
-    per_slice = ((truth if truth is not None else pred) > 0).sum(axis=(0, 1))  # tumor voxels per axial slice
+    per_slice = tumor(truth if truth is not None else pred).sum(axis=(0, 1))  # tumor voxels per axial slice
     z = int(np.argmax(per_slice if per_slice.any() else (image != 0).sum(axis=(0, 1))))  # none: the widest brain
     (x0, x1), (y0, y1), _ = crop_box(image[:, :, z:z + 1] != 0, 0)  # the brain in this slice (all if none)
     crop = (slice(x0, x1), slice(y0, y1), z)

@@ -50,9 +50,12 @@ def read_nifti(path):
 
 
 def rewrite(path, array, affine=None):
-    """Save array in place of path's NIfTI (same affine unless given, same name and compression)."""
-    _, old_affine = read_nifti(path)
-    nib.save(nib.Nifti1Image(array, old_affine if affine is None else affine), str(path))
+    """Save array in place of path's NIfTI (same affine unless given, same name and compression, and the
+    phantom mark of the header kept: generated cases smaller than the BraTS grid stay readable)."""
+    old = nib.load(str(path), mmap=False)
+    image = nib.Nifti1Image(array, old.affine if affine is None else affine)
+    image.header["descrip"] = old.header["descrip"]
+    nib.save(image, str(path))
     return path
 
 
