@@ -5,9 +5,10 @@ Only the main process (rank 0) writes. Everything is rewritten from the metrics 
 so a resumed run continues the same files: metrics.csv and curves.png are written whole each epoch, and
 TensorBoard drops the steps after the resumed checkpoint (purge_step), so no epoch appears twice.
 
-In Spyder, PyCharm's Python console or Jupyter (an IPython kernel with matplotlib's inline backend) each
-epoch's curves go to the plots pane as one image, without pyplot: a pyplot figure would leave an empty
-one behind at the end of `%run`. With a GUI backend (a window) one figure is redrawn every epoch.
+Where matplotlib's inline backend shows figures as images (Spyder's IPython console, Jupyter, IPython with
+--matplotlib=inline) each epoch's curves go to the plots pane as one image, without pyplot: a pyplot figure
+would leave an empty one behind at the end of `%run`. With any other interactive backend (a window,
+PyCharm's plots tool window) one pyplot figure is redrawn every epoch.
 """
 import csv
 import os
