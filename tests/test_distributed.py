@@ -157,7 +157,7 @@ def test_killed_run_resumes_under_torchrun_with_another_process_count(tmp_path, 
     hp = train.hyperparameters.load(settings)
     net, _ = model.load_model(run_dir / "checkpoint_last.pt")
     volumes = dataset.VolumeDataset(prepared, dataset.split_cases(dataset.read_manifest(prepared))[1])
-    single = train.validate(net, volumes, hp, torch.device("cpu"))
+    single, _ = train.validate(net, volumes, hp, torch.device("cpu"))
     for key, value in single.items():
         assert resumed["metrics"][-1][key] == pytest.approx(value, abs=1e-6), key
 

@@ -14,6 +14,7 @@ import loss
 import model
 import predict
 import train
+import training_log
 
 EPOCHS = 4
 
@@ -44,7 +45,7 @@ def without_seconds(rows):
 def test_training_loss_falls_and_metrics_csv_has_a_row_per_epoch(full_run):
     hp, result = full_run
     rows = read_csv(hp.run_dir / "metrics.csv")
-    assert list(rows[0]) == list(train.METRIC_COLUMNS)
+    assert list(rows[0]) == list(training_log.METRIC_COLUMNS)
     assert [int(row["epoch"]) for row in rows] == list(range(1, EPOCHS + 1))
     losses = [float(row["train_loss"]) for row in rows]
     assert losses[-1] < losses[0]
@@ -79,18 +80,18 @@ def test_checkpoint_holds_plain_unwrapped_state(full_run):
 def test_resume_after_a_stop_gives_the_uninterrupted_run(full_run, tmp_path, monkeypatch):
     hp, _ = full_run
     hp = hp.replace(run_dir=tmp_path)
-    plot = train.plot_curves
+    plot = training_log.plot_curves
 
     def stop_after_epoch_2(rows, path, show=False):  # an interrupt once epoch 2 is saved
         plot(rows, path, show)
         if rows[-1]["epoch"] == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(train, "plot_curves", stop_after_epoch_2)
+    monkeypatch.setattr(training_log, "plot_curves", stop_after_epoch_2)
     with pytest.raises(KeyboardInterrupt):
         train.train(hp)
     assert torch.load(tmp_path / "checkpoint_last.pt", weights_only=True)["epoch"] == 2
-    monkeypatch.setattr(train, "plot_curves", plot)
+    monkeypatch.setattr(training_log, "plot_curves", plot)
     train.train(hp.replace(resume=True))
 
     resumed = torch.load(tmp_path / "checkpoint_last.pt", weights_only=True)
