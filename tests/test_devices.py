@@ -146,7 +146,7 @@ def test_batch_norm_is_synchronised_across_gpus_under_ddp(fake_gpus, monkeypatch
 
 
 def skip_validation(net, volumes, hp, device, rank=0, world_size=1):
-    return dict.fromkeys(("dice_WT", "dice_TC", "dice_ET", "dice_mean", "accuracy"), 0.5)
+    return dict.fromkeys(("dice_WT", "dice_TC", "dice_ET", "dice_mean", "accuracy"), 0.5), None
 
 
 def test_float16_loss_scaling_skips_overflowing_steps_and_resumes_its_scale(tiny_prepared, tmp_path, monkeypatch,

@@ -112,16 +112,16 @@ def test_resume_with_nnunet_augmentation_on_the_device_gives_the_uninterrupted_w
     hp = tiny_settings(tiny_prepared, tmp_path / "full", epochs=2, steps_per_epoch=2, val_every=10, augment="nnunet",
                        augment_on="device", optimizer="sgd", learning_rate=1e-2)
     train.train(hp)
-    plot = train.plot_curves
+    plot = training_log.plot_curves
 
     def stop_after_epoch_1(rows, path, show=False):
         plot(rows, path, show)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train, "plot_curves", stop_after_epoch_1)
+    monkeypatch.setattr(training_log, "plot_curves", stop_after_epoch_1)
     with pytest.raises(KeyboardInterrupt):
         train.train(hp.replace(run_dir=tmp_path / "resumed"))
-    monkeypatch.setattr(train, "plot_curves", plot)
+    monkeypatch.setattr(training_log, "plot_curves", plot)
     train.train(hp.replace(run_dir=tmp_path / "resumed", resume=True))
     uninterrupted = torch.load(tmp_path / "full" / "checkpoint_last.pt", weights_only=True)
     resumed = torch.load(tmp_path / "resumed" / "checkpoint_last.pt", weights_only=True)
