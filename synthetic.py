@@ -1,15 +1,10 @@
 """Generate BraTS-format cases: the project's embedded default data.
 
-A skull-stripped brain (folded cortex over white matter, deep grey nuclei, CSF in sulci and ventricles) with
-a lumpy tumor: necrotic core (label 1) in an enhancing rim (4) in edema (2), each with its contrast in real
-scans, a bias field and Rician noise. Two styles: "phantom" (the demo's data) keeps anatomy, contrasts and
-scanner alike in every case; "randomized" draws them from the ranges of STYLES (SynthSeg's domain randomisation
-with the tumor's contrasts kept): a cerebellum, brainstem and temporal lobes, a deformed brain, each tissue's
-contrast, texture, bias field, thick slices, blur and noise, vessels and FLAIR-bright spots that are not tumor,
-a skull-strip rim, and tumors anywhere in the cerebrum with mass effect. Laid out like BraTS 2020:
-BraTS20_Training_NNN/BraTS20_Training_NNN_{flair,t1,t1ce,t2,seg}.nii (.nii.gz when compressed), int16
-images, uint8 labels, 1 mm, the BraTS affine; or as another data_format of conventions.py. MARK in the
-header lets them be smaller than the BraTS grid; the style's name is in the header's aux_file.
+A skull-stripped brain (folded cortex, white matter, deep grey nuclei, CSF) with a lumpy tumor: necrotic core (1)
+in an enhancing rim (4) in edema (2), with real scans' contrasts, a bias field and Rician noise. Style "phantom"
+(the demo) keeps anatomy, contrasts and scanner alike in every case; "randomized" draws them from STYLES' ranges
+(domain randomisation as SynthSeg's, the tumor's contrasts kept). Laid out like BraTS 2020 (int16 images, uint8
+labels, 1 mm, the BraTS affine) or another data_format of conventions.py; MARK and the style are in the header.
 
     python synthetic.py                 # hp.synthetic_cases cases of hp.synthetic_shape into hp.raw_data_dir
     python synthetic.py --comparison    # also Images/synthetic_vs_real.png (needs ../shared/data/brats_sample)
@@ -54,12 +49,12 @@ STYLES = {"randomized": {
     "hindbrain": 1,  # 1: cerebellum, brainstem and temporal lobes under the cerebrum; 0: an egg-shaped brain
     "deform_mm": 3.0,  # std of a smooth random displacement of the whole anatomy (asymmetric shapes)
     "contrast": 0.3,  # contrasts to white matter raised to a power exp(+-contrast), jittered by contrast / 4
-    "texture": 0.1,  # largest amplitude of the tissue texture and of regional changes, relative to the mean
+    "texture": 0.08,  # largest amplitude of the tissue texture, relative to the mean
     "bias": 0.15,  # the std of the log bias field grows from 0.1 by up to this
     "slice_mm": 6.0,  # thickest slices: scans acquired with thick slices along one axis, resampled to 1 mm
     "blur_mm": 1.0,  # largest std of an isotropic blur
     "noise": 2.0,  # noise scaled by a factor between 1 / noise and noise
-    "distractors": 1.0,  # amount of enhancing vessels, FLAIR-bright spots and a skull-strip rim (not tumor)
+    "distractors": 0,  # enhancing vessels, FLAIR-bright spots, a skull-strip rim (1: lower WT on the real case)
     "spread": 1.0,  # tumors also near the surface, smaller and larger, with satellites (0: one, deep)
     "mass_effect": 0.6,  # largest push of the anatomy away from the tumor, in core radii
 }}
@@ -95,7 +90,7 @@ def _separable(weights, bx, by, bz):
 
 
 def smooth_noise(rng, shape, cell_mm, spacing_mm):
-    """Random field with zero mean and unit variance on a grid, features about 2-3x `spacing_mm` across."""
+    """Random field, zero mean, unit variance, features about 2-3x `spacing_mm` across."""
     bx, by, bz = (_bumps(n, c, spacing_mm, spacing_mm, 2 * spacing_mm)[0] for n, c in zip(shape, cell_mm))
     # Along each axis the squared bumps sum to sqrt(pi) at any position: unit variance everywhere.
     weights = rng.standard_normal((bx.shape[1], by.shape[1], bz.shape[1]), dtype=np.float32) / np.pi ** 0.75
@@ -103,11 +98,8 @@ def smooth_noise(rng, shape, cell_mm, spacing_mm):
 
 
 def labyrinth_at(rng, points, width_mm, voxel_mm):
-    """Band-pass random field and its gradient magnitude at points (3, N) mm, read from a grid.
-
-    A difference of Gaussians keeps one band of wavelengths: the zero set is a labyrinth of evenly spaced sheets
-    and |field| / slope approximates the mm to the nearest one (a low-pass field has broad flats near zero).
-    """
+    """Band-pass field (a difference of Gaussians) and its gradient magnitude at points (3, N) mm: its zero set is a
+    labyrinth of evenly spaced sheets, |field| / slope about the mm to the nearest one."""
     lo = points.min(axis=1, keepdims=True)
     cell, spacing = max(width_mm / 2, voxel_mm), width_mm / 1.5
     shape = np.ceil((points.max(axis=1) - lo[:, 0]) / cell).astype(int) + 2
@@ -159,8 +151,8 @@ def _blob(x, y, z, centre, semi_axes):
 
 
 def _warp(rng, x, y, z, vox, deform_mm, push):
-    """Full (X, Y, Z) coordinates moved by a smooth random displacement (std deform_mm) and by a push (centre,
-    mm) that moves the anatomy away from the centre as if a ball of that radius had grown there."""
+    """(X, Y, Z) coordinates moved by a smooth displacement (std deform_mm) and a push (centre, mm): the anatomy
+    moved away as if a ball of that radius had grown there."""
     shape = np.broadcast_shapes(x.shape, y.shape, z.shape)
     x, y, z = (np.broadcast_to(g, shape) + deform_mm * smooth_noise(rng, shape, vox, 40.0) for g in (x, y, z))
     if push is not None:
@@ -173,9 +165,8 @@ def _warp(rng, x, y, z, vox, deform_mm, push):
 
 
 def _hindbrain(rng, x, y, z, axes, step, bumps):
-    """(cerebellum radius, brainstem radius, base, tentorium): the radii are < 1 inside; below the base (mm) the
-    cerebrum ends: low at the sides (temporal lobes), higher between them and on the tentorium, a CSF sheet
-    (its fraction) over the cerebellum."""
+    """(cerebellum radius, brainstem radius (< 1 inside), base of the cerebrum in mm (low at the temporal lobes,
+    high on the tentorium), the tentorium's CSF sheet over the cerebellum)."""
     ax, ay, az = (float(a) for a in axes * rng.uniform(0.92, 1.08, 3))
     tentorium = -az * (0.2 + 0.25 * np.maximum(y, 0) / ay + 0.12 * np.abs(x) / ax)
     footprint = soft((1 - np.sqrt((x / (0.72 * ax)) ** 2 + ((y - 0.52 * ay) / (0.37 * ay)) ** 2)) * 30.0, 4.0)
@@ -221,9 +212,8 @@ def brain_tissues(rng, shape, ranges, push=None):
     x, y, z = points
     step = float(vox.max())  # partial-volume width: one voxel
 
-    # Sulci: sheets running in from the surface along a labyrinth on the surface. Each voxel reads the
-    # labyrinth at its projection onto the outline, shifted by a smooth displacement that bends sulci as
-    # they run deeper. Grey matter lines the sulci and the surface, white matter fills the gyri below.
+    # Sulci: sheets in from the surface along a labyrinth read at each voxel's projection onto the outline, bent
+    # as they run deeper. Grey matter lines the sulci and the surface, white matter fills the gyri below.
     outer = depth < 30.0  # deeper voxels have no folds
     bend = np.stack([smooth_noise(rng, mask.shape, vox, 10.0)[inside][outer] for _ in range(3)])  # (3, n)
     surface = np.maximum(outline[outer], 0.55)  # (deep under the surface only at the base of the cerebrum)
@@ -288,8 +278,8 @@ def brain_tissues(rng, shape, ranges, push=None):
 
 
 def tumor_plan(rng, kind, ranges, vox):
-    """(centre mm, core radius mm, blobs [(centre, semi-axes)]) of a lumpy tumor: a union of 1-4 blobs, centred
-    well inside the brain (with spread: anywhere in the cerebrum, smaller or larger, sometimes a satellite)."""
+    """(centre mm, core radius mm, blobs [(centre, semi-axes)]): 1-4 blobs well inside the brain (with spread:
+    anywhere in the cerebrum, smaller or larger, sometimes a satellite)."""
     spread = ranges["spread"]
     while True:
         centre = np.array([rng.choice([-1, 1]) * rng.uniform(12 - 9 * spread, 45 + 15 * spread),
@@ -338,10 +328,8 @@ def tumor_fractions(rng, brain, kind, plan, ranges):
 # ---- the scanner: contrasts, bias field, resolution and noise ----
 
 def intensity_table(rng, ranges):
-    """Mean intensity of each tissue in MODALITIES order: INTENSITY, or with contrast a random draw around it that
-    keeps each modality's order of tissues (a power of the ratio to white matter, as a different echo or
-    inversion time would give) with a small jitter per tissue; necrosis lies between fluid-like and solid,
-    enhancement has a random strength."""
+    """Mean intensity per tissue in MODALITIES order: INTENSITY, or with contrast a random power of the ratio to
+    white matter (as another echo or inversion time), jittered; necrosis fluid-like to solid, enhancement varied."""
     table = {name: np.array(value, np.float64) for name, value in INTENSITY.items()}
     if ranges["contrast"]:
         table["necrosis"] += rng.uniform(0, 1) * (table["nonenhancing"] - table["necrosis"])
@@ -349,9 +337,8 @@ def intensity_table(rng, ranges):
         power, wm = np.exp(rng.uniform(-ranges["contrast"], ranges["contrast"], 4)), table["wm"]
         table = {name: wm * (value / wm) ** power * np.exp(rng.normal(0, ranges["contrast"] / 4, 4))
                  for name, value in table.items()}
-    if ranges["distractors"]:  # vessels and what skull stripping left: darker or brighter in each modality
-        table["vessel"] = table["vessel"] * np.exp(rng.normal(0, 0.4, 4))
-        table["rim"] = table["wm"] * np.exp(rng.normal(0, 0.4, 4))
+    if ranges["distractors"]:
+        table["rim"] = table["wm"] * np.exp(rng.normal(0, 0.4, 4))  # what skull stripping left: dark or bright
     return table
 
 
@@ -366,7 +353,7 @@ def _resample(array, positions, axis):
 
 def acquire(rng, values, brain, ranges):
     """Brain values (N,) after a random blur and, in 70% of scans, thick slices along one axis (mostly axial)
-    that are read back onto the grid by linear interpolation, as when a 2D scan is resampled to 1 mm."""
+    read back linearly onto the grid, as a 2D scan resampled to 1 mm."""
     blur = rng.uniform(0, ranges["blur_mm"])
     thick = rng.uniform(1, max(ranges["slice_mm"], 1)) if rng.random() < 0.7 else 1.0
     axis = 2 if rng.random() < 0.7 else int(rng.integers(2))
@@ -411,12 +398,8 @@ def style_ranges(style):
 
 
 def generate_case(shape=FULL_SHAPE, seed=0, kind="tumor", style="phantom"):
-    """One case: ({modality: int16 (X, Y, Z)}, seg uint8 (X, Y, Z) with BraTS labels {0, 1, 2, 4}).
-
-    kind: "tumor" (necrosis, enhancing rim, edema), "no_enhancing" (core without label 4) or "healthy".
-    style: "phantom", "randomized" or a dict of STYLES ranges (see style_ranges).
-    seed: anything numpy.random.default_rng takes; the same shape, seed, kind and style give identical arrays.
-    """
+    """One case: ({modality: int16 (X, Y, Z)}, seg uint8 (X, Y, Z), BraTS labels {0, 1, 2, 4}). kind: "tumor",
+    "no_enhancing" (no label 4) or "healthy"; style: see style_ranges; the same arguments give identical arrays."""
     shape = tuple(int(n) for n in shape)
     if len(shape) != 3 or min(shape) < 16:
         raise ValueError(f"case shape {shape}: expected 3 sizes of at least 16 voxels")
@@ -446,10 +429,10 @@ def generate_case(shape=FULL_SHAPE, seed=0, kind="tumor", style="phantom"):
     mix = lambda parts: np.array([table[n] for n in parts], np.float32).T @ np.stack(list(parts.values()))
     fine = brain_noise(rng, brain, 3.0)
     healthy_texture, lesion_texture = 0.04 * fine, 0.1 * fine
-    if ranges["texture"]:  # grain of random strength, and regions brighter or darker in each modality
-        regions = rng.uniform(0, ranges["texture"], (4, 1)) * np.stack([brain_noise(rng, brain, 12.0) for _ in range(4)])
-        healthy_texture = rng.uniform(0.01, ranges["texture"]) * fine + regions  # (M, N)
-        lesion_texture = rng.uniform(0.03, 2 * ranges["texture"]) * fine + regions
+    if ranges["texture"]:  # texture of random strength at two scales: patches of brighter and darker tissue
+        coarse = brain_noise(rng, brain, 10.0)
+        healthy_texture = rng.uniform(0.01, ranges["texture"]) * fine + rng.uniform(0, ranges["texture"]) * coarse
+        lesion_texture = rng.uniform(0.03, 2 * ranges["texture"]) * fine + rng.uniform(0, ranges["texture"]) * coarse
     signal = mix(brain.tissues) * ((1 + healthy_texture) * healthy)
     if lesion:
         signal += mix(lesion) * (1 + lesion_texture)
@@ -504,8 +487,8 @@ def _our_file(path):
 
 
 def write_case(out_dir, name, images, seg, compress=False, data_format="brats2020", style=b""):
-    """Write out_dir/name/name_{flair,t1,t1ce,t2,seg}.nii[.gz] named as data_format (seg in its labels) -> the folder.
-    Refuses to replace files it did not write: real BraTS cases have the same names."""
+    """Write the case's five files as data_format names them -> the folder; never replaces a file it did not write
+    (real BraTS cases have the same names)."""
     paths = case_paths(out_dir, name, compress, data_format)
     for path in (*paths.values(), *case_paths(out_dir, name, not compress, data_format).values()):
         if path.exists() and _our_file(path) is None:
@@ -527,11 +510,8 @@ def case_is_complete(out_dir, name, shape, compress=False, data_format="brats202
 
 def generate_dataset(out_dir, n_cases, shape=FULL_SHAPE, seed=0, compress=False, progress=False,
                      data_format="brats2020", style="phantom"):
-    """Write cases 1..n_cases (kinds from case_kind) into out_dir, skipping complete ones; returns their names.
-
-    Case i depends only on (seed, i, style): adding cases or rerunning after an interruption changes no other case;
-    cases of another shape or style are written again. data_format: the convention of the names and labels (the
-    generated cases have no resection cavity). style: see generate_case."""
+    """Write cases 1..n_cases (kinds from case_kind) into out_dir, skipping complete ones -> their names. Case i
+    depends only on (seed, i, style); cases of another shape or style are written again."""
     style_ranges(style)  # an unknown style fails before any file is written
     names = [conventions.CONVENTIONS[data_format].case_name.format(index) for index in range(1, n_cases + 1)]
     for index, name in enumerate(tqdm(names, desc="synthetic cases", disable=not progress), start=1):
@@ -544,9 +524,9 @@ def generate_dataset(out_dir, n_cases, shape=FULL_SHAPE, seed=0, compress=False,
 
 # ---- picture and command line ----
 
-def save_comparison_png(path=ROOT / "Images/synthetic_vs_real.png", real_case=SAMPLE_CASE, seed=0):
-    """Axial slices through the largest tumor-core section of a full-size phantom (case 1 of `seed`) and of
-    a real case: 4 modalities and the labels over FLAIR, 2 rows x 5 columns."""
+def save_comparison_png(path=ROOT / "Images/synthetic_vs_real.png", real_case=SAMPLE_CASE, seed=0, style="phantom"):
+    """Axial slices through the largest tumor-core section of a full-size generated case (case 1 of `seed`) and
+    of a real case: 4 modalities and the labels over FLAIR, 2 rows x 5 columns."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -555,8 +535,9 @@ def save_comparison_png(path=ROOT / "Images/synthetic_vs_real.png", real_case=SA
         raise FileNotFoundError(f"{real_case}: real BraTS case folder not found (needed for the comparison)")
     channels = (*MODALITIES, SEG_NAME)
     real = {c: np.asanyarray(nib.load(next(real_case.glob(f"*_{c}.nii*"))).dataobj) for c in channels}
-    images, seg = generate_case(FULL_SHAPE, seed=(seed, 1), kind="tumor")
-    rows = {f"phantom case 1, seed {seed}": {**images, SEG_NAME: seg}, f"real {real_case.name}": real}
+    images, seg = generate_case(FULL_SHAPE, seed=(seed, 1), kind="tumor", style=style)
+    rows = {f"{style_name(style).decode() or 'phantom'} case 1, seed {seed}": {**images, SEG_NAME: seg},
+            f"real {real_case.name}": real}
     colours = np.array([[0, 0, 0, 0], [1, 0.2, 0.2, 0.6], [0.2, 0.9, 0.2, 0.45], [0, 0, 0, 0], [1, 0.9, 0, 0.6]])
     crop = np.s_[20:230, 35:225]  # (x, y) around the brain
     figure, axes = plt.subplots(2, 5, figsize=(20, 9.4), facecolor="black")
@@ -576,7 +557,7 @@ def save_comparison_png(path=ROOT / "Images/synthetic_vs_real.png", real_case=SA
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    figure.savefig(temporary, dpi=72, facecolor="black")
+    figure.savefig(temporary, dpi=56, facecolor="black")  # under 300 kB
     plt.close(figure)
     os.replace(temporary, path)
     return path
@@ -593,7 +574,7 @@ def main():
                                  hp.synthetic_compress, True, hp.data_format, hp.synthetic_style)
         print(f"{len(names)} {hp.synthetic_style} cases of shape {tuple(hp.synthetic_shape)} in {hp.raw_data_dir}")
         if comparison:
-            print(f"wrote {save_comparison_png()}")
+            print(f"wrote {save_comparison_png(style=hp.synthetic_style)}")
     except (FileExistsError, FileNotFoundError) as error:
         raise SystemExit(f"error: {error}") from None
 

@@ -43,12 +43,13 @@ PHANTOM_SEED = 2024
 # name -> (what it tests, the style: "phantom" or changes to STYLES["randomized"], settings overrides)
 RECIPES = {
     "phantom": ("the demo's phantom style at full size", "phantom", []),
-    "randomized": ("every idea of STYLES['randomized']", {}, []),
+    "randomized": ("STYLES['randomized'] as shipped (hyperparameters_synthetic.txt)", {}, []),
     "no_hindbrain": ("randomized, an egg-shaped brain (no cerebellum, brainstem, temporal lobes)", {"hindbrain": 0}, []),
-    "no_distractors": ("randomized, no vessels, spots or rim", {"distractors": 0}, []),
+    "distractors": ("randomized, with enhancing vessels, FLAIR-bright spots and a skull-strip rim", {"distractors": 1.0}, []),
     "no_scanner": ("randomized, no thick slices, blur, noise or bias-field changes",
                    {"slice_mm": 0, "blur_mm": 0, "noise": 0, "bias": 0}, []),
     "no_contrast": ("randomized, the phantom's contrasts and texture", {"contrast": 0, "texture": 0}, []),
+    "nnunet_augment": ("randomized, nnU-Net's augmentation (augment.py)", {}, ["augment=nnunet"]),
     "no_tumor_variety": ("randomized, tumors as in the phantoms (deep, no mass effect), no deformation",
                          {"spread": 0, "mass_effect": 0, "deform_mm": 0}, []),
     # the training side, at twice the steps of the rows above (or as many CPU seconds)

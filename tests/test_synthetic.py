@@ -1,10 +1,12 @@
 import os
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 from scipy import ndimage
 
+import hyperparameters
 import synthetic
 from synthetic import MODALITIES, brats_affine, case_kind, generate_case, generate_dataset, write_case
 
@@ -274,3 +276,20 @@ def test_thick_slices_interpolate_linearly():
     ramp = np.arange(10, dtype=np.float32)[None, :, None] * np.ones((2, 1, 3), np.float32)  # (2, 10, 3)
     out = synthetic._resample(ramp, np.array([0.0, 2.5, 8.75, 12.0]), axis=1)
     np.testing.assert_allclose(out[0, :, 0], [0.0, 2.5, 8.75, 9.0])  # linear inside, clamped at the end
+
+
+def test_randomized_core_without_enhancement_nests():
+    # A core without enhancement (label 1 only) still lies inside its edema; no label 4 appears.
+    for seed in range(3):
+        images, seg = generate_case((64, 64, 48), seed=(6, seed), kind="no_enhancing", style="randomized")
+        brain = images["t1"] != 0
+        assert set(np.unique(seg).tolist()) == {0, 1, 2}
+        assert np.mean(boundary_labels(seg, [1], brain) == 2) > 0.6
+
+
+def test_settings_files_choose_the_style():
+    # The demo keeps the phantoms; hyperparameters_synthetic.txt is the full-size randomized recipe of the README.
+    assert hyperparameters.load().synthetic_style == "phantom"
+    hp = hyperparameters.load(Path(synthetic.ROOT) / "hyperparameters_synthetic.txt")
+    assert hp.synthetic_style == "randomized" and tuple(hp.synthetic_shape) == synthetic.FULL_SHAPE
+    assert hp.bg_threshold == 1.0  # healthy cases stay in the training set
