@@ -19,9 +19,10 @@ EPOCHS = 4
 
 
 def tiny_settings(prepared_dir, run_dir, **changes):
-    settings = {"prepared_dir": prepared_dir, "run_dir": run_dir, "num_workers": 0, "features": "4, 8, 16",
-                "patch_size": "16, 16, 16", "batch_size": 2, "epochs": EPOCHS, "steps_per_epoch": 4,
-                "val_every": 2, "learning_rate": 3e-3, "sw_batch_size": 4, "seed": 3}
+    raw_data_dir = dataset.read_manifest(prepared_dir)["settings"]["raw_data_dir"]  # where its cases came from
+    settings = {"prepared_dir": prepared_dir, "run_dir": run_dir, "raw_data_dir": raw_data_dir, "num_workers": 0,
+                "features": "4, 8, 16", "patch_size": "16, 16, 16", "batch_size": 2, "epochs": EPOCHS,
+                "steps_per_epoch": 4, "val_every": 2, "learning_rate": 3e-3, "sw_batch_size": 4, "seed": 3}
     return hyperparameters.load(overrides={**settings, **changes})
 
 
@@ -57,7 +58,11 @@ def test_training_loss_falls_and_metrics_csv_has_a_row_per_epoch(full_run):
     assert float(rows[-1]["dice_mean"]) == pytest.approx(result["dice_mean"], rel=1e-5)
     assert (hp.run_dir / "curves.png").stat().st_size > 10_000
     assert sorted(p.name for p in hp.run_dir.iterdir()) == [
-        "checkpoint_best.pt", "checkpoint_last.pt", "curves.png", "metrics.csv"]  # no temporary files left
+        "checkpoint_best.pt", "checkpoint_last.pt", "curves.png", "metrics.csv", "validation"]  # no temporary files
+    # the validation cases predicted with the best checkpoint, probabilities too: the out-of-fold predictions
+    val_names = dataset.split_cases(dataset.read_manifest(hp.prepared_dir))[1]
+    assert sorted(p.name for p in (hp.run_dir / "validation").iterdir()) == sorted(
+        f"{name}{suffix}" for name in val_names for suffix in (".nii.gz", "_probabilities.npz"))
 
 
 def test_checkpoint_holds_plain_unwrapped_state(full_run):
