@@ -2,6 +2,11 @@
 
     python evaluate.py          # prediction_dir against the segmentations under raw_data_dir (and predict_input_dir)
 
+Which cases are expected: those predict.py took, i.e. the cases of predict_input_dir, or without it the test split
+of prepared_dir's dataset.json (when prepared from this raw_data_dir). An expected case that has ground truth but
+no prediction is scored as BraTS scores it, a failure: Dice 0 and HD95 373.13 mm in every region (sensitivity and
+specificity 0), and is listed and counted in the summary.
+
 Per case and region (WT, TC, ET): Dice, HD95 in mm (the voxel spacing from the NIfTI header),
 sensitivity, specificity and the predicted and true volumes in mm^3 (loss.region_metrics), one row per
 case in run_dir/evaluation.csv. The printed summary gives mean, standard deviation (over cases, ddof 1),
@@ -15,8 +20,9 @@ HD95 comes from distance transforms of the two surfaces, not from pairwise point
 240 x 240 x 155 case takes well under 2 s on one core.
 
 The ground truth is a folder of raw case folders (found like prepare_dataset.py finds them, the
-*_seg file of each) or a folder of label maps {case}.nii[.gz]; evaluate_folders compares any two such
-folders. A prediction without ground truth, or with another shape or affine, is listed as not evaluated.
+*_seg file of each; the modalities need not be there) or a folder of label maps {case}.nii[.gz];
+evaluate_folders compares any two such folders. A prediction without ground truth, or with another shape or
+affine, is listed as not evaluated.
 """
 import csv
 from pathlib import Path
@@ -26,8 +32,9 @@ from tqdm import tqdm
 
 import hyperparameters
 from conventions import REGION_NAMES, brats_to_internal
-from loss import region_metrics
-from prepare_dataset import CaseError, atomic_write, find_cases, load_nifti, no_segmentation
+from dataset import default_prediction_cases
+from loss import HD95_EMPTY, region_metrics
+from prepare_dataset import CaseError, atomic_write, find_cases, load_nifti, no_segmentation, read_manifest
 
 METRICS = ("dice", "hd95", "sensitivity", "specificity", "volume_pred", "volume_true")
 SUMMARY_METRICS = ("dice", "hd95", "sensitivity", "specificity")
@@ -51,22 +58,28 @@ def label_maps(folder):
     return {case_name(path): path for path in paths if path.is_file() and case_name(path)}
 
 
+def modality_files(folder, channel_names):
+    """The files of a case folder named as a modality: a message on a missing segmentation lists only the others."""
+    return tuple(path for path in folder.iterdir()
+                 if any((case_name(path) or "").lower().endswith("_" + channel.lower()) for channel in channel_names))
+
+
 def find_ground_truth(folders, channel_names, seg_channel_name, reasons=None):
-    """{case: segmentation path} from folders of label maps or of raw case folders (the first folder wins).
-    reasons: a dict that gets why a case folder gives no segmentation (a missing modality, a misnamed file)."""
+    """{case: segmentation path} from folders of label maps or of case folders, with or without their modalities
+    (the first folder wins). reasons: a dict that gets why a case folder gives no segmentation (a misnamed file)."""
     truth = {}
     for folder in folders:
         found = label_maps(folder)
         if not found:
             try:
-                cases, problems = find_cases(folder, channel_names, seg_channel_name)
+                cases, problems = find_cases(folder, (), seg_channel_name)  # the truth needs no modality
             except CaseError:  # missing or holding no cases: the other folders may have them
                 continue
             found = {case.name: case.seg_path for case in cases if case.seg_path is not None}
             if reasons is not None:
                 reasons.update({Path(path).name: reason for path, reason in problems})
-                reasons.update({case.name: no_segmentation(case, seg_channel_name)
-                                for case in cases if case.seg_path is None})
+                reasons.update({case.name: no_segmentation(case._replace(image_paths=modality_files(
+                    case.folder, channel_names)), seg_channel_name) for case in cases if case.seg_path is None})
         for name, path in found.items():
             truth.setdefault(name, path)
     return truth
@@ -81,9 +94,11 @@ def load_labels(path):
         raise CaseError(f"{path}: {error}") from None
 
 
-def evaluate_pair(pred_path, truth_path):
-    """{region: {metric: value}} of one case; CaseError naming both files when their grids differ."""
+def evaluate_pair(pred_path, truth_path, postprocess=None):
+    """{region: {metric: value}} of one case (its prediction's internal labels passed through postprocess first,
+    when given); CaseError naming both files when their grids differ."""
     pred, pred_image = load_labels(pred_path)
+    pred = postprocess(pred) if postprocess else pred
     truth, truth_image = load_labels(truth_path)
     if pred.shape != truth.shape:
         raise CaseError(f"{pred_path}: shape {pred.shape} differs from the ground truth {truth_path} {truth.shape}")
@@ -94,9 +109,20 @@ def evaluate_pair(pred_path, truth_path):
     return region_metrics(pred, truth, spacing)
 
 
-def evaluate_folders(pred_dir, truth_dirs, channel_names, seg_channel_name):
+def failure_row(name, truth_path):
+    """The row of a case with ground truth and no prediction, scored as BraTS scores a missing case: Dice 0,
+    HD95 373.13 mm, sensitivity and specificity 0 in every region; nothing predicted."""
+    truth, image = load_labels(truth_path)
+    metrics = region_metrics(np.zeros_like(truth), truth, tuple(float(s) for s in image.header.get_zooms()[:3]))
+    failed = {"dice": 0.0, "hd95": HD95_EMPTY, "sensitivity": 0.0, "specificity": 0.0}
+    return {"case": name, **{f"{metric}_{region}": failed.get(metric, metrics[region][metric])
+                             for metric in METRICS for region in REGION_NAMES}}
+
+
+def evaluate_folders(pred_dir, truth_dirs, channel_names, seg_channel_name, *, expected=()):
     """Label maps of pred_dir against the ground truth in truth_dirs (a folder or a list of them)
-    -> (rows: one dict of COLUMNS per evaluated case, not_evaluated: {case: reason})."""
+    -> (rows: one dict of COLUMNS per evaluated case, not_evaluated: {case: reason}).
+    expected: the cases that should have a prediction; one with ground truth but none gets a failure_row."""
     predictions = label_maps(pred_dir)
     if not predictions:
         raise CaseError(f"{pred_dir}: no predictions ({{case}}.nii.gz files): run predict.py first")
@@ -118,7 +144,32 @@ def evaluate_folders(pred_dir, truth_dirs, channel_names, seg_channel_name):
             continue
         rows.append({"case": name, **{f"{metric}_{region}": metrics[region][metric]
                                       for metric in METRICS for region in REGION_NAMES}})
-    return rows, not_evaluated
+    for name in sorted(set(expected) & set(truth) - set(predictions)):
+        try:
+            rows.append(failure_row(name, truth[name]))
+        except CaseError as error:
+            not_evaluated[name] = str(error)
+    return sorted(rows, key=lambda row: row["case"]), not_evaluated
+
+
+def missing_predictions(rows, pred_dir):
+    """The cases of rows that have no label map in pred_dir: those scored as failures."""
+    return sorted({row["case"] for row in rows} - set(label_maps(pred_dir)))
+
+
+def expected_cases(hp):
+    """(names, description) of the cases predict.py takes: those of predict_input_dir, else its default cases of
+    prepared_dir's dataset.json (the test split) when prepared from raw_data_dir; ((), None) when unknown."""
+    try:
+        if hp.predict_input_dir is not None:
+            cases, _ = find_cases(hp.predict_input_dir, hp.channel_names, hp.seg_channel_name, "predict_input_dir")
+            return [case.name for case in cases], f"the cases of {hp.predict_input_dir}"
+        manifest = read_manifest(hp.prepared_dir)
+    except (CaseError, FileNotFoundError, ValueError):
+        return (), None
+    if manifest["settings"].get("raw_data_dir") != str(hp.raw_data_dir):
+        return (), None
+    return default_prediction_cases(manifest, hp.fold)
 
 
 # ---------------------------------------------------------------- outputs
@@ -135,22 +186,25 @@ def summarize(rows):
     return summary
 
 
-def print_summary(rows, not_evaluated):
-    print(f"\n{len(rows)} case(s) evaluated; HD95 in mm")
+def print_summary(rows, not_evaluated, missing=(), expected=None):
+    print(f"\n{len(rows)} case(s) evaluated{f' ({expected})' if expected else ''}; HD95 in mm")
     print(f"{'metric':<12} {'region':<6}" + "".join(f"{name:>9}" for name in STATISTICS))
     for (metric, region), statistics in summarize(rows).items():
         print(f"{metric:<12} {region:<6}" + "".join(f"{value:>9.4f}" for value in statistics.values()))
     empty = ", ".join(f"{region} {sum(row[f'volume_true_{region}'] == 0 for row in rows)} / "
                       f"{sum(row[f'volume_pred_{region}'] == 0 for row in rows)}" for region in REGION_NAMES)
     print(f"cases with an empty region, ground truth / prediction: {empty}")
+    if missing:
+        print(f"{len(missing)} case(s) without a prediction, scored as failures (Dice 0, HD95 {HD95_EMPTY} mm): "
+              + ", ".join(missing))
     for name, reason in not_evaluated.items():
         print(f"  not evaluated {name}: {reason}")
 
 
-def write_csv(rows, path):
+def write_csv(rows, path, columns=COLUMNS):
     def write(tmp):
         with open(tmp, "w", newline="") as file:
-            writer = csv.DictWriter(file, COLUMNS)
+            writer = csv.DictWriter(file, columns)
             writer.writeheader()
             writer.writerows(rows)
     atomic_write(path, write)
@@ -173,7 +227,9 @@ def evaluate(hp):
     """hp.prediction_dir against the ground truth under raw_data_dir (then predict_input_dir) -> rows;
     writes run_dir/evaluation.csv and run_dir/evaluation_boxplot.png and prints the summary."""
     truth_dirs = [folder for folder in (hp.raw_data_dir, hp.predict_input_dir) if folder is not None]
-    rows, not_evaluated = evaluate_folders(hp.prediction_dir, truth_dirs, hp.channel_names, hp.seg_channel_name)
+    expected, description = expected_cases(hp)
+    rows, not_evaluated = evaluate_folders(hp.prediction_dir, truth_dirs, hp.channel_names, hp.seg_channel_name,
+                                           expected=expected)
     if not rows:
         for name, reason in not_evaluated.items():
             print(f"  not evaluated {name}: {reason}")
@@ -186,7 +242,7 @@ def evaluate(hp):
         raise CaseError(f"{hp.run_dir}: cannot create run_dir ({error.strerror})") from None
     write_csv(rows, hp.run_dir / "evaluation.csv")
     plot_boxes(rows, hp.run_dir / "evaluation_boxplot.png")
-    print_summary(rows, not_evaluated)
+    print_summary(rows, not_evaluated, missing_predictions(rows, hp.prediction_dir), description)
     print(f"wrote {hp.run_dir / 'evaluation.csv'} and {hp.run_dir / 'evaluation_boxplot.png'}")
     return rows
 
