@@ -239,8 +239,8 @@ def test_two_folds_trained_in_parallel_processes_do_not_disturb_each_other(cv_ru
 
 # ---------------------------------------------------------------- ensembles
 
-def save_random_checkpoint(path, seed, target="regions"):
-    hp = hyperparameters.load(overrides={"features": "4, 8, 16", "patch_size": "16, 16, 16", "target": target})
+def save_random_checkpoint(path, seed, target="regions", hp=None):
+    hp = hp or hyperparameters.load(overrides={"features": "4, 8, 16", "patch_size": "16, 16, 16", "target": target})
     torch.manual_seed(seed)
     model.save_checkpoint({"model_args": model.model_args(hp), "model": model.build_model(hp).state_dict(),
                            "hyperparameters": hp.to_dict()}, path)
@@ -364,3 +364,54 @@ def test_a_missing_prediction_is_scored_as_a_failure(tiny_raw, tmp_path, capsys)
         in out
     with open(hp.run_dir / "evaluation.csv", newline="") as file:
         assert [row["case"] for row in csv.DictReader(file)] == names
+
+
+def test_out_of_fold_predictions_land_in_the_raw_grid_of_the_real_sample(sample_case, tmp_path, monkeypatch):
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / sample_case.name).symlink_to(sample_case)
+    hp = hyperparameters.load(overrides={"raw_data_dir": tmp_path / "raw", "prepared_dir": tmp_path / "prepared",
+                                         "run_dir": tmp_path / "run", "num_workers": 0, "test_fraction": 0})
+    case = prepare_dataset.prepare_dataset(hp)["cases"][sample_case.name]
+    save_random_checkpoint(hp.run_dir / "checkpoint_best.pt", seed=0)
+    seg = np.load(hp.prepared_dir / case["seg"])  # (x, y, z) cropped internal labels
+
+    def truth_as_probabilities(members, image):  # a perfect network, on the prepared image it is given
+        assert image.shape == (4, *seg.shape) and image.dtype == np.float32
+        return torch.from_numpy(labels_to_regions(seg).astype(np.float32))  # (3, x, y, z) WT, TC, ET
+
+    monkeypatch.setattr(predict, "ensemble_probabilities", truth_as_probabilities)
+    assert predict.predict_validation(hp, [sample_case.name]) == [sample_case.name]
+    out_of_fold = nib.load(hp.run_dir / "validation" / f"{sample_case.name}.nii.gz")
+    truth = nib.load(sample_case / f"{sample_case.name}_seg.nii.gz")
+    assert np.array_equal(np.asanyarray(out_of_fold.dataobj), np.asanyarray(truth.dataobj))  # every voxel in place
+    assert np.allclose(out_of_fold.affine, truth.affine) and out_of_fold.header.get_zooms() == truth.header.get_zooms()
+    metrics = evaluate.evaluate_pair(hp.run_dir / "validation" / f"{sample_case.name}.nii.gz", sample_case /
+                                     f"{sample_case.name}_seg.nii.gz")
+    assert all(metrics[region]["dice"] == 1 for region in REGION_NAMES)
+
+
+def test_a_case_with_a_small_tumor_is_kept_and_filtered_cases_are_listed_with_their_tumor_share(tiny_raw, tmp_path,
+                                                                                               capsys):
+    source, healthy = tiny_raw / "BraTS20_Training_001", "BraTS20_Training_003"
+    small = tmp_path / "raw" / "Case-small"
+    small.mkdir(parents=True)
+    for path in source.iterdir():
+        if "_seg" not in path.name:
+            (small / path.name).symlink_to(path)
+    seg = nib.load(source / f"{source.name}_seg.nii")
+    labels = np.asanyarray(seg.dataobj).copy()
+    labels.reshape(-1)[np.flatnonzero(labels)[5:]] = 0  # 5 tumor voxels left
+    nib.save(nib.Nifti1Image(labels, seg.affine), small / "Case-small_seg.nii")
+    (tmp_path / "raw" / healthy).symlink_to(tiny_raw / healthy)
+    brain = np.any([np.asanyarray(nib.load(p).dataobj) != 0 for p in small.iterdir() if "_seg" not in p.name], axis=0)
+    share = 100 * 5 / brain.sum()
+    assert share < 0.1  # the seed's bg_threshold 0.999 took such a case for a healthy one
+    hp = hyperparameters.load(overrides={"raw_data_dir": tmp_path / "raw", "prepared_dir": tmp_path / "prepared",
+                                         "run_dir": tmp_path / "run", "num_workers": 0})
+    manifest = prepare_dataset.prepare_dataset(hp)  # bg_threshold 1.0: only cases without tumor are filtered
+    assert list(manifest["cases"]) == ["Case-small"] and list(manifest["filtered"]) == [healthy]
+    assert "tumor share 0.0000% (0 voxels)" in manifest["filtered"][healthy]
+    old = prepare_dataset.prepare_dataset(hp.replace(prepared_dir=tmp_path / "old", bg_threshold=0.999))
+    assert sorted(old["filtered"]) == sorted(["Case-small", healthy]) and not old["cases"]
+    assert f"tumor share {share:.4f}% (5 voxels)" in old["filtered"]["Case-small"]
+    assert f"filtered Case-small: healthy: tumor share {share:.4f}% (5 voxels)" in capsys.readouterr().out
