@@ -22,6 +22,7 @@ import predict
 import prepare_dataset
 import train
 from conftest import REPO
+from test_train import without_seconds
 from conventions import REGION_NAMES, brats_to_internal, internal_to_brats, labels_to_regions
 from loss import HD95_EMPTY
 
@@ -180,26 +181,22 @@ def test_crossval_again_trains_nothing(cv_run, capsys):
     assert "trained 2 epochs already" in capsys.readouterr().out
 
 
-def without_seconds(rows):
-    return [{key: value for key, value in row.items() if key != "seconds"} for row in rows]
-
-
 def test_a_resumed_fold_continues_where_it_stopped(cv_run, tmp_path, monkeypatch, capsys):
     hp, _, _, _ = cv_run
     prepared = tmp_path / "prepared"
     shutil.copytree(hp.prepared_dir, prepared)
     fold = hp.replace(prepared_dir=prepared, run_dir=tmp_path / "run", fold=1)
-    plot = train.plot_curves
+    save = model.save_checkpoint
 
-    def stop_after_epoch_1(rows, path, show=False):
-        plot(rows, path, show)
-        if rows[-1]["epoch"] == 1:
+    def stop_once_epoch_1_is_saved(state, path):
+        save(state, path)
+        if state["epoch"] == 1:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(train, "plot_curves", stop_after_epoch_1)
+    monkeypatch.setattr(model, "save_checkpoint", stop_once_epoch_1_is_saved)
     with pytest.raises(KeyboardInterrupt):
         train.train(fold)
-    monkeypatch.setattr(train, "plot_curves", plot)
+    monkeypatch.setattr(model, "save_checkpoint", save)
     assert not (tmp_path / "run" / "fold_0").exists()
     train.train(fold.replace(resume=True))
     assert f"resuming {tmp_path / 'run' / 'fold_1' / 'checkpoint_last.pt'} after epoch 1" in capsys.readouterr().out
