@@ -8,8 +8,9 @@ Which cases do what (the split is written once into dataset.json by prepare_data
 - fold K trains on the other folds; its validation cases select its checkpoint_best.pt and are then predicted
   with it into run_dir/fold_K/validation/ (train.py does this at the end of every fold);
 - together these out-of-fold predictions cover every labelled case outside the test split, each predicted by the
-  one model that did not train on it: they give the cross-validation result (run_dir/crossval.csv and the printed
-  summary, the number papers report) and tune the postprocessing (run_dir/postprocessing.json);
+  one model that did not train on it: they give the cross-validation result (run_dir/crossval.csv, the printed
+  summary, the number papers report, and crossval_boxplot.png) and tune the postprocessing
+  (run_dir/postprocessing.json, and postprocessing.png: the mean ET Dice of every threshold tried);
 - the test split plays no part here: predict.py (the ensemble of the folds) and evaluate.py report it.
 
 The folds run one after another in this process. Each can also run on its own (`python train.py fold=K`, on
@@ -57,6 +58,8 @@ def out_of_fold_rows(hp, manifest):
     for fold in range(hp.num_folds):
         folder = dataset.fold_dir(hp, fold) / "validation"
         names = dataset.split_cases(manifest, fold)[1]
+        if not names:  # num_folds 1 with val_fraction 0
+            continue
         fold_rows, problems = evaluate.evaluate_folders(folder, [hp.raw_data_dir], hp.channel_names,
                                                         hp.seg_channel_name, expected=names)
         rows += [{"fold": fold, **row} for row in fold_rows]
@@ -96,6 +99,20 @@ def tune_et_threshold(hp, rows):
     return best, means, changed
 
 
+def plot_threshold(means, best, path):
+    """postprocessing.png: the out-of-fold mean ET Dice of every et_min_voxels tried, the chosen one marked."""
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend on a server or in tests
+    figure = Figure((6, 3.5))
+    axis = figure.subplots()
+    axis.plot(np.arange(len(means)), means, label="mean ET Dice, out-of-fold")
+    axis.axvline(best, color="k", linestyle="--", label=f"et_min_voxels {best}")
+    axis.set(xlabel="et_min_voxels (voxels)", ylabel="mean ET Dice", title="enhancing-tumor threshold")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
+
+
 def summary_table(rows, rows_with, et_min_voxels):
     """Markdown rows: Dice and HD95 (mean, median) per region as predicted, and ET with et_min_voxels."""
     lines = ["| region | Dice mean | Dice median | HD95 mean (mm) | HD95 median (mm) |",
@@ -118,9 +135,12 @@ def crossval(hp):
     manifest = prepare_dataset.read_manifest(hp.prepared_dir)
     rows, not_evaluated, missing = out_of_fold_rows(hp, manifest)
     if not rows:
-        raise CaseError(f"{hp.run_dir}: no out-of-fold prediction could be evaluated: {not_evaluated}")
+        reasons = "; ".join(f"{name}: {reason}" for name, reason in not_evaluated.items()) or "no validation cases"
+        raise CaseError(f"{hp.run_dir}: no out-of-fold prediction could be evaluated ({reasons[:300]})")
     best, means, rows_with = tune_et_threshold(hp, rows)
     evaluate.write_csv(rows, hp.run_dir / "crossval.csv", CSV_COLUMNS)
+    evaluate.plot_boxes(rows, hp.run_dir / "crossval_boxplot.png")
+    plot_threshold(means, best, hp.run_dir / "postprocessing.png")
     record = {"et_min_voxels": best, "mean_dice_ET": {"without": float(means[0]), "with": float(means[best])},
               "searched": f"0 .. {hp.et_search_max} voxels", "cases": len(rows), "num_folds": hp.num_folds,
               "tuned_on": "out-of-fold predictions in fold_K/validation (never the test split)"}
@@ -135,8 +155,8 @@ def crossval(hp):
         print(f"{len(missing)} case(s) without an out-of-fold prediction, scored as failures: {', '.join(missing)}")
     for name, reason in not_evaluated.items():
         print(f"  not evaluated {name}: {reason}")
-    print(f"et_min_voxels {best}: mean ET Dice {means[0]:.4f} -> {means[best]:.4f}; wrote "
-          f"{hp.run_dir / 'crossval.csv'} and {hp.run_dir / 'postprocessing.json'} (predict.py applies it)")
+    print(f"et_min_voxels {best}: mean ET Dice {means[0]:.4f} -> {means[best]:.4f}; wrote crossval.csv, "
+          f"crossval_boxplot.png, postprocessing.json (predict.py applies it) and postprocessing.png in {hp.run_dir}")
     return record
 
 

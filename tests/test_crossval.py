@@ -152,6 +152,8 @@ def test_the_test_split_never_reaches_training_selection_or_tuning(cv_run):
     assert sorted((row["case"], int(row["fold"])) for row in rows) == sorted(
         (n, k) for k, fold in enumerate(folds) for n in fold)
     assert json.loads((hp.run_dir / "postprocessing.json").read_text()) == record
+    for picture in ("crossval_boxplot.png", "postprocessing.png"):
+        assert (hp.run_dir / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert record["cases"] == 8 and 0 <= record["et_min_voxels"] <= 300
     assert record["mean_dice_ET"]["with"] >= record["mean_dice_ET"]["without"]
 
