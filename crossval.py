@@ -34,9 +34,8 @@ import hyperparameters
 import predict
 import prepare_dataset
 import train
+from conventions import CONVENTIONS
 from prepare_dataset import CaseError, atomic_write
-
-CSV_COLUMNS = ("case", "fold") + evaluate.COLUMNS[1:]
 
 
 def train_folds(hp):
@@ -61,7 +60,7 @@ def out_of_fold_rows(hp, manifest):
         if not names:  # num_folds 1 with val_fraction 0
             continue
         fold_rows, problems = evaluate.evaluate_folders(folder, [hp.raw_data_dir], hp.channel_names,
-                                                        hp.seg_channel_name, expected=names)
+                                                        hp.seg_channel_name, hp.data_format, expected=names)
         rows += [{"fold": fold, **row} for row in fold_rows]
         not_evaluated.update(problems)
         missing += evaluate.missing_predictions(fold_rows, folder)
@@ -80,15 +79,16 @@ def search_et_threshold(voxels, dice_kept, dice_removed, max_voxels):
 def tune_et_threshold(hp, rows):
     """The ET threshold on the out-of-fold label maps -> (et_min_voxels, mean ET Dice of every threshold tried,
     the rows with it applied)."""
-    truth = evaluate.find_ground_truth([hp.raw_data_dir], hp.channel_names, hp.seg_channel_name)
+    truth = evaluate.find_ground_truth([hp.raw_data_dir], hp.channel_names, hp.seg_channel_name,
+                                       data_format=hp.data_format)
     voxels, removed_rows = np.zeros(len(rows), np.int64), {}
     for index, row in enumerate(rows):
         path = dataset.fold_dir(hp, row["fold"]) / "validation" / f"{row['case']}.nii.gz"
         if not path.is_file():  # a failure: nothing predicted, nothing to remove
             continue
-        voxels[index] = np.count_nonzero(evaluate.load_labels(path)[0] == 3)
+        voxels[index] = np.count_nonzero(evaluate.load_labels(path, hp.data_format)[0] == 3)
         if 0 < voxels[index] < hp.et_search_max:  # the cases a threshold in the search can change
-            metrics = evaluate.evaluate_pair(path, truth[row["case"]],
+            metrics = evaluate.evaluate_pair(path, truth[row["case"]], hp.data_format,
                                              lambda labels: predict.postprocess_et(labels, voxels[index] + 1))
             removed_rows[index] = {**row, **{f"{metric}_{region}": metrics[region][metric]
                                              for metric in evaluate.METRICS for region in metrics}}
@@ -128,18 +128,19 @@ def summary_table(rows, rows_with, et_min_voxels):
 def crossval(hp):
     """Train the missing folds, then the cross-validation result and the ET threshold over the out-of-fold
     predictions: writes run_dir/crossval.csv and run_dir/postprocessing.json -> the postprocessing record."""
-    dataset.fold_cases(hp)  # dataset.json must hold hp.num_folds folds: say so before any training
+    manifest = prepare_dataset.read_manifest(hp.prepared_dir, hp.data_format)
+    dataset.fold_cases(manifest, hp)  # dataset.json must hold hp.num_folds folds: say so before any training
     results = train_folds(hp)
     if int(os.environ.get("RANK", 0)) != 0:  # under torchrun: the evaluation once, in the main process
         return None
-    manifest = prepare_dataset.read_manifest(hp.prepared_dir)
     rows, not_evaluated, missing = out_of_fold_rows(hp, manifest)
     if not rows:
         reasons = "; ".join(f"{name}: {reason}" for name, reason in not_evaluated.items()) or "no validation cases"
         raise CaseError(f"{hp.run_dir}: no out-of-fold prediction could be evaluated ({reasons[:300]})")
     best, means, rows_with = tune_et_threshold(hp, rows)
-    evaluate.write_csv(rows, hp.run_dir / "crossval.csv", CSV_COLUMNS)
-    evaluate.plot_boxes(rows, hp.run_dir / "crossval_boxplot.png")
+    regions = CONVENTIONS[hp.data_format].regions
+    evaluate.write_csv(rows, hp.run_dir / "crossval.csv", ("case", "fold") + evaluate.columns(regions)[1:])
+    evaluate.plot_boxes(rows, hp.run_dir / "crossval_boxplot.png", regions)
     plot_threshold(means, best, hp.run_dir / "postprocessing.png")
     record = {"et_min_voxels": best, "mean_dice_ET": {"without": float(means[0]), "with": float(means[best])},
               "searched": f"0 .. {hp.et_search_max} voxels", "cases": len(rows), "num_folds": hp.num_folds,

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from prepare_dataset import read_manifest
+from prepare_dataset import FORMAT_VERSION, MANIFEST, read_manifest
 
 # Tumor voxels remembered per case for centring patches: an evenly spaced subset of all of them,
 # so a worker holds at most 80 kB per case instead of a list of up to ~10^5 voxels.
@@ -48,10 +48,9 @@ def default_prediction_cases(manifest, fold):
                                             "these selected the checkpoint and their scores are not a test result")
 
 
-def fold_cases(hp):
-    """(train_names, val_names) of hp.fold, after checking that prepared_dir was split into hp.num_folds folds."""
-    path = Path(hp.prepared_dir) / "dataset.json"
-    manifest = read_manifest(hp.prepared_dir)
+def fold_cases(manifest, hp):
+    """(train_names, val_names) of hp.fold, after checking that the manifest holds hp.num_folds folds."""
+    path = Path(hp.prepared_dir) / MANIFEST
     num_folds = manifest["settings"].get("num_folds", 1)
     if num_folds != hp.num_folds:
         raise ValueError(f"{path}: split into {num_folds} fold(s), but num_folds is {hp.num_folds}; set num_folds: "
@@ -65,6 +64,19 @@ def fold_dir(hp, fold=None):
     """Where the run of a fold (default hp.fold) lives: run_dir itself with one fold (the single split, as before
     folds existed), else run_dir/fold_K."""
     return hp.run_dir if hp.num_folds == 1 else hp.run_dir / f"fold_{hp.fold if fold is None else fold}"
+
+
+def check_prepared_settings(manifest, hp):
+    """ValueError when a setting disagrees with what the prepared arrays were made with (dataset.json):
+    the channels and their order, the crop margin, the format (normalisation) of the arrays."""
+    prepared = {"channel_names": ", ".join(manifest["channel_names"]),
+                "crop_margin": manifest["settings"]["crop_margin"], "format": manifest["version"]}
+    current = {"channel_names": ", ".join(hp.channel_names), "crop_margin": hp.crop_margin, "format": FORMAT_VERSION}
+    differ = [f"{key} {prepared[key]} (prepared) vs {current[key]} (now)" for key in prepared
+              if prepared[key] != current[key]]
+    if differ:
+        raise ValueError(f"{Path(hp.prepared_dir) / MANIFEST}: the data was prepared with other settings "
+                         f"({'; '.join(differ)}): set them back, or run prepare_dataset.py again")
 
 
 def labelled_entries(prepared_dir, case_names):

@@ -31,9 +31,9 @@ def run_demo(hp):
         return result
 
     timed("generate", lambda: synthetic.generate_dataset(hp.raw_data_dir, hp.synthetic_cases, hp.synthetic_shape,
-                                                         hp.seed, hp.synthetic_compress, progress=True))
+                                                         hp.seed, hp.synthetic_compress, True, hp.data_format))
     timed("prepare", lambda: prepare_dataset.prepare_dataset(hp))
-    timed("train", lambda: train.train(hp))
+    timed("train", lambda: train.train(hp.replace(overwrite=True)))  # a demo run starts over (or resume=True)
     # a new training run makes earlier predictions stale
     timed("predict", lambda: predict.predict(hp.replace(overwrite=True)))
     rows = timed("evaluate", lambda: evaluate.evaluate(hp))

@@ -3,9 +3,16 @@
 The defaults are the values in the hyperparameters.txt beside this file; this module only knows each
 key's type and valid range. Another file (--hp FILE) may set any subset of the keys; command-line
 `key=value` overrides are checked the same way. Parsing has no side effects (no folders are made).
+
+`#` starts a comment at the start of a line or of a value, or after whitespace, in a file and on the
+command line alike: `raw_data_dir: data/raw#2` keeps its `#`. Relative paths in a file are relative to
+the file's folder, relative paths typed on the command line to the working directory.
 """
+import codecs
 import difflib
+import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -20,23 +27,29 @@ class HyperparameterError(ValueError):
 
 def _int(value):
     if isinstance(value, str):
-        value = value.strip()
-        if value.lstrip("+-").isdigit():
-            return int(value)
-    elif isinstance(value, int) and not isinstance(value, bool):
-        return value
+        try:
+            value = int(value.strip())
+        except ValueError:
+            raise ValueError("an integer") from None
+    if isinstance(value, int) and not isinstance(value, bool):
+        if abs(value) < 2 ** 63:  # what numpy and torch hold; a larger one would fail far from the setting
+            return value
+        raise ValueError("an integer below 2^63")
     raise ValueError("an integer")
 
 
 def _float(value):
+    number = None
     if isinstance(value, str):
         try:
-            return float(value.strip())
+            number = float(value.strip())
         except ValueError:
             pass
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    raise ValueError("a number")
+        number = float(value)
+    if number is None or not math.isfinite(number):  # inf or nan would train NaN weights
+        raise ValueError("a finite number")
+    return number
 
 
 def _bool(value):
@@ -103,7 +116,7 @@ def _fraction(x):
 
 
 def _overlap(x):
-    return 0 <= x < 1
+    return 0 <= x <= 0.9  # windows per case grow as 1 / (1 - overlap)^3: 0.9 is 125x 0.5, 0.99 is 125,000x
 
 
 def _device(x):
@@ -118,13 +131,15 @@ SCHEMA = {
     "prediction_dir": (_PATH, None, ""),
     "channel_names": (_list_of(_text), None, ""),
     "seg_channel_name": (_text, None, ""),
+    "data_format": (_choice("brats2020", "brats2023", "brats2024"), None, ""),
+    "allow_any_grid": (_bool, None, ""),
     "bg_threshold": (_float, _fraction, "between 0 and 1"),
     "crop_margin": (_int, _non_negative, ">= 0"),
     "val_fraction": (_float, lambda x: 0 <= x < 1, ">= 0 and < 1"),
     "test_fraction": (_float, lambda x: 0 <= x < 1, ">= 0 and < 1"),
     "num_folds": (_int, _positive, "> 0"),
     "fold": (_int, _non_negative, ">= 0"),
-    "seed": (_int, _non_negative, ">= 0"),
+    "seed": (_int, lambda x: 0 <= x < 2 ** 32, ">= 0 and < 2^32 (numpy's seed range)"),
     "synthetic_cases": (_int, _positive, "> 0"),
     "synthetic_shape": (_list_of(_int, 3), lambda s: min(s) >= 16, "each side >= 16"),
     "synthetic_compress": (_bool, None, ""),
@@ -153,13 +168,15 @@ SCHEMA = {
     "resume": (_bool, None, ""),
     "checkpoint": (_optional(_paths), None, ""),
     "predict_input_dir": (_PATH, None, ""),
-    "sw_overlap": (_float, _overlap, ">= 0 and < 1"),
+    "sw_overlap": (_float, _overlap, ">= 0 and <= 0.9"),
     "sw_batch_size": (_int, _positive, "> 0"),
     "tta_mirror": (_bool, None, ""),
     "et_min_voxels": (_optional(_int), _non_negative, ">= 0"),
     "et_search_max": (_int, _non_negative, ">= 0"),
     "save_probabilities": (_bool, None, ""),
     "overwrite": (_bool, None, ""),
+    "lesion_wise": (_bool, None, ""),
+    "lesion_wise_task": (_choice("gli", "mets", "MenPre", "GoAT"), None, ""),
     "rendering_sample_name": (_optional(_text), None, ""),
     "render_output": (_PATH, None, ""),
     "render_modality": (_text, None, ""),
@@ -188,20 +205,38 @@ def _convert(key, value, base_dir, where):
     return typed
 
 
+def _uncomment(text):
+    """text without its comment: `#` at the start or after whitespace begins one, `a#b` is kept."""
+    return re.split(r"(?:^|\s)#", text, maxsplit=1)[0].strip()
+
+
+def _decode(data):
+    """Text of a settings file: UTF-8 with or without a byte-order mark (Windows Notepad), or UTF-16.
+    Bytes that are not UTF-8 become surrogates, harmless in comments and refused in values."""
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return data.decode("utf-16")
+    return data.decode("utf-8-sig", "surrogateescape")
+
+
 def read_file(path):
     """The typed values a settings file sets (a subset of the keys is fine)."""
     path = Path(path)
     if not path.is_file():
         raise HyperparameterError(f"{path}: hyperparameter file not found")
     values, seen = {}, {}
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        line = line.split("#", 1)[0].strip()
+    for number, line in enumerate(_decode(path.read_bytes()).splitlines(), start=1):
+        line = _uncomment(line)
         if not line:
             continue
         where = f"{path.name} line {number}"
         if ":" not in line:
             raise HyperparameterError(f"{where}: expected 'key: value', got {line!r}")
-        key, value = (part.strip() for part in line.split(":", 1))
+        key, value = line.split(":", 1)
+        key, value = key.strip(), _uncomment(value)  # `key:#x` is a key without a value, as `key=#x`
+        undecodable = re.search("[\udc80-\udcff]", key + value)
+        if undecodable:
+            raise HyperparameterError(f"{where}: byte 0x{ord(undecodable.group()) - 0xdc00:02x} is not UTF-8; "
+                                      "save the file as UTF-8")
         if key in seen:
             raise HyperparameterError(f"{where}: duplicate key '{key}' (first set on line {seen[key]})")
         seen[key] = number
@@ -231,9 +266,10 @@ class Hyperparameters:
     def replace(self, **changes):
         return self.updated(changes, "replace()")
 
-    def updated(self, changes, where):
+    def updated(self, changes, where, base_dir=None):
+        """A validated copy with changes; their relative paths against base_dir (default: the file's folder)."""
         values = dict(self._values)
-        values.update({k: _convert(k, v, self._base_dir, where) for k, v in changes.items()})
+        values.update({k: _convert(k, v, base_dir or self._base_dir, where) for k, v in changes.items()})
         return Hyperparameters(values, self._base_dir)
 
     def to_dict(self):
@@ -245,7 +281,8 @@ class Hyperparameters:
 
 
 def load(path=None, overrides=None):
-    """Defaults, then the settings file (if another), then overrides ({key: value} or ["key=value"])."""
+    """Defaults, then the settings file (if another), then overrides: {key: value} (relative paths
+    against the file's folder) or ["key=value"] as typed on a command line (against the working directory)."""
     values = read_file(DEFAULT_FILE)
     missing = set(SCHEMA) - set(values)
     if missing:
@@ -255,7 +292,7 @@ def load(path=None, overrides=None):
         values.update(read_file(path))
     hp = Hyperparameters(values, path.parent)
     if isinstance(overrides, (list, tuple)):
-        overrides = dict(_split_override(item) for item in overrides)
+        return hp.updated(dict(_split_override(item) for item in overrides), "command line", Path.cwd())
     return hp.updated(overrides or {}, "command line")
 
 
@@ -263,7 +300,7 @@ def _split_override(item):
     if "=" not in item:
         raise HyperparameterError(f"command line: expected key=value or --hp FILE, got {item!r}")
     key, value = item.split("=", 1)
-    return key.strip().lstrip("-"), value
+    return key.strip().lstrip("-"), _uncomment(value)
 
 
 def from_dict(values):
@@ -295,6 +332,8 @@ def from_command_line(argv=None):
         hp = load(path, overrides=argv)
     except HyperparameterError as error:
         raise SystemExit(f"error: {error}") from None
+    if hasattr(sys.stdout, "reconfigure"):  # a folder name that is not UTF-8 prints as \udcNN, not a crash
+        sys.stdout.reconfigure(errors="backslashreplace")
     changed = differences(hp)
     if changed and os.environ.get("RANK", "0") == "0":  # under torchrun, once
         print("settings that differ from the defaults: " + ", ".join(f"{k}={v}" for k, v in changed.items()))

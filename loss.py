@@ -4,25 +4,28 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from conventions import BRATS_LABELS, REGION_NAMES, REGIONS, labels_to_regions
+from conventions import ALL_REGIONS, BRATS_LABELS, INTERNAL_LABEL_NAMES, REGION_NAMES, labels_to_regions
 
 # ------------------------------------------------------------------ losses (torch, float32)
-# Tensors are (B, C, X, Y, Z); labels are internal labels (B, X, Y, Z). target "regions": 3 sigmoid
-# channels WT, TC, ET; target "labels": 4 softmax channels for the internal labels 0..3.
+# Tensors are (B, C, X, Y, Z); labels are internal labels (B, X, Y, Z). target "regions": sigmoid
+# channels WT, TC, ET (and RC for BraTS 2024); target "labels": softmax channels for the internal labels
+# 0..3 (0..4 for BraTS 2024). The channel count of the network's output says which.
 LOSSES = ("dice_ce", "dice", "modified_dice")
 TARGETS = ("regions", "labels")
 
-# (3 regions, 4 labels): 1 where a label belongs to a region; indexing it with labels gives region targets
-_REGION_TABLE = torch.tensor([[label in members for label in range(len(BRATS_LABELS))]
-                              for members in REGIONS.values()], dtype=torch.float32)
+# (4 regions, 5 labels): 1 where a label belongs to a region; indexing it with labels gives region targets
+_REGION_TABLE = torch.tensor([[label in members for label in range(len(INTERNAL_LABEL_NAMES))]
+                              for members in ALL_REGIONS.values()], dtype=torch.float32)
 
 
-def one_hot_targets(labels, target):
-    """Internal labels (B, X, Y, Z) -> float32 targets (B, 3, X, Y, Z) regions or (B, 4, X, Y, Z) one-hot."""
+def one_hot_targets(labels, target, channels=None):
+    """Internal labels (B, X, Y, Z) -> float32 targets (B, C, X, Y, Z): the first C regions (default 3: WT, TC,
+    ET) or a one-hot of C labels (default 4)."""
     labels = labels.long()
     if target == "regions":
-        return _REGION_TABLE.to(labels.device)[:, labels].movedim(0, 1)  # (3, B, ...) -> (B, 3, ...)
-    return F.one_hot(labels, len(BRATS_LABELS)).movedim(-1, 1).float()  # (B, 4, X, Y, Z)
+        table = _REGION_TABLE[:channels or len(REGION_NAMES)].to(labels.device)
+        return table[:, labels].movedim(0, 1)  # (C, B, ...) -> (B, C, ...)
+    return F.one_hot(labels, channels or len(BRATS_LABELS)).movedim(-1, 1).float()  # (B, C, X, Y, Z)
 
 
 def at_least_float32(tensor):
@@ -41,11 +44,14 @@ def probabilities_to_labels(probs, target):
     """Probabilities (C, X, Y, Z) or (B, C, X, Y, Z) -> internal labels uint8 (X, Y, Z) or (B, X, Y, Z).
 
     Regions nest: background unless WT > 0.5; inside WT label 2 (edema), where TC is also > 0.5
-    label 1 (core), where ET is also > 0.5 label 3 (enhancing).
+    label 1 (core), where ET is also > 0.5 label 3 (enhancing). A fourth region channel (RC, BraTS 2024)
+    gives label 4 where RC > 0.5 outside WT: the tumor wins where both are predicted.
     """
     if target == "regions":
-        wt, tc, et = (probs > 0.5).unbind(-4)
+        wt, tc, et, *cavity = (probs > 0.5).unbind(-4)
         labels = torch.where(wt & et, 3, torch.where(wt & tc, 1, torch.where(wt, 2, 0)))
+        if cavity:
+            labels = torch.where(cavity[0] & ~wt, 4, labels)
     else:
         labels = probs.argmax(-4)
     return labels.to(torch.uint8)
@@ -70,7 +76,7 @@ def modified_dice_loss(probs, targets, eps=1e-5):
 
 def single_resolution_loss(logits, labels, loss, target):
     logits = at_least_float32(logits)
-    targets = one_hot_targets(labels, target).to(logits.dtype)  # (B, C, X, Y, Z)
+    targets = one_hot_targets(labels, target, logits.shape[1]).to(logits.dtype)  # (B, C, X, Y, Z)
     probs = logits_to_probabilities(logits, target)
     if target == "labels":  # Dice on the tumor labels only: background Dice is ~1 and says little
         probs, dice_targets = probs[:, 1:], targets[:, 1:]
@@ -134,10 +140,11 @@ def _dice(pred_mask, true_mask):
     return 1.0 if total == 0 else 2.0 * int(np.count_nonzero(pred_mask & true_mask)) / total
 
 
-def dice_per_region(pred, truth):
-    """Internal label maps -> {"WT", "TC", "ET": Dice} (BraTS empty rules)."""
+def dice_per_region(pred, truth, regions=REGION_NAMES):
+    """Internal label maps -> {region: Dice} for regions, by default WT, TC, ET (BraTS empty rules)."""
     pred, truth = _same_shape(pred, truth)
-    return {name: _dice(p, t) for name, p, t in zip(REGION_NAMES, labels_to_regions(pred), labels_to_regions(truth))}
+    return {name: _dice(p, t) for name, p, t in
+            zip(regions, labels_to_regions(pred, regions), labels_to_regions(truth, regions))}
 
 
 def accuracy(pred, truth):
@@ -182,15 +189,16 @@ def hd95(pred_mask, true_mask, spacing=(1.0, 1.0, 1.0)):
     return float(max(np.percentile(to_true[pred_surface], 95), np.percentile(to_pred[true_surface], 95)))
 
 
-def region_metrics(pred, truth, spacing=(1.0, 1.0, 1.0)):
-    """Internal label maps -> {region: {"dice", "hd95", "sensitivity", "specificity", "volume_pred", "volume_true"}}.
+def region_metrics(pred, truth, spacing=(1.0, 1.0, 1.0), regions=REGION_NAMES):
+    """Internal label maps -> {region: {"dice", "hd95", "sensitivity", "specificity", "volume_pred", "volume_true"}}
+    for regions, by default WT, TC, ET.
 
     Volumes are in mm^3. Sensitivity is 1 when the region is absent from the truth (nothing to miss).
     """
     pred, truth = _same_shape(pred, truth)
     voxel_volume = float(np.prod(np.broadcast_to(np.asarray(spacing, dtype=np.float64), (pred.ndim,))))
     results = {}
-    for name, p, t in zip(REGION_NAMES, labels_to_regions(pred), labels_to_regions(truth)):
+    for name, p, t in zip(regions, labels_to_regions(pred, regions), labels_to_regions(truth, regions)):
         n_pred, n_true, n_both = (int(np.count_nonzero(m)) for m in (p, t, p & t))
         true_negatives = p.size - n_pred - n_true + n_both
         results[name] = {

@@ -12,11 +12,9 @@ Checkpoints hold plain tensors and Python values only and are read with
 """
 import glob
 import math
-import os
 import pickle
 import random
 import re
-import tempfile
 from collections import OrderedDict
 from pathlib import Path
 
@@ -25,8 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-NUM_LABELS = 4  # internal labels 0..3
-NUM_REGIONS = 3  # WT, TC, ET
+import conventions
+from files import atomic_write
 
 
 def make_norm(norm, channels):
@@ -73,6 +71,19 @@ class UpBlock(nn.Module):
         return self.conv(x)  # (B, out, 2X, 2Y, 2Z)
 
 
+def size_problem(sides, features):
+    """Why spatial sides do not fit a U-Net with these level widths ('' when they do): every side must halve
+    cleanly at each pooling, since padding silently would shift the outputs."""
+    factor = 2 ** (len(features) - 1)
+    for axis, side in zip("xyz", sides):
+        if side % factor:
+            below, above = side // factor * factor, (side // factor + 1) * factor
+            nearest = f"{below} or {above}" if below else f"{above}"
+            return (f"side {axis} is {side}, not a multiple of {factor} (2^{len(features) - 1} for "
+                    f"{len(features) - 1} poolings); nearest valid sizes: {nearest}")
+    return ""
+
+
 class UNet3D(nn.Module):
     def __init__(self, in_channels, out_channels, features=(16, 32, 64, 128), norm="instance",
                  deep_supervision=False):
@@ -91,16 +102,9 @@ class UNet3D(nn.Module):
         self.heads = nn.ModuleList(nn.Conv3d(f, out_channels, kernel_size=1) for f in features[:num_heads])
 
     def check_input_size(self, x):
-        """Every side must halve cleanly at each pooling; padding silently would shift the outputs."""
-        factor = 2 ** (len(self.features) - 1)
-        for axis, side in zip("xyz", x.shape[2:]):
-            if side % factor:
-                below, above = side // factor * factor, (side // factor + 1) * factor
-                nearest = f"{below} or {above}" if below else f"{above}"
-                raise ValueError(
-                    f"input side {axis} is {side}, not a multiple of {factor} "
-                    f"(2^{len(self.features) - 1} for {len(self.features) - 1} poolings); "
-                    f"nearest valid sizes: {nearest}")
+        problem = size_problem(x.shape[2:], self.features)
+        if problem:
+            raise ValueError(f"input {problem}")
 
     def forward(self, x):  # x: (B, in, X, Y, Z)
         if x.ndim != 5:
@@ -127,11 +131,19 @@ def model_args(hp):
     """Everything UNet3D needs, as plain values: stored in checkpoints to rebuild the network."""
     return {
         "in_channels": len(hp.channel_names),
-        "out_channels": NUM_REGIONS if hp.target == "regions" else NUM_LABELS,
+        "out_channels": conventions.num_outputs(hp.data_format, hp.target),  # 3 regions, 4 labels; 2024: 4, 5
         "features": [int(f) for f in hp.features],
         "norm": hp.norm,
         "deep_supervision": bool(hp.deep_supervision),
     }
+
+
+def check_patch_size(hp):
+    """ValueError naming patch_size when the training window does not fit the network of hp.features."""
+    problem = size_problem(hp.patch_size, hp.features)
+    if problem:
+        raise ValueError(f"patch_size {', '.join(map(str, hp.patch_size))}: {problem} "
+                         f"(features {', '.join(map(str, hp.features))})")
 
 
 def build_model(hp):
@@ -140,6 +152,12 @@ def build_model(hp):
 
 def count_parameters(model):
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def non_finite_weights(model):
+    """Names of the parameters and buffers that hold NaN or Inf (a diverged run)."""
+    return [name for name, value in [*model.named_parameters(), *model.named_buffers()]
+            if value.is_floating_point() and not torch.isfinite(value).all()]
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -165,20 +183,12 @@ def check_plain(value, where="state"):
 
 
 def save_checkpoint(state, path):
-    """torch.save to a temporary file in the same folder, then rename: never a half-written checkpoint."""
+    """torch.save to a temporary file in the same folder, then rename: never a half-written checkpoint.
+    The file gets the permissions the umask gives, as any other output (a group can share a run)."""
     check_plain(state)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except BaseException as error:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(error, OSError):  # e.g. a full disk: say which file could not be written
-            raise OSError(error.errno, f"cannot write {path}: {error.strerror or error}") from error
-        raise
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def checkpoint_files(patterns):
@@ -268,6 +278,9 @@ def load_model(path, device="cpu", hp=None):
             message += f"; model_args differ from the current hyperparameters: {differ}"
         raise ValueError(message)
     model.load_state_dict(state_dict)
+    diverged = non_finite_weights(model)
+    if diverged:
+        raise ValueError(f"{path}: weights hold NaN or Inf ({', '.join(diverged[:3])}): the run diverged")
     return model.to(device).eval(), checkpoint
 
 

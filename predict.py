@@ -7,11 +7,16 @@
 Each case goes through the preprocessing of prepare_dataset.py (the same functions: crop to the brain,
 z-score over the brain voxels), the network runs window by window (sliding_window), probabilities
 become labels (regions nest: ET inside TC inside WT), the labels go back into the full grid and are
-written as prediction_dir/{case}.nii.gz: uint8 0/1/2/4 with the input's affine and header, ready for
-the BraTS portal. Cases with a prediction are skipped unless overwrite: True; a bad case is reported
-and skipped. The network is rebuilt from the checkpoint, and the settings it was trained with
-(target, channel_names, patch_size as the window, crop_margin) come from the checkpoint too, not from
-today's hyperparameters.txt. Without predict_input_dir the cases are the test split of dataset.json.
+written as prediction_dir/{case}.nii.gz: uint8 labels of the input's convention (data_format: 0/1/2/4
+for BraTS 2020 and 2021, 0/1/2/3 for 2023, 0/1/2/3/4 for 2024) with the input's affine and header, ready
+for the BraTS portal. Modalities are found by meaning: a network trained on BraTS 2020 files (flair,
+t1, t1ce, t2) reads BraTS 2023 files (t2f, t1n, t1c, t2w). A case outside the BraTS grid (spacing,
+shape, orientation, skull) is reported and skipped unless allow_any_grid: True. Cases with a
+prediction are skipped unless overwrite: True; a bad case is reported and skipped. The network is
+rebuilt from the checkpoint, and the settings it was trained with (target, channel_names, patch_size
+as the window, crop_margin) come from the checkpoint too, not from today's hyperparameters.txt; the
+number of its outputs says whether it knows the resection cavity (BraTS 2024). Without predict_input_dir
+the cases are the test split of dataset.json.
 
 Ensembles: `checkpoint` may name several files (a comma list or a glob; empty: the best checkpoint of run_dir,
 or of every fold). Each network gives a case's probabilities (its own window, mirror TTA inside it); their mean
@@ -32,7 +37,7 @@ postprocessing.json beside the checkpoints (or in the run folder above fold_K fo
 save_probabilities: also prediction_dir/{case}_probabilities.npz, for averaging several models:
 "probabilities" float16 (C, x, y, z) over the crop box only (outside it lies background, where no
 window ran), "crop_box" ((start, stop) per axis in the full grid), "original_shape", and "channels"
-(WT, TC, ET for target regions, the label names for target labels). Average the files' probabilities,
+(WT, TC, ET (, RC) for target regions, the label names for target labels). Average the files' probabilities,
 then loss.probabilities_to_labels and labels_in_input_grid give the ensemble's labels.
 """
 import errno
@@ -49,14 +54,15 @@ from tqdm import tqdm
 
 import dataset
 import hyperparameters
-from conventions import LABEL_NAMES, REGION_NAMES, internal_to_brats
+from conventions import internal_to_brats, output_names
 from devices import autocast_settings, bf16_supported, resolve_device
+from files import output_folder
 from loss import logits_to_probabilities, probabilities_to_labels
-from model import NUM_REGIONS, checkpoint_files, load_model
+from model import checkpoint_files, load_model
 from prepare_dataset import CaseError, atomic_write, find_cases, load_case, preprocess, read_manifest
 
 # Settings the network was trained with: predictions follow the checkpoint's, not the current file's.
-TRAINED_SETTINGS = ("channel_names", "patch_size", "crop_margin")
+TRAINED_SETTINGS = ("channel_names", "patch_size", "crop_margin", "target")
 
 
 # ---------------------------------------------------------------- sliding window
@@ -184,9 +190,10 @@ def postprocess_et(labels, et_min_voxels):
     return labels
 
 
-def write_labels(labels, reference, path):
-    """Internal labels -> disk labels 0/1/2/4 uint8 with the reference image's affine and header, atomically."""
-    image = nib.Nifti1Image(internal_to_brats(labels), reference.affine, reference.header)
+def write_labels(labels, reference, path, data_format="brats2020"):
+    """Internal labels -> uint8 disk labels of data_format (2020: 0/1/2/4) with the reference image's affine
+    and header, atomically."""
+    image = nib.Nifti1Image(internal_to_brats(labels, data_format), reference.affine, reference.header)
     image.set_data_dtype(np.uint8)  # stored as is: nibabel writes no intensity scaling for uint8 labels
     image.header["cal_min"], image.header["cal_max"] = 0, 4  # display range of the labels
     atomic_write(path, lambda tmp: nib.save(image, tmp))
@@ -195,7 +202,7 @@ def write_labels(labels, reference, path):
 def write_probabilities(probabilities, box, original_shape, target, path):
     arrays = {"probabilities": probabilities.astype(np.float16), "crop_box": np.array(box),
               "original_shape": np.array(original_shape),
-              "channels": np.array(REGION_NAMES if target == "regions" else LABEL_NAMES)}
+              "channels": np.array(output_names(target, len(probabilities)))}
     atomic_write(path, lambda tmp: np.savez_compressed(tmp, **arrays))
 
 
@@ -214,25 +221,28 @@ def ensemble_probabilities(members, image):
     return total.div_(len(members))
 
 
-def write_prediction(probabilities, box, original_shape, reference, hp, name):
-    """Probabilities (C_out, x, y, z) over the crop box -> labels in the full grid of reference, written with the
-    probabilities when asked -> the label map's path."""
+def write_prediction(probabilities, box, original_shape, reference, hp, name, data_format):
+    """Probabilities (C_out, x, y, z) over the crop box -> labels of data_format in the full grid of reference,
+    written with the probabilities when asked -> the label map's path."""
     labels = probabilities_to_labels(probabilities, hp.target).cpu().numpy()  # (x, y, z) internal
     labels = postprocess_et(labels_in_input_grid(labels, box, original_shape), hp.et_min_voxels)  # (X, Y, Z)
     paths = output_paths(hp, name)
     if hp.save_probabilities:
         write_probabilities(probabilities.cpu().numpy(), box, original_shape, hp.target, paths[1])
-    write_labels(labels, reference, paths[0])
+    write_labels(labels, reference, paths[0], data_format)
     return paths[0]
 
 
 def predict_file(members, case, hp):
     """Predict one raw case with the networks of members [(network, its hp)] and write its outputs -> the label
     map's path. CaseError for a bad case."""
-    image, _, reference = load_case(case._replace(seg_path=None))  # the truth plays no part in inference
+    image, _, reference = load_case(case._replace(seg_path=None), hp.allow_any_grid)  # the truth plays no part
     normalized, box = preprocess(image, hp.crop_margin)  # (C, x, y, z) float32 cropped to the brain
     probabilities = ensemble_probabilities(members, normalized)  # (C_out, x, y, z)
-    return write_prediction(probabilities, box, image.shape[1:], reference, hp, case.name)
+    if not torch.isfinite(probabilities).all():  # never a NaN map written as background
+        raise CaseError(f"{case.folder}: the network gave NaN or Inf probabilities; nothing written")
+    return write_prediction(probabilities, box, image.shape[1:], reference, hp, case.name,
+                            case.data_format)  # in the input's convention
 
 
 # ---------------------------------------------------------------- all cases
@@ -244,9 +254,14 @@ def checkpoint_paths(hp):
     return checkpoint_files(hp.checkpoint if isinstance(hp.checkpoint, tuple) else [hp.checkpoint])
 
 
-def load_for_inference(hp, device, path):
-    """(network in eval mode on device, hp with the settings it was trained with) from the checkpoint at path.
-    The target follows the network's outputs (3: regions, 4: labels)."""
+def load_for_inference(hp, device, path=None):
+    """(network in eval mode on device, hp with the settings it was trained with) from the checkpoint at path
+    (default: the one checkpoint of hp)."""
+    if path is None:
+        paths = checkpoint_paths(hp)
+        if len(paths) > 1:
+            raise ValueError(f"checkpoint names {len(paths)} files; one is needed here")
+        path = paths[0]
     model, checkpoint = load_model(path, device, hp)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # one window size: let cuDNN time its kernels once
@@ -254,7 +269,7 @@ def load_for_inference(hp, device, path):
         model = model.to(memory_format=torch.channels_last_3d)
     trained = checkpoint.get("hyperparameters", {})
     settings = {key: trained[key] for key in TRAINED_SETTINGS if key in trained}
-    settings["target"] = "regions" if checkpoint["model_args"]["out_channels"] == NUM_REGIONS else "labels"
+    settings.setdefault("target", "regions" if checkpoint["model_args"]["out_channels"] == 3 else "labels")
     current = hp.to_dict()
     changed = [f"{key}={value}" for key, value in settings.items() if current[key] != value]
     if changed:
@@ -298,13 +313,15 @@ def cases_to_predict(hp):
     """The cases of predict_input_dir, or (empty) the cases of raw_data_dir that no model trained on or was selected
     with: the test split of prepared_dir's manifest (see dataset.default_prediction_cases)."""
     if hp.predict_input_dir is not None:
-        cases, problems = find_cases(hp.predict_input_dir, hp.channel_names, hp.seg_channel_name, "predict_input_dir")
+        cases, problems = find_cases(hp.predict_input_dir, hp.channel_names, hp.seg_channel_name, "predict_input_dir",
+                                     hp.data_format)
         for _, reason in problems:
             print(f"skipped {reason}")
         return cases
     names, description = dataset.default_prediction_cases(read_manifest(hp.prepared_dir), hp.fold)
     print(f"predicting {len(names)} case(s): {description}")
-    found = {case.name: case for case in find_cases(hp.raw_data_dir, hp.channel_names, hp.seg_channel_name)[0]}
+    found = {case.name: case for case in
+             find_cases(hp.raw_data_dir, hp.channel_names, hp.seg_channel_name, data_format=hp.data_format)[0]}
     missing = [name for name in names if name not in found]
     if missing:
         print(f"{len(missing)} case(s) of {hp.prepared_dir / 'dataset.json'} not found under {hp.raw_data_dir}: "
@@ -320,10 +337,7 @@ def predict_cases(hp, cases, model=None):
     if model is None:
         model, hp = load_ensemble(hp, resolve_device(hp.device))
     members = model if isinstance(model, list) else [(model, hp)]
-    try:
-        hp.prediction_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise CaseError(f"{hp.prediction_dir}: cannot create prediction_dir ({error.strerror})") from None
+    output_folder(hp.prediction_dir, "prediction_dir")
     written, already, failed = [], [], {}
     for case in tqdm(cases, desc="predict", unit="case"):
         if not hp.overwrite and all(path.is_file() for path in output_paths(hp, case.name)):
@@ -361,13 +375,13 @@ def predict_validation(hp, names, overwrite=False):
     if todo:
         members, hp = load_ensemble(hp, resolve_device(hp.device))
         cases = read_manifest(hp.prepared_dir)["cases"]
-        hp.prediction_dir.mkdir(parents=True, exist_ok=True)
+        output_folder(hp.prediction_dir, "run_dir")
     for name in tqdm(todo, desc="predict validation", unit="case"):
         case = cases[name]
         image = np.load(hp.prepared_dir / case["image"]).astype(np.float32)  # (C, x, y, z)
         reference = nib.Nifti1Image(np.zeros((1, 1, 1), np.uint8), np.array(case["affine"]))  # the raw grid
         write_prediction(ensemble_probabilities(members, image), case["crop_box"], case["original_shape"], reference,
-                         hp, name)
+                         hp, name, hp.data_format)
     print(f"predicted {len(todo)} validation case(s) into {hp.prediction_dir}"
           + f", {len(names) - len(todo)} already there" * (len(todo) < len(names)))
     return todo

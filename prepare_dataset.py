@@ -3,6 +3,7 @@
 Also the home of what predict.py and rendering.py share with it: finding cases, loading NIfTI files
 with clear errors, and the preprocessing of one case (crop to the brain, z-score over brain voxels).
 """
+import contextlib
 import errno
 import json
 import os
@@ -16,30 +17,23 @@ import numpy as np
 from tqdm import tqdm
 
 import hyperparameters
-from conventions import brats_to_internal
+import conventions
+from files import atomic_write, is_leftover, sole_writer
+from synthetic import MARK
 
 MANIFEST = "dataset.json"
 FORMAT_VERSION = 1  # bump when the prepared arrays change meaning, so old ones are redone
 
-Case = namedtuple("Case", "name folder image_paths seg_path")
+# data_format: the convention the files follow, and the one predictions of the case are written in
+Case = namedtuple("Case", "name folder image_paths seg_path data_format", defaults=("brats2020",))
 
 
 class CaseError(Exception):
     """A problem with one case's files; the message names the file and the problem."""
 
 
-def atomic_write(path, write):
-    """write(temporary_path) beside path, then rename into place: never a half-written file."""
-    path = Path(path)
-    tmp = path.with_name(f".tmp{os.getpid()}-{path.name}")  # keeps the suffix (.npy, .nii.gz)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException as error:
-        tmp.unlink(missing_ok=True)
-        if isinstance(error, OSError):
-            raise OSError(error.errno, f"cannot write {path}: {error.strerror or error}") from error
-        raise
+class ConventionError(CaseError):
+    """A case's files follow another convention than the data_format setting."""
 
 
 def _nifti_stem(path):
@@ -49,44 +43,51 @@ def _nifti_stem(path):
     return None
 
 
-def _match_case_files(folder, channel_names, seg_channel_name):
-    """(image paths in channel order, seg path or None) of one folder, or CaseError."""
-    files = {path: _nifti_stem(path).lower() for path in folder.iterdir()
-             if path.is_file() and _nifti_stem(path) is not None}
-    images, missing = [], []
-    for channel in channel_names:
-        found = [p for p, stem in files.items() if stem.endswith("_" + channel.lower())]
-        if len(found) > 1:
-            raise CaseError(f"{folder}: several files for '{channel}': {sorted(p.name for p in found)}")
-        if found:
-            images.append(found[0])
-        else:
-            missing.append(channel)
-    if missing:
-        raise CaseError(f"{folder}: missing modality {', '.join(missing)}")
-    rest = [p for p in files if p not in images]
-    segs = [p for p in rest if files[p].endswith("_" + seg_channel_name.lower())]
-    if not segs:  # a misnamed segmentation (BraTS 2020 case 355): the one seg-like file left
-        segs = [p for p in rest if seg_channel_name.lower() in files[p]]
-    if len(segs) > 1:
-        raise CaseError(f"{folder}: several segmentation files: {sorted(p.name for p in segs)}")
-    return tuple(images), (segs[0] if segs else None)
+def _match_case_files(folder, channel_names, seg_channel_name, data_format):
+    """(image paths in channel order, seg path or None) of one folder, or CaseError (ConventionError when the
+    files follow another convention)."""
+    paths = sorted(path for path in folder.iterdir()
+                   if path.is_file() and _nifti_stem(path) is not None and not is_leftover(path.name))
+    stems = [_nifti_stem(path) for path in paths]  # a stem twice (.nii and .nii.gz) is refused as several files
+    try:
+        images, seg = conventions.match_case_files(stems, channel_names, seg_channel_name, data_format)
+    except conventions.ConventionMismatch as error:
+        raise ConventionError(f"{folder}: {error}") from None
+    except ValueError as error:
+        raise CaseError(f"{folder}: {error}") from None
+    return tuple(paths[stems.index(stem)] for stem in images), (paths[stems.index(seg)] if seg else None)
 
 
-def find_cases(raw_dir, channel_names, seg_channel_name, setting="raw_data_dir"):
+def _folders_with_nifti(raw_dir):
+    """Folders below raw_dir (itself included) that hold NIfTI files. Links are followed (shared data), but
+    each real folder is visited once: a link back up (a loop) or a second way to a folder is not walked."""
+    seen = set()
+    for root, folders, files in os.walk(raw_dir, followlinks=True):
+        status = os.stat(root)
+        identity = (status.st_dev, status.st_ino) if status.st_ino else os.path.realpath(root)  # FAT: no inodes
+        folders[:] = [] if identity in seen else [name for name in folders if not is_leftover(name)]
+        if identity not in seen and any(_nifti_stem(Path(f)) and not is_leftover(f) for f in files):
+            yield Path(root)
+        seen.add(identity)
+
+
+def find_cases(raw_dir, channel_names, seg_channel_name, setting="raw_data_dir", data_format="brats2020"):
     """Every folder below raw_dir that holds NIfTI files is a case, however deep the download nests it.
 
     Returns (cases sorted by name, problems as (folder, reason) for folders that cannot be used).
-    setting: the hyperparameter that named raw_dir, for the messages."""
+    setting: the hyperparameter that named raw_dir, for the messages. Folders named as in another
+    convention than data_format are one error for all, and a raw_dir that mixes conventions is refused."""
     raw_dir = Path(raw_dir)
     if not raw_dir.is_dir():
-        raise CaseError(f"{raw_dir}: {setting} does not exist")
-    folders = sorted(Path(root) for root, _, files in os.walk(raw_dir, followlinks=True)  # links: shared data
-                     if any(_nifti_stem(Path(f)) is not None for f in files))
-    cases, problems, seen = [], [], {}
+        raise CaseError(f"{raw_dir}: {setting} {'is a file, not a folder' if raw_dir.exists() else 'does not exist'}")
+    folders = sorted(_folders_with_nifti(raw_dir))
+    cases, problems, other_format, seen = [], [], [], {}
     for folder in folders:
         try:
-            images, seg = _match_case_files(folder, channel_names, seg_channel_name)
+            images, seg = _match_case_files(folder, channel_names, seg_channel_name, data_format)
+        except ConventionError as error:
+            other_format.append(str(error))
+            continue
         except CaseError as error:
             problems.append((folder, str(error)))
             continue
@@ -94,18 +95,27 @@ def find_cases(raw_dir, channel_names, seg_channel_name, setting="raw_data_dir")
             problems.append((folder, f"{folder}: case name already used by {seen[folder.name]}"))
             continue
         seen[folder.name] = folder
-        cases.append(Case(folder.name, folder, images, seg))
+        cases.append(Case(folder.name, folder, images, seg, data_format))
+    if other_format and cases:
+        raise CaseError(f"{raw_dir}: mixes conventions: {len(cases)} case folder(s) named as data_format "
+                        f"{data_format} expects, {len(other_format)} otherwise ({other_format[0]}); "
+                        "keep one convention per folder")
+    if other_format:
+        raise CaseError(f"{other_format[0]} ({len(other_format)} case folder(s) of {setting} alike)")
     if not cases and not problems:
         example = channel_names[0] if channel_names else seg_channel_name
-        raise CaseError(f"{raw_dir}: no case folders with NIfTI files (*_{example}.nii[.gz]) found")
+        raise CaseError(f"{raw_dir}: no case folders with NIfTI files "
+                        f"(*{conventions.file_suffix(example, data_format)}.nii[.gz]) found")
     return cases, problems
 
 
 def no_segmentation(case, seg_channel_name):
     """Why a case has no segmentation, naming the NIfTI files that are neither a modality nor the segmentation."""
-    others = sorted(p.name for p in case.folder.iterdir() if _nifti_stem(p) is not None and p not in case.image_paths)
+    others = sorted(p.name for p in case.folder.iterdir()
+                    if _nifti_stem(p) is not None and not is_leftover(p.name) and p not in case.image_paths)
     unknown = f"; not recognized: {', '.join(others)}" if others else ""
-    return f"{case.folder}: no segmentation (*_{seg_channel_name}.nii[.gz]){unknown}"
+    suffix = conventions.CONVENTIONS[case.data_format].separator + seg_channel_name
+    return f"{case.folder}: no segmentation (*{suffix}.nii[.gz]){unknown}"
 
 
 def load_nifti(path):
@@ -128,11 +138,12 @@ def load_nifti(path):
     return array, image
 
 
-def load_case(case):
+def load_case(case, allow_any_grid=False):
     """(image (C, X, Y, Z) in the files' dtype, internal labels uint8 (X, Y, Z) or None, nibabel image of channel 0).
 
-    Intensities stay in their stored type (int16 for BraTS): preprocess() converts only the cropped brain."""
-    channels, reference = [], None
+    Intensities stay in their stored type (int16 for BraTS): preprocess() converts only the cropped brain.
+    A case outside the BraTS grid is a CaseError unless allow_any_grid."""
+    channels, niftis, reference = [], [], None
     for path in case.image_paths:
         array, image = load_nifti(path)
         if reference is None:
@@ -145,15 +156,41 @@ def load_case(case):
         if not array.any():
             raise CaseError(f"{path}: image is all zero")
         channels.append(array)
+        niftis.append(image)
+    image, nifti = np.stack(channels), reference[1]  # (C, X, Y, Z)
+    # phantoms of synthetic.py (MARK in their header) may be smaller than the BraTS grid
+    problems = [] if allow_any_grid else conventions.grid_differences(
+        (image != 0).any(axis=0), nifti.header.get_zooms()[:3], nifti.affine, nifti.header["descrip"] == MARK)
+    if problems:
+        raise CaseError(f"{reference[0]}: {', '.join(problems)}{_background_note(case.image_paths, channels, niftis)}"
+                        ": not in the BraTS grid (1 mm, 240 x 240 x 155, LPS, skull-stripped; README: scans that are "
+                        "not BraTS-preprocessed; allow_any_grid: True reads it anyway)")
     labels = None
     if case.seg_path is not None:
-        seg, image = load_nifti(case.seg_path)
-        _check_same_grid(case.seg_path, seg, image, *reference)
+        seg, seg_image = load_nifti(case.seg_path)
+        _check_same_grid(case.seg_path, seg, seg_image, *reference)
         try:
-            labels = brats_to_internal(seg)
+            labels = conventions.brats_to_internal(seg, case.data_format)
         except ValueError as error:
             raise CaseError(f"{case.seg_path}: {error}") from None
-    return np.stack(channels), labels, reference[1]
+    return image, labels, nifti
+
+
+def _background_note(paths, arrays, niftis):
+    """'; background is not 0 in FILE (...)' for the channel whose border is most often non-zero, when more than
+    half of it is: the brain mask, the crop and the z-score take the non-zero voxels for brain, so a background
+    that is not 0 (no skull stripping, an intercept in the header, all-negative values) would enter all three."""
+    borders = [np.concatenate([face.ravel() for axis in range(3) for face in (a.take(0, axis), a.take(-1, axis))])
+               for a in arrays]
+    worst = int(np.argmax([np.count_nonzero(border) for border in borders]))
+    border, image = borders[worst], niftis[worst]
+    if np.count_nonzero(border) <= border.size // 2:
+        return ""
+    values, counts = np.unique(border, return_counts=True)
+    intercept = getattr(image.dataobj, "inter", 0.0)
+    cause = f"; the header's intercept scl_inter is {intercept:g}" if intercept and np.isfinite(intercept) else ""
+    return (f"; background is not 0 in {Path(paths[worst]).name} (the volume's border is mostly "
+            f"{values[counts.argmax()]:g}{cause})")
 
 
 def _check_same_grid(path, array, image, reference_path, reference_image):
@@ -180,9 +217,12 @@ def zscore_brain(image):
     brain = (image != 0).any(axis=0)  # (X, Y, Z)
     out = np.zeros(image.shape, dtype=np.float32)
     for c, channel in enumerate(image):
-        values = channel[brain].astype(np.float32)
+        values = channel[brain]
+        if values.dtype.kind == "f" and values.size:  # float64 beyond float32's range, or squares that overflow:
+            values = values / (np.abs(values).max() or 1.0)  # scaled to [-1, 1], as z-scores ignore the scale
+        values = values.astype(np.float32)
         std = values.std()
-        out[c][brain] = (values - values.mean()) / (std if std > 0 else 1.0)
+        out[c][brain] = (values - values.mean()) / (std if std > 0 else 1.0)  # |z| < sqrt(voxels): fits float16
     return out
 
 
@@ -197,7 +237,7 @@ def _settings(hp):
     """What the prepared arrays depend on; a case prepared with other settings is redone."""
     return {"version": FORMAT_VERSION, "channel_names": list(hp.channel_names),
             "seg_channel_name": hp.seg_channel_name, "crop_margin": hp.crop_margin,
-            "bg_threshold": hp.bg_threshold}
+            "bg_threshold": hp.bg_threshold, "data_format": hp.data_format, "allow_any_grid": hp.allow_any_grid}
 
 
 def _fingerprint(case, settings):
@@ -206,18 +246,23 @@ def _fingerprint(case, settings):
     return {"settings": settings, "files": files}
 
 
+def done_record(case, settings, prepared_dir):
+    """The record of a case prepared before with the same settings and files, whose outputs are all there, or None."""
+    record_path = Path(prepared_dir) / f"{case.name}.json"
+    if not record_path.is_file():
+        return None
+    record = json.loads(record_path.read_text())
+    outputs = [name for name in (record.get("image"), record.get("seg")) if name]
+    done = record.get("fingerprint") == _fingerprint(case, settings) and all(
+        (Path(prepared_dir) / name).is_file() for name in outputs)
+    return record if done else None
+
+
 def prepare_case(case, settings, prepared_dir):
-    """Prepare one case (or reuse what a run with the same settings and files left); returns its record."""
+    """Prepare one case (prepare_dataset reuses done_record instead where it can); returns its record."""
     prepared_dir = Path(prepared_dir)
-    record_path = prepared_dir / f"{case.name}.json"
     fingerprint = _fingerprint(case, settings)
-    if record_path.is_file():
-        record = json.loads(record_path.read_text())
-        outputs = [record.get("image"), record.get("seg")]
-        if record.get("fingerprint") == fingerprint and all(
-                (prepared_dir / name).is_file() for name in outputs if name):
-            return record
-    image, labels, nifti = load_case(case)
+    image, labels, nifti = load_case(case, settings["allow_any_grid"])
     brain = (image != 0).any(axis=0)
     tumor_voxels = int((labels > 0).sum()) if labels is not None else None
     record = {"fingerprint": fingerprint, "original_shape": list(brain.shape),
@@ -238,7 +283,7 @@ def prepare_case(case, settings, prepared_dir):
             record["seg"] = f"{case.name}_seg.npy"
             cropped = np.ascontiguousarray(labels[tuple(slice(s, e) for s, e in box)])
             atomic_write(prepared_dir / record["seg"], lambda p: np.save(p, cropped))
-    atomic_write(record_path, lambda p: p.write_text(json.dumps(record, indent=1)))  # written last: marks done
+    atomic_write(prepared_dir / f"{case.name}.json", lambda p: p.write_text(json.dumps(record, indent=1)))  # last: done
     return record
 
 
@@ -251,8 +296,8 @@ def _run_one(case, settings, prepared_dir):
         return None, str(error)
     except OSError as error:
         if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
-            raise CaseError(f"{error.strerror}; the cases prepared so far are kept, run again once there is "
-                            "room") from None
+            room = ", run again once there is room" if error.errno != errno.EROFS else ""
+            raise CaseError(f"{error.strerror}; the cases prepared so far are kept{room}") from None
         return None, f"{case.folder}: {type(error).__name__}: {error}"
     except (ValueError, MemoryError) as error:
         return None, f"{case.folder}: {type(error).__name__}: {error}"
@@ -324,17 +369,26 @@ def check_resplit(prepared_dir, splits, hp):
 
 
 def prepare_dataset(hp):
-    """Prepare every case of hp.raw_data_dir into hp.prepared_dir; returns the manifest."""
-    cases, problems = find_cases(hp.raw_data_dir, hp.channel_names, hp.seg_channel_name)
-    prepared_dir = Path(hp.prepared_dir)
-    try:
-        prepared_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise CaseError(f"{prepared_dir}: cannot create prepared_dir ({error.strerror})") from None
-    for leftover in prepared_dir.glob(".tmp*"):  # half-written files of a killed run (one run per folder at a time)
-        leftover.unlink()
-    settings = _settings(hp)
-    results = _prepare_all(cases, settings, prepared_dir, hp.num_workers)
+    """Prepare every case of hp.raw_data_dir into hp.prepared_dir; returns the manifest. A prepared folder
+    that is up to date is only checked, nothing written: it may be read-only."""
+    cases, problems = find_cases(hp.raw_data_dir, hp.channel_names, hp.seg_channel_name, data_format=hp.data_format)
+    settings, prepared_dir = _settings(hp), Path(hp.prepared_dir)
+    done = {case.name: done_record(case, settings, prepared_dir) for case in cases}
+    todo = [case for case in cases if done[case.name] is None]
+    path = prepared_dir / MANIFEST
+    with sole_writer(prepared_dir, "prepared_dir") if todo or not path.is_file() else contextlib.nullcontext():
+        results = {name: (record, None) for name, record in done.items() if record is not None}
+        results.update(_prepare_all(todo, settings, prepared_dir, hp.num_workers))
+        manifest = build_manifest(hp, settings, cases, problems, results)
+        text = json.dumps(manifest, indent=1)
+        if not path.is_file() or path.read_bytes() != text.encode():  # unchanged: not rewritten
+            atomic_write(path, lambda tmp: tmp.write_text(text))
+    print_summary(manifest, prepared_dir)
+    return manifest
+
+
+def build_manifest(hp, settings, cases, problems, results):
+    """The dataset.json content: the kept cases with their split, the filtered, skipped and unlabeled ones."""
     skipped = {folder.name: reason for folder, reason in problems}
     skipped.update({name: reason for name, (record, reason) in results.items() if record is None})
     records = {name: record for name, (record, _) in results.items() if record is not None}
@@ -343,18 +397,15 @@ def prepare_dataset(hp):
     unlabeled = {case.name: no_segmentation(case, hp.seg_channel_name) + "; prepared as unlabeled" for case in cases
                  if case.seg_path is None and case.name in kept}
     splits = assign_splits([n for n, r in kept.items() if r["seg"]], hp)
-    check_resplit(prepared_dir, splits, hp)
+    check_resplit(hp.prepared_dir, splits, hp)
     for name, record in kept.items():
         record.pop("fingerprint")
         record["split"], record["fold"] = splits.get(name, ["unlabeled", None])
-    manifest = {"version": FORMAT_VERSION, "channel_names": list(hp.channel_names),
-                "settings": {**settings, **{key: getattr(hp, key) for key in SPLIT_SETTINGS},
-                             "raw_data_dir": str(hp.raw_data_dir)},
-                "cases": dict(sorted(kept.items())), "filtered": dict(sorted(filtered.items())),
-                "skipped": dict(sorted(skipped.items())), "unlabeled": dict(sorted(unlabeled.items()))}
-    atomic_write(prepared_dir / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=1)))
-    print_summary(manifest, prepared_dir)
-    return manifest
+    return {"version": FORMAT_VERSION, "channel_names": list(hp.channel_names),
+            "settings": {**settings, **{key: getattr(hp, key) for key in SPLIT_SETTINGS},
+                         "raw_data_dir": str(hp.raw_data_dir)},
+            "cases": dict(sorted(kept.items())), "filtered": dict(sorted(filtered.items())),
+            "skipped": dict(sorted(skipped.items())), "unlabeled": dict(sorted(unlabeled.items()))}
 
 
 def print_summary(manifest, prepared_dir):
@@ -371,15 +422,22 @@ def print_summary(manifest, prepared_dir):
             print(f"  {title} {name}: {reason}")
 
 
-def read_manifest(prepared_dir):
-    """The manifest of a prepared folder, or a clear error saying which script to run first."""
+def read_manifest(prepared_dir, data_format=None):
+    """The manifest of a prepared folder, or a clear error saying which script to run first.
+    data_format: the labels the caller expects; a folder prepared with another label table is refused."""
     path = Path(prepared_dir) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"no {MANIFEST} in {prepared_dir}: run prepare_dataset.py first")
     try:
-        return json.loads(path.read_text())
+        manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{path}: unreadable manifest ({error}); run prepare_dataset.py again") from None
+    prepared = manifest.get("settings", {}).get("data_format", "brats2020")  # older manifests: BraTS 2020
+    labels = lambda name: len(conventions.CONVENTIONS[name].disk_labels)
+    if data_format is not None and labels(prepared) != labels(data_format):
+        raise ValueError(f"{path}: prepared with data_format {prepared}, whose labels differ from data_format "
+                         f"{data_format}; set data_format: {prepared} or run prepare_dataset.py again")
+    return manifest
 
 
 def main():

@@ -32,8 +32,8 @@ from vtkmodules.vtkRenderingCore import (vtkActor, vtkCamera, vtkPolyDataMapper,
                                          vtkTextRenderer, vtkWindowToImageFilter)
 
 import hyperparameters
-from evaluate import load_labels
-from conventions import BRATS_LABELS, LABEL_NAMES
+from conventions import ALL_REGIONS, CONVENTIONS, INTERNAL_LABEL_NAMES, meaning
+from evaluate import label_maps, load_labels
 from loss import dice_per_region
 from prepare_dataset import CaseError, atomic_write, crop_box, find_cases, load_nifti
 
@@ -45,6 +45,7 @@ LABEL_STYLE = {  # internal label: (color, opacity), outermost first
     2: ((0.10, 0.80, 0.10), 0.30),  # edema, drawn as the envelope of the whole tumor it surrounds
     3: ((0.15, 0.40, 1.00), 0.60),  # enhancing tumor
     1: ((1.00, 0.12, 0.08), 1.00),  # necrotic and non-enhancing core
+    4: ((1.00, 0.75, 0.00), 0.60),  # resection cavity (BraTS 2024), apart from the tumor
 }
 ERROR_STYLE = {"false positive": ((1.00, 0.15, 0.90), 0.85), "false negative": ((0.05, 0.90, 0.90), 0.85)}
 BRAIN_COLOR, BRAIN_OPACITY = (0.85, 0.85, 0.85), 0.12
@@ -118,18 +119,23 @@ def surface_actor(polydata, affine, color, opacity):
     return actor
 
 
+def tumor(labels):
+    """The whole tumor (WT) of internal labels: any tumor label, not the resection cavity."""
+    return np.isin(labels, ALL_REGIONS["WT"])
+
+
 def label_actors(labels, affine):
     """One actor per tumor label present in internal labels (X, Y, Z), in LABEL_STYLE order. Edema
     surrounds the core: its surface is the whole tumor's envelope, so no second surface lies on the core's."""
-    return [surface_actor(cropped_surface(labels > 0 if label == 2 else labels == label), affine, color, opacity)
+    return [surface_actor(cropped_surface(tumor(labels) if label == 2 else labels == label), affine, color, opacity)
             for label, (color, opacity) in LABEL_STYLE.items() if (labels == label).any()]
 
 
 def error_actors(truth, pred, affine):
     """False positive and false negative tumor (whole tumor, any label), around a faint true tumor."""
-    masks = [(truth > 0, CONTEXT_COLOR, CONTEXT_OPACITY),
-             ((pred > 0) & (truth == 0), *ERROR_STYLE["false positive"]),
-             ((truth > 0) & (pred == 0), *ERROR_STYLE["false negative"])]
+    masks = [(tumor(truth), CONTEXT_COLOR, CONTEXT_OPACITY),
+             (tumor(pred) & ~tumor(truth), *ERROR_STYLE["false positive"]),
+             (tumor(truth) & ~tumor(pred), *ERROR_STYLE["false negative"])]
     return [surface_actor(cropped_surface(m), affine, color, opacity) for m, color, opacity in masks if m.any()]
 
 
@@ -205,11 +211,12 @@ def aim_camera(camera, brain, affine, tumor_center):
 
 def error_note(truth, pred, affine):
     ml = abs(np.linalg.det(affine[:3, :3])) / 1000  # mL per voxel
-    fp, fn = np.count_nonzero((pred > 0) & (truth == 0)), np.count_nonzero((truth > 0) & (pred == 0))
+    fp, fn = np.count_nonzero(tumor(pred) & ~tumor(truth)), np.count_nonzero(tumor(truth) & ~tumor(pred))
     return f"false positive {fp * ml:.1f} mL   false negative {fn * ml:.1f} mL"
 
 
-def build_window(brain_image, truth, pred, affine=None, show_errors=True, title="", offscreen=True):
+def build_window(brain_image, truth, pred, affine=None, show_errors=True, title="", offscreen=True,
+                 data_format="brats2020"):
     """Arrays -> a vtkRenderWindow: viewports Target | Prediction | Errors above a color key.
 
     brain_image: (X, Y, Z) one modality, zero outside the brain; truth, pred: internal labels (X, Y, Z)
@@ -228,7 +235,9 @@ def build_window(brain_image, truth, pred, affine=None, show_errors=True, title=
         views.append(("Prediction", label_actors(pred, affine), note))
     if show_errors and truth is not None and pred is not None:
         views.append(("Errors", error_actors(truth, pred, affine), error_note(truth, pred, affine)))
-    entries = [(f"{LABEL_NAMES[label]} ({BRATS_LABELS[label]})", color) for label, (color, _) in LABEL_STYLE.items()
+    disk_labels = CONVENTIONS[data_format].disk_labels  # the legend names the labels as the files hold them
+    entries = [(f"{INTERNAL_LABEL_NAMES[label]} ({disk_labels[label]})", color)
+               for label, (color, _) in LABEL_STYLE.items()
                if any((labels == label).any() for labels in volumes)]  # the labels on show
     if len(views) == 3:
         entries += [(name, color) for name, (color, _) in ERROR_STYLE.items()]
@@ -292,7 +301,8 @@ def prepare_offscreen():
     vtkLogger.SetStderrVerbosity(vtkLogger.VERBOSITY_ERROR)
 
 
-def render_case(brain_image, truth, pred, affine=None, output_png=None, show_errors=True, title="", turntable=None):
+def render_case(brain_image, truth, pred, affine=None, output_png=None, show_errors=True, title="", turntable=None,
+                data_format="brats2020"):
     """Render a case to output_png (and a turntable GIF) when given, else in an interactive window.
 
     Returns the RGB pixels (height, width, 3) of the PNG, or None after the window is closed.
@@ -301,7 +311,7 @@ def render_case(brain_image, truth, pred, affine=None, output_png=None, show_err
     offscreen = output_png is not None
     if offscreen:
         prepare_offscreen()
-    window = build_window(brain_image, truth, pred, affine, show_errors, title, offscreen)
+    window = build_window(brain_image, truth, pred, affine, show_errors, title, offscreen, data_format)
     pixels = None
     if offscreen:
         pixels = window_pixels(window)
@@ -338,17 +348,18 @@ def slice_overlay_png(image, truth, pred, path, affine=None, title=""):
     orientation = nib.orientations.io_orientation(np.eye(4) if affine is None else np.asarray(affine))
     image, truth, pred = (None if a is None else nib.orientations.apply_orientation(a, orientation)
                           for a in (image, truth, pred))  # (R, A, S)
-    z = int(np.argmax(((truth if truth is not None else pred) > 0).sum(axis=(0, 1))))
-    rows, columns = (np.flatnonzero(image[:, :, z].any(axis=a)) for a in (1, 0))
-    crop = (slice(rows[0], rows[-1] + 1), slice(columns[0], columns[-1] + 1), z)  # the brain in this slice
+    per_slice = tumor(truth if truth is not None else pred).sum(axis=(0, 1))  # tumor voxels per axial slice
+    z = int(np.argmax(per_slice if per_slice.any() else (image != 0).sum(axis=(0, 1))))  # none: the widest brain
+    (x0, x1), (y0, y1), _ = crop_box(image[:, :, z:z + 1] != 0, 0)  # the brain in this slice (all if none)
+    crop = (slice(x0, x1), slice(y0, y1), z)
     image, truth, pred = (None if a is None else a[crop] for a in (image, truth, pred))  # (R, A)
     label_styles = [(label, color) for label, (color, _) in LABEL_STYLE.items()]
     panels = [(name, labels, label_styles) for name, labels in (("Target", truth), ("Prediction", pred))
               if labels is not None]
     if truth is not None and pred is not None:
-        errors = 1 * ((pred > 0) & (truth == 0)) + 2 * ((truth > 0) & (pred == 0))  # 1 FP, 2 FN
+        errors = 1 * (tumor(pred) & ~tumor(truth)) + 2 * (tumor(truth) & ~tumor(pred))  # 1 FP, 2 FN
         panels.append(("Errors", errors, list(enumerate((color for color, _ in ERROR_STYLE.values()), 1))))
-    bright = np.percentile(image[image > 0], 99.5)  # grey scale: 0 (background) black, brightest 0.5% white
+    bright = np.percentile(image[image > 0], 99.5) if (image > 0).any() else 1.0  # 0 black, top 0.5% white
     figure = Figure(figsize=(4 * len(panels), 4.4), facecolor="black")
     for i, (name, labels, styles) in enumerate(panels):
         axes = figure.add_subplot(1, len(panels), i + 1)
@@ -368,12 +379,17 @@ def slice_overlay_png(image, truth, pred, path, affine=None, title=""):
 
 # ------------------------------------------------------------------ settings -> files -> render
 def prediction_path(prediction_dir, name):
-    paths = [Path(prediction_dir) / f"{name}{suffix}" for suffix in (".nii.gz", ".nii")]
-    return next((path for path in paths if path.is_file()), None)
+    """The label map of case name in prediction_dir, or None; CaseError when both .nii and .nii.gz are there."""
+    problems = {}
+    path = label_maps(prediction_dir, problems).get(name)
+    if name in problems:
+        raise CaseError(problems[name])
+    return path
 
 
 def first_predicted_case(prediction_dir):
-    names = sorted(p.name.split(".nii")[0] for p in Path(prediction_dir).glob("*.nii*"))
+    problems = {}
+    names = sorted([*label_maps(prediction_dir, problems), *problems])
     if not names:
         raise CaseError(f"{prediction_dir}: no predictions (*.nii.gz): run predict.py or set rendering_sample_name")
     return names[0]
@@ -384,7 +400,7 @@ def find_case(hp, name):
     folders = [folder for folder in (hp.raw_data_dir, hp.predict_input_dir) if folder is not None]
     for folder in folders:
         try:
-            cases, _ = find_cases(folder, hp.channel_names, hp.seg_channel_name)
+            cases, _ = find_cases(folder, hp.channel_names, hp.seg_channel_name, data_format=hp.data_format)
         except CaseError:  # a missing or empty folder: look in the other one
             continue
         for case in cases:
@@ -393,9 +409,9 @@ def find_case(hp, name):
     raise CaseError(f"case {name}: not found under {' or '.join(str(f) for f in folders)}")
 
 
-def labels_on_grid(path, shape):
-    """Internal labels (X, Y, Z) of a label map (disk labels 0, 1, 2, 4) that must lie on the image's grid."""
-    labels, _ = load_labels(path)
+def labels_on_grid(path, shape, data_format="brats2020"):
+    """Internal labels (X, Y, Z) of a label map (disk labels of data_format) that must lie on the image's grid."""
+    labels, _ = load_labels(path, data_format)
     if labels.shape != shape:
         raise CaseError(f"{path}: shape {labels.shape} differs from the image's {shape}")
     return labels
@@ -405,10 +421,11 @@ def render(hp):
     """Render hp.rendering_sample_name (or the first predicted case) as the settings say; returns the PNG or None."""
     name = hp.rendering_sample_name or first_predicted_case(hp.prediction_dir)
     case = find_case(hp, name)
-    if hp.render_modality not in hp.channel_names:
+    meanings = [meaning(channel) for channel in hp.channel_names]  # flair is t2f in BraTS 2023
+    if meaning(hp.render_modality) not in meanings:
         raise CaseError(f"render_modality {hp.render_modality!r} is not one of channel_names {list(hp.channel_names)}")
-    image, nifti = load_nifti(case.image_paths[hp.channel_names.index(hp.render_modality)])
-    truth = labels_on_grid(case.seg_path, image.shape) if case.seg_path is not None else None
+    image, nifti = load_nifti(case.image_paths[meanings.index(meaning(hp.render_modality))])
+    truth = labels_on_grid(case.seg_path, image.shape, hp.data_format) if case.seg_path is not None else None
     if prediction_path(hp.prediction_dir, name) is None:  # no prediction yet: run the model on this case
         import predict
         print(f"{name}: no prediction in {hp.prediction_dir}, predicting it now")
@@ -416,12 +433,14 @@ def render(hp):
     path = prediction_path(hp.prediction_dir, name)
     if path is None:
         raise CaseError(f"{hp.prediction_dir}: no prediction {name}.nii.gz was written")
-    pred = labels_on_grid(path, image.shape)
+    pred = labels_on_grid(path, image.shape, hp.data_format)
     output = hp.render_output
     if output is None and not has_display():
         output = hp.run_dir / "render.png"
+    elif output is not None and output.is_dir():  # a folder: the PNG goes into it
+        output = output / f"{name}_render.png"
     start = time.perf_counter()
-    render_case(image, truth, pred, nifti.affine, output, hp.render_errors, name, hp.render_turntable)
+    render_case(image, truth, pred, nifti.affine, output, hp.render_errors, name, hp.render_turntable, hp.data_format)
     if output is not None:
         slices = output.with_name(f"{output.stem}_slices.png")
         slice_overlay_png(image, truth, pred, slices, nifti.affine, title=name)
@@ -434,7 +453,7 @@ def main():
     hp = hyperparameters.from_command_line()
     try:
         render(hp)
-    except (CaseError, FileNotFoundError, ValueError) as error:  # bad case, no checkpoint, bad settings
+    except (CaseError, OSError, ValueError) as error:  # bad case, no checkpoint, bad settings, a folder
         raise SystemExit(f"error: {error}") from None
 
 

@@ -3,7 +3,8 @@
 A skull-stripped brain (folded cortex over white matter, deep grey nuclei, CSF in sulci and ventricles) with
 a lumpy tumor: necrotic core (label 1) in an enhancing rim (4) in edema (2), each with its contrast in real
 scans, a bias field and Rician noise. Laid out like BraTS 2020: BraTS20_Training_NNN/BraTS20_Training_NNN_
-{flair,t1,t1ce,t2,seg}.nii (.nii.gz when compressed), int16 images, uint8 labels, 1 mm, the BraTS affine.
+{flair,t1,t1ce,t2,seg}.nii (.nii.gz when compressed), int16 images, uint8 labels, 1 mm, the BraTS affine; or
+as another data_format of conventions.py. MARK in the header lets them be smaller than the BraTS grid.
 
     python synthetic.py                 # hp.synthetic_cases cases of hp.synthetic_shape into hp.raw_data_dir
     python synthetic.py --comparison    # also Images/synthetic_vs_real.png (needs ../shared/data/brats_sample)
@@ -19,6 +20,7 @@ import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
 
+import conventions
 import hyperparameters
 
 MODALITIES = ("flair", "t1", "t1ce", "t2")
@@ -285,10 +287,11 @@ def save_nifti(array, path, affine):
         temporary.unlink(missing_ok=True)
 
 
-def case_paths(out_dir, name, compress=False):
-    """{channel: path} of one case folder, channels MODALITIES then "seg"."""
+def case_paths(out_dir, name, compress=False, data_format="brats2020"):
+    """{channel: path} of one case folder named as data_format names files, channels MODALITIES then "seg"."""
     extension = ".nii.gz" if compress else ".nii"
-    return {c: Path(out_dir) / name / f"{name}_{c}{extension}" for c in (*MODALITIES, SEG_NAME)}
+    return {c: Path(out_dir) / name / f"{name}{conventions.file_suffix(c, data_format)}{extension}"
+            for c in (*MODALITIES, SEG_NAME)}
 
 
 def _phantom_shape(path):
@@ -300,13 +303,11 @@ def _phantom_shape(path):
         return None
 
 
-def write_case(out_dir, name, images, seg, compress=False):
-    """Write out_dir/name/name_{flair,t1,t1ce,t2,seg}.nii[.gz]; returns the case folder.
-
-    Refuses to replace files it did not write: real BraTS 2020 cases have the same names.
-    """
-    paths = case_paths(out_dir, name, compress)
-    for path in (*paths.values(), *case_paths(out_dir, name, not compress).values()):
+def write_case(out_dir, name, images, seg, compress=False, data_format="brats2020"):
+    """Write out_dir/name/name_{flair,t1,t1ce,t2,seg}.nii[.gz] named as data_format (seg in its labels) -> the folder.
+    Refuses to replace files it did not write: real BraTS cases have the same names."""
+    paths = case_paths(out_dir, name, compress, data_format)
+    for path in (*paths.values(), *case_paths(out_dir, name, not compress, data_format).values()):
         if path.exists() and _phantom_shape(path) is None:
             raise FileExistsError(f"{path}: not written by synthetic.py; refusing to overwrite it "
                                   "(choose another folder)")
@@ -318,21 +319,23 @@ def write_case(out_dir, name, images, seg, compress=False):
     return paths[SEG_NAME].parent
 
 
-def case_is_complete(out_dir, name, shape, compress=False):
+def case_is_complete(out_dir, name, shape, compress=False, data_format="brats2020"):
     """True when all five phantom files of the case exist with the expected shape (they are written atomically)."""
-    return all(_phantom_shape(path) == tuple(shape) for path in case_paths(out_dir, name, compress).values())
+    return all(_phantom_shape(p) == tuple(shape) for p in case_paths(out_dir, name, compress, data_format).values())
 
 
-def generate_dataset(out_dir, n_cases, shape=FULL_SHAPE, seed=0, compress=False, progress=False):
+def generate_dataset(out_dir, n_cases, shape=FULL_SHAPE, seed=0, compress=False, progress=False,
+                     data_format="brats2020"):
     """Write cases 1..n_cases (kinds from case_kind) into out_dir, skipping complete ones; returns their names.
 
     Case i depends only on (seed, i): adding cases or rerunning after an interruption changes no other case.
-    """
-    names = [f"BraTS20_Training_{index:03d}" for index in range(1, n_cases + 1)]
+    data_format: the convention of the names and labels (the phantoms have no resection cavity)."""
+    names = [conventions.CONVENTIONS[data_format].case_name.format(index) for index in range(1, n_cases + 1)]
     for index, name in enumerate(tqdm(names, desc="synthetic cases", disable=not progress), start=1):
-        if not case_is_complete(out_dir, name, shape, compress):
+        if not case_is_complete(out_dir, name, shape, compress, data_format):
             images, seg = generate_case(shape, seed=(seed, index), kind=case_kind(index))
-            write_case(out_dir, name, images, seg, compress)
+            seg = conventions.internal_to_brats(conventions.brats_to_internal(seg), data_format)  # (X, Y, Z)
+            write_case(out_dir, name, images, seg, compress, data_format)
     return names
 
 
@@ -384,7 +387,7 @@ def main():
     hp = hyperparameters.from_command_line(argv)
     try:
         names = generate_dataset(hp.raw_data_dir, hp.synthetic_cases, hp.synthetic_shape, hp.seed,
-                                 hp.synthetic_compress, progress=True)
+                                 hp.synthetic_compress, progress=True, data_format=hp.data_format)
         print(f"{len(names)} phantom cases of shape {tuple(hp.synthetic_shape)} in {hp.raw_data_dir}")
         if comparison:
             print(f"wrote {save_comparison_png()}")

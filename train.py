@@ -34,7 +34,9 @@ import model
 import predict
 import prepare_dataset
 from devices import autocast_settings, bf16_supported, resolve_device
+from files import output_folder
 
+RUN_FILES = ("checkpoint_last.pt", "checkpoint_best.pt", "metrics.csv", "curves.png")  # what a run writes
 METRIC_COLUMNS = ("epoch", "train_loss", "lr", "dice_WT", "dice_TC", "dice_ET", "dice_mean", "accuracy",
                   "skipped_steps", "seconds")
 # How long a process waits for the others in a collective before it fails: long enough for the slowest
@@ -226,6 +228,19 @@ def resume_state(hp, net, optimizer, scheduler, scaler, main_process, split):
 
 # ---------------------------------------------------------------- training
 
+def start_run_dir(run_dir, hp):
+    """Create run_dir and check it is writable before any work. A trained run in it is continued
+    (resume=True), started over (overwrite=True: its files are removed) or refused."""
+    output_folder(run_dir, "run_dir")
+    trained = [name for name in RUN_FILES[:2] if (run_dir / name).is_file()]
+    if trained and not hp.resume:
+        if not hp.overwrite:
+            raise ValueError(f"{run_dir} holds a trained run ({trained[0]}): resume=True continues it, "
+                             "overwrite=True starts it over, or set another run_dir")
+        for name in RUN_FILES:
+            (run_dir / name).unlink(missing_ok=True)
+
+
 def build_model(hp, device, world_size, main_process):
     """-> (the network, what training calls: the network wrapped for DDP and torch.compile as asked)."""
     torch.manual_seed(hp.seed)  # the same initial weights in every process and every run
@@ -258,7 +273,10 @@ def train(hp):
         torch.backends.cudnn.benchmark = True  # one patch size: let cuDNN time its kernels once
     dtype, use_scaler = autocast_settings(hp.precision, device.type, bf16_supported(device))
 
-    train_names, val_names = dataset.fold_cases(hp)
+    manifest = prepare_dataset.read_manifest(hp.prepared_dir, hp.data_format)
+    dataset.check_prepared_settings(manifest, hp)  # channels, crop margin and format come from the prepared data
+    model.check_patch_size(hp)
+    train_names, val_names = dataset.fold_cases(manifest, hp)
     split = {"fold": hp.fold, "train": train_names, "val": val_names}  # kept in the checkpoints: resume checks it
     hp = hp.replace(run_dir=dataset.fold_dir(hp))
     patches = dataset.PatchDataset(hp.prepared_dir, train_names, hp.patch_size, hp.foreground_fraction,
@@ -274,10 +292,7 @@ def train(hp):
     if hp.resume:
         done, best_score, rows = resume_state(hp, net, optimizer, scheduler, scaler, main_process, split)
     if main_process:
-        try:
-            hp.run_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise OSError(error.errno, f"{hp.run_dir}: cannot create run_dir ({error.strerror})") from None
+        start_run_dir(hp.run_dir, hp)
         print(f"training on {device} x {world_size} process(es), {dtype or torch.float32}"
               f"{' with loss scaling' if use_scaler else ''}, {model.count_parameters(net):,} parameters, "
               f"{len(train_names)} training / {len(val_names)} validation cases"
@@ -296,6 +311,10 @@ def train(hp):
         sampler.set_epoch(epoch)
         train_loss, skipped = train_epoch(train_model, loader, optimizer, scheduler, scaler, loss_fn, hp, device,
                                           dtype, epoch, world_size, main_process)
+        diverged = model.non_finite_weights(net)  # the same in every process: the gradients are all-reduced
+        if diverged:
+            raise ValueError(f"epoch {epoch}: the weights became NaN or Inf ({', '.join(diverged[:3])}); stopped "
+                             f"before saving them, {hp.run_dir} keeps the last good checkpoints; lower learning_rate")
         row = {"epoch": epoch, "train_loss": train_loss, "lr": lr, "skipped_steps": skipped,
                **dict.fromkeys(("dice_WT", "dice_TC", "dice_ET", "dice_mean", "accuracy"))}
         if volumes is not None and (epoch % hp.val_every == 0 or epoch == hp.epochs):

@@ -44,8 +44,10 @@ def cv_raw(tmp_path_factory, tiny_raw):
     """12 case folders (each tiny case twice, under other names; 2 of them healthy): 10 labelled cases."""
     raw = tmp_path_factory.mktemp("cv_raw")
     for source in sorted(tiny_raw.iterdir()):
-        for copy in "ab":
-            (raw / f"Case-{source.name[-2:]}{copy}").symlink_to(source)
+        for copy in "ab":  # a folder of its own, its files links to the case's
+            (raw / f"Case-{source.name[-2:]}{copy}").mkdir()
+            for path in source.iterdir():
+                (raw / f"Case-{source.name[-2:]}{copy}" / path.name).symlink_to(path)
     return raw
 
 
@@ -66,8 +68,8 @@ def cv_run(tmp_path_factory, cv_raw):
 
     with pytest.MonkeyPatch.context() as monkeypatch:  # training patches and validation volumes, raw cases, label maps
         monkeypatch.setattr(dataset, "open_case", recording(dataset.open_case, lambda _, entry: case_of(entry["image"])))
-        monkeypatch.setattr(predict, "load_case", recording(predict.load_case, lambda case: case.name))
-        monkeypatch.setattr(evaluate, "load_labels", recording(evaluate.load_labels, case_of))
+        monkeypatch.setattr(predict, "load_case", recording(predict.load_case, lambda case, *_: case.name))
+        monkeypatch.setattr(evaluate, "load_labels", recording(evaluate.load_labels, lambda path, *_: case_of(path)))
         record = crossval.crossval(hp)
     return hp, manifest, read, record
 
@@ -125,10 +127,11 @@ def test_prepare_refuses_to_split_again_under_a_trained_run_and_says_how_to_star
         assert (prepared / "dataset.json").read_bytes() == before  # untouched
     (prepared / "dataset.json").unlink()  # the explicit way to split anew
     assert prepare_dataset.prepare_dataset(hp.replace(seed=1))["settings"]["seed"] == 1
+    manifest = prepare_dataset.read_manifest(prepared)
     with pytest.raises(ValueError, match="split into 2 fold.*num_folds is 3"):
-        dataset.fold_cases(hp.replace(num_folds=3))
+        dataset.fold_cases(manifest, hp.replace(num_folds=3))
     with pytest.raises(ValueError, match="fold 2: the folds of .* are 0 .. 1"):
-        dataset.fold_cases(hp.replace(fold=2))
+        dataset.fold_cases(manifest, hp.replace(fold=2))
 
 
 def test_the_test_split_never_reaches_training_selection_or_tuning(cv_run):
@@ -148,7 +151,7 @@ def test_the_test_split_never_reaches_training_selection_or_tuning(cv_run):
             f"{n}{suffix}" for n in fold for suffix in (".nii.gz", "_probabilities.npz"))
     with open(hp.run_dir / "crossval.csv", newline="") as file:
         rows = list(csv.DictReader(file))
-    assert tuple(rows[0]) == crossval.CSV_COLUMNS
+    assert tuple(rows[0]) == ("case", "fold") + evaluate.COLUMNS[1:]
     assert sorted((row["case"], int(row["fold"])) for row in rows) == sorted(
         (n, k) for k, fold in enumerate(folds) for n in fold)
     assert json.loads((hp.run_dir / "postprocessing.json").read_text()) == record
@@ -358,7 +361,7 @@ def test_a_missing_prediction_is_scored_as_a_failure(tiny_raw, tmp_path, capsys)
             assert [rows[name][f"{m}_{region}"] for m in evaluate.METRICS] == pytest.approx(
                 [0, HD95_EMPTY, 0, 0, 0, mask.sum() * voxel])
     out = capsys.readouterr().out
-    assert f"3 case(s) evaluated (the cases of {tmp_path / 'input'})" in out
+    assert "3 case(s) evaluated" in out and f"the cases expected: the cases of {tmp_path / 'input'}" in out
     assert f"2 case(s) without a prediction, scored as failures (Dice 0, HD95 373.13 mm): {names[1]}, {names[2]}" \
         in out
     with open(hp.run_dir / "evaluation.csv", newline="") as file:

@@ -58,7 +58,13 @@ def test_unknown_key_names_line_and_closest_key(tmp_path):
     ("augment: yes", r"'augment' must be True or False"),
     ("patch_size: 64, 64", r"'patch_size' must be 3 comma-separated values"),
     ("norm: layer", r"'norm' must be instance \| batch \| group"),
-    ("sw_overlap: 1.0", r"'sw_overlap' must be >= 0 and < 1"),
+    ("sw_overlap: 0.99", r"'sw_overlap' must be >= 0 and <= 0.9"),
+    ("learning_rate: inf", r"'learning_rate' must be a finite number, got 'inf'"),
+    ("weight_decay: nan", r"'weight_decay' must be a finite number, got 'nan'"),
+    ("learning_rate: 1e999", r"'learning_rate' must be a finite number"),  # overflows to inf
+    ("seed: 4294967296", r"'seed' must be >= 0 and < 2\^32"),
+    ("seed: 99999999999999999999999", r"'seed' must be an integer below 2\^63"),
+    ("epochs: +-3", r"'epochs' must be an integer, got '\+-3'"),
     ("device: gpu", r"'device' must be auto, cpu, cuda, cuda:N or mps"),
     ("features: 16", r"'features' must be at least 2 levels"),
     ("just text", r"line 1: expected 'key: value'"),
@@ -117,3 +123,42 @@ def test_read_only_replace_and_round_trip_through_dict(tmp_path):
     plain = changed.to_dict()
     assert plain["run_dir"] == str(tmp_path) and plain["patch_size"] == [8, 8, 8]
     assert hyperparameters.from_dict(plain).to_dict() == plain
+
+
+@pytest.mark.parametrize("content", [
+    b"\xef\xbb\xbfepochs: 3\n",  # UTF-8 with the byte-order mark Windows Notepad writes
+    "epochs: 3\n".encode("utf-16"),  # Notepad's "Unicode"
+    b"# r\xe9sum\xe9 in Latin-1\nepochs: 3   # \xe9t\xe9\n",  # not UTF-8, but only in comments
+], ids=["utf-8 bom", "utf-16", "latin-1 comments"])
+def test_encodings_that_editors_write_are_read(tmp_path, content):
+    path = tmp_path / "hp.txt"
+    path.write_bytes(content)
+    assert load(path).epochs == 3
+
+
+def test_a_value_that_is_not_utf8_names_the_line_and_the_byte(tmp_path):
+    path = tmp_path / "hp.txt"
+    path.write_bytes(b"epochs: 3\nraw_data_dir: donn\xe9es   # Latin-1\n")
+    with pytest.raises(HyperparameterError, match=r"^hp.txt line 2: byte 0xe9 is not UTF-8; save the file as UTF-8$"):
+        load(path)
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("data/raw#2", "data/raw#2"), ("data/raw #2", "data/raw"), ("#2", None), ("data/raw\t# note", "data/raw")])
+def test_hash_starts_a_comment_by_the_same_rule_in_a_file_and_on_the_command_line(tmp_path, monkeypatch, value,
+                                                                                   expected):
+    monkeypatch.chdir(tmp_path)  # command-line paths are relative to it, file paths to the file: the same here
+    from_file = load(write(tmp_path, f"raw_data_dir: {value}\n")).raw_data_dir
+    typed = load(overrides=[f"raw_data_dir={value}"]).raw_data_dir
+    assert from_file == typed == (None if expected is None else tmp_path / expected)
+
+
+def test_relative_paths_typed_on_the_command_line_resolve_against_the_working_directory(tmp_path, monkeypatch):
+    settings = write(tmp_path, "run_dir: runs/a\n")
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    hp = hyperparameters.from_command_line(["--hp", str(settings), "prediction_dir=preds", "checkpoint=../c.pt"])
+    assert hp.prediction_dir == work / "preds" and hp.checkpoint == tmp_path / "c.pt"
+    assert hp.run_dir == tmp_path / "runs" / "a"  # the file's paths stay relative to the file
+    assert hp.replace(prepared_dir="p").prepared_dir == tmp_path / "p"  # in code: relative to the file too

@@ -76,7 +76,7 @@ def test_rerun_skips_prepared_cases_and_redoes_changed_settings(tiny_hp, monkeyp
     manifest = read_manifest(tiny_hp.prepared_dir)
     calls = []
     original = prepare_dataset.load_case
-    monkeypatch.setattr(prepare_dataset, "load_case", lambda case: calls.append(case.name) or original(case))
+    monkeypatch.setattr(prepare_dataset, "load_case", lambda case, *grid: calls.append(case.name) or original(case, *grid))
     assert prepare(tiny_hp) == manifest and calls == []
     changed = prepare(tiny_hp.replace(crop_margin=2))
     assert len(calls) == 6  # every case redone, healthy ones included

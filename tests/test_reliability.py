@@ -25,6 +25,7 @@ import model
 import predict
 import prepare_dataset
 import train
+from files import LOCK
 
 from conftest import REPO
 
@@ -49,9 +50,12 @@ def read_nifti(path):
 
 
 def rewrite(path, array, affine=None):
-    """Save array in place of path's NIfTI (same affine unless given, same name and compression)."""
-    _, old_affine = read_nifti(path)
-    nib.save(nib.Nifti1Image(array, old_affine if affine is None else affine), str(path))
+    """Save array in place of path's NIfTI (same affine unless given, same name and compression, and the
+    phantom mark of the header kept: generated cases smaller than the BraTS grid stay readable)."""
+    old = nib.load(str(path), mmap=False)
+    image = nib.Nifti1Image(array, old.affine if affine is None else affine)
+    image.header["descrip"] = old.header["descrip"]
+    nib.save(image, str(path))
     return path
 
 
@@ -118,6 +122,28 @@ def all_zero(path):
     return rewrite(path, np.zeros_like(read_nifti(path)[0]))
 
 
+def offset_intensities(offset):
+    def shift(path):  # every voxel moved, background included: no voxel is 0
+        return rewrite(path, read_nifti(path)[0].astype(np.int16) + np.int16(offset))
+    return shift
+
+
+def with_intercept(intercept):
+    def save(path):  # the stored int16 values, read back shifted by the header's scl_inter
+        array, affine = read_nifti(path)
+        image = nib.Nifti1Image(array.astype(np.int16), affine)
+        image.header.set_slope_inter(1.0, intercept)
+        nib.save(image, str(path))
+        return path
+    return save
+
+
+def scaled(factor):
+    def scale(path):  # float64 intensities far beyond float32's 3.4e38, yet finite
+        return rewrite(path, read_nifti(path)[0].astype(np.float64) * factor)
+    return scale
+
+
 class Break:
     """A way to break one file of a case and what each script says (None: the case goes through)."""
 
@@ -168,6 +194,11 @@ BREAKS = [
           "unexpected label values [-1]", prediction_too=True),
     Break("float_label", "float label 3.9999", "seg", one_voxel(3.9999, np.float32), "non-integer label values",
           None, "non-integer label values", prediction_too=True),
+    Break("negative_t1", "non-zero background: every intensity - 1000", "t1", offset_intensities(-1000),
+          "t1.nii (the volume's border is mostly -1000)", "background is not 0", None),
+    Break("intercept_t2", "non-zero background: int16 with intercept 100", "t2", with_intercept(100.0),
+          "the header's intercept scl_inter is 100", "background is not 0", None),
+    Break("huge_flair", "float64 intensities near 1e200", "flair", scaled(1e200), None, None, None),
 ]
 SCRIPTS = ("prepare", "predict", "evaluate", "evaluate_prediction")
 
@@ -326,7 +357,14 @@ def test_bad_input_gives_one_line_naming_the_file_and_leaves_nothing_half_done(r
         assert prepare_dataset.read_manifest(folder)["cases"][row.case]["split"] == "unlabeled"
     else:
         assert outputs_of(script, folder, row.case) == []
-    assert not [p.name for p in folder.iterdir() if p.name.startswith(".")]  # no temporary files left
+    assert not [p.name for p in folder.iterdir() if p.name.startswith(".") and p.name != LOCK]  # no temporary files
+
+
+def test_intensities_beyond_float32_are_prepared_as_their_unscaled_copy(runs):
+    folder = runs["prepare"][0]  # the z-score does not change with the scale: the same arrays as the good case
+    huge, good = np.load(folder / "Case-huge_flair.npy"), np.load(folder / f"{GOOD}.npy")
+    assert np.isfinite(huge).all()
+    np.testing.assert_allclose(huge.astype(np.float32), good.astype(np.float32), rtol=2e-3, atol=2e-3)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -345,7 +383,7 @@ def test_a_case_fixed_after_a_run_is_prepared_by_the_rerun_and_nothing_else_is_r
     assert "Case-later" in prepare_dataset.prepare_dataset(hp)["skipped"]
     shutil.copy(tiny_raw / SOURCE / f"{SOURCE}_t1.nii", folder / "Case-later_t1.nii")  # the download, redone
     loaded, load_case = [], prepare_dataset.load_case
-    monkeypatch.setattr(prepare_dataset, "load_case", lambda case: loaded.append(case.name) or load_case(case))
+    monkeypatch.setattr(prepare_dataset, "load_case", lambda case, *grid: loaded.append(case.name) or load_case(case, *grid))
     manifest = prepare_dataset.prepare_dataset(hp)
     assert loaded == ["Case-later"] and not manifest["skipped"]
     assert sorted(manifest["cases"]) == ["Case-good", "Case-later"]

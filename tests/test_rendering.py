@@ -102,6 +102,19 @@ def test_no_enhancing_tumor_no_enhancing_color_and_perfect_prediction_no_errors(
     assert sum(color_counts(views[2], ERROR_COLORS).values()) == 0  # only the grey brain and true tumor
 
 
+def test_a_resection_cavity_has_its_own_color_and_is_no_tumor_error(tmp_path):
+    image, truth, affine = generated("tumor", seed=1)
+    healthy = (image > 0) & (truth == 0)
+    distance = np.linalg.norm(np.indices(SHAPE) - np.argwhere(healthy).mean(0)[:, None, None, None], axis=0)
+    truth[healthy & (distance < 5)] = 4  # BraTS 2024: a cavity in healthy brain
+    pred = np.where(truth == 4, 0, truth)  # the cavity missed, the tumor perfect
+    views = viewports(render_to_png(tmp_path / "case.png", image, truth, pred, affine, data_format="brats2024"))
+    palette = {**LABEL_COLORS, "cavity": LABEL_STYLE[4][0]}
+    # the orange cavity hue also catches red core seen through green edema: compare with the prediction
+    assert color_counts(views[0], palette)["cavity"] > color_counts(views[1], palette)["cavity"] + 300
+    assert sum(color_counts(views[2], ERROR_COLORS).values()) == 0  # a cavity is no tumor: no error
+
+
 def test_superior_is_up_whatever_the_storage_order(tmp_path):
     """Tumor stored in the first slices of a volume whose z axis is flipped: it is the top of the head."""
     image, truth, _ = generated("healthy", seed=3)

@@ -19,10 +19,9 @@ EPOCHS = 4
 
 
 def tiny_settings(prepared_dir, run_dir, **changes):
-    raw_data_dir = dataset.read_manifest(prepared_dir)["settings"]["raw_data_dir"]  # where its cases came from
-    settings = {"prepared_dir": prepared_dir, "run_dir": run_dir, "raw_data_dir": raw_data_dir, "num_workers": 0,
-                "features": "4, 8, 16", "patch_size": "16, 16, 16", "batch_size": 2, "epochs": EPOCHS,
-                "steps_per_epoch": 4, "val_every": 2, "learning_rate": 3e-3, "sw_batch_size": 4, "seed": 3}
+    settings = {"prepared_dir": prepared_dir, "run_dir": run_dir, "num_workers": 0, "features": "4, 8, 16",
+                "patch_size": "16, 16, 16", "batch_size": 2, "epochs": EPOCHS, "steps_per_epoch": 4,
+                "val_every": 2, "learning_rate": 3e-3, "sw_batch_size": 4, "seed": 3}
     return hyperparameters.load(overrides={**settings, **changes})
 
 

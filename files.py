@@ -1,0 +1,71 @@
+"""Safe file handling that every script shares: writes that are never half-done, output folders checked
+before the work starts, one writer per folder, and the names archivers and file browsers leave behind.
+"""
+import contextlib
+import os
+import re
+import tempfile
+from pathlib import Path
+
+# What archivers, file browsers and operating systems leave beside the data, besides hidden names such as
+# macOS's ._{file} copies of the metadata and .DS_Store: never a case, never a modality.
+LEFTOVERS = {"__MACOSX", "Thumbs.db", "desktop.ini", "$RECYCLE.BIN", "System Volume Information", "@eaDir"}
+TEMPORARY = re.compile(r"\.tmp\d+-.+")  # the names atomic_write gives its temporary files, and only those
+LOCK = ".lock"  # held by the run that writes into a folder (sole_writer)
+
+
+def is_leftover(name):
+    return name.startswith(".") or name in LEFTOVERS
+
+
+def atomic_write(path, write):
+    """write(temporary_path) beside path, then rename into place: never a half-written file."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp{os.getpid()}-{path.name}")  # keeps the suffix (.npy, .nii.gz)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as error:
+        tmp.unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise OSError(error.errno, f"cannot write {path}: {error.strerror or error}") from error
+        raise
+
+
+def output_folder(folder, setting):
+    """Create folder if needed and check that a file can be written in it, at the start of a run rather
+    than after its work -> folder; OSError naming the folder and the setting otherwise."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OSError(f"{folder}: cannot create {setting} ({error.strerror})") from None
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as error:
+        raise OSError(f"{folder}: cannot write into {setting} ({error.strerror})") from None
+    return folder
+
+
+@contextlib.contextmanager
+def sole_writer(folder, setting):
+    """Hold folder's lock file while this run writes into it (after output_folder's checks): a second run on
+    the same folder stops with a message rather than remove the first one's temporary files. Once the lock
+    is held, the temporary files of a killed run are removed. The operating system drops the lock when the
+    process ends, even on a SIGKILL, so no stale lock is ever left."""
+    folder = output_folder(folder, setting)
+    with open(folder / LOCK, "a") as lock:
+        try:
+            if os.name == "nt":
+                import msvcrt
+                msvcrt.locking(lock.fileno(), msvcrt.LK_NBLCK, 1)
+            else:
+                import fcntl
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except (BlockingIOError, PermissionError):
+            raise OSError(f"{folder}: another run is writing into this {setting}; run again once it has "
+                          "finished") from None
+        for path in folder.iterdir():
+            if TEMPORARY.fullmatch(path.name) and path.is_file():
+                path.unlink()
+        yield folder
