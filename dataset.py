@@ -1,6 +1,6 @@
 """PyTorch datasets over the arrays that prepare_dataset.py writes.
 
-PatchDataset gives random training patches (part of them centred on tumor, optionally augmented);
+PatchDataset gives random training patches (part of them centred on tumor, augmented by augment.py);
 VolumeDataset gives whole prepared volumes for validation. Both memory-map the .npy files when an
 item is read, never in __init__, so a dataset object is small to pickle (DataLoader workers started
 with spawn on Windows/macOS) and each worker process reads only the voxels it needs.
@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import augment
+from augment import MODES as AUGMENT_MODES
 from prepare_dataset import FORMAT_VERSION, MANIFEST, read_manifest
 
 # Tumor voxels remembered per case for centring patches: an evenly spaced subset of all of them,
@@ -118,26 +120,14 @@ def crop_padded(array, start, size, dtype):
     return out
 
 
-def augment_patch(image, labels, rng):
-    """Random flips of each axis (image and labels alike) and a per-channel intensity scale in
-    [0.9, 1.1] and shift in [-0.1, 0.1] (images are z-scored, so in units of the channel's std)
-    on brain voxels only: background and padding stay 0, as at inference. Changes image in place."""
-    flips = [axis for axis in range(3) if rng.random() < 0.5]
-    channels = image.shape[0]
-    scale = rng.uniform(0.9, 1.1, channels).astype(np.float32)[:, None, None, None]
-    shift = rng.uniform(-0.1, 0.1, channels).astype(np.float32)[:, None, None, None]
-    brain = np.any(image != 0, axis=0)  # (px, py, pz)
-    image *= scale
-    image += shift
-    image *= brain
-    return np.flip(image, [axis + 1 for axis in flips]), np.flip(labels, flips)
-
-
 class PatchDataset(torch.utils.data.Dataset):
-    """samples_per_epoch random patches: (image float32 (C, px, py, pz), labels int64 (px, py, pz))."""
+    """samples_per_epoch random patches: (image float32 (C, px, py, pz), labels int64 (px, py, pz)); with
+    augment nnunet and on_device, what augment.to_device finishes: (box image float16, box labels uint8,
+    parameters), the box being the patch or the larger region that its rotation and scaling read.
+    augment: none | light | nnunet (True and False, from settings before the three modes: light, none)."""
 
     def __init__(self, prepared_dir, case_names, patch_size, foreground_fraction, augment, seed,
-                 samples_per_epoch):
+                 samples_per_epoch, on_device=False):
         if len(patch_size) != 3 or min(patch_size) < 1:
             raise ValueError(f"patch_size must be 3 positive ints, got {patch_size}")
         if not 0 <= foreground_fraction <= 1:
@@ -150,7 +140,10 @@ class PatchDataset(torch.utils.data.Dataset):
         # uniform over the volume, so they contain tumor only as often as tumor fills the volume.
         # Tumor is a few percent of a brain: without this, most patches teach only "background".
         self.foreground_fraction = float(foreground_fraction)
-        self.augment = bool(augment)
+        self.augment = {True: "light", False: "none"}.get(augment, augment)
+        if self.augment not in AUGMENT_MODES:
+            raise ValueError(f"augment must be one of {', '.join(AUGMENT_MODES)}, got {augment!r}")
+        self.on_device = bool(on_device) and self.augment == "nnunet"
         self.seed = int(seed)
         self.samples_per_epoch = int(samples_per_epoch)
         self.epoch = 0
@@ -196,11 +189,23 @@ class PatchDataset(torch.utils.data.Dataset):
         case = int(rng.integers(len(self.entries)))
         image, seg = open_case(self.prepared_dir, self.entries[case])
         start = self.patch_start(case, seg, rng)
+        if self.augment == "nnunet":
+            return self.nnunet_item(image, seg, start, rng)
         image = crop_padded(image, start, self.patch_size, np.float32)  # (C, px, py, pz)
         labels = crop_padded(seg, start, self.patch_size, np.int64)  # (px, py, pz)
-        if self.augment:
-            image, labels = augment_patch(image, labels, rng)
+        if self.augment == "light":
+            image, labels = augment.light(image, labels, rng)
         return torch.from_numpy(np.ascontiguousarray(image)), torch.from_numpy(np.ascontiguousarray(labels))
+
+    def nnunet_item(self, image, seg, start, rng):
+        """Crop the box the patch reads; finish the patch here, or leave it to the training device."""
+        params = augment.draw_nnunet(rng, image.shape[0])
+        corner, size, params["centre"] = augment.source_box(params, start, self.patch_size, seg.shape)
+        box = torch.from_numpy(crop_padded(image, corner, size, np.float16))  # (C, bx, by, bz), as stored
+        box_labels = torch.from_numpy(crop_padded(seg, corner, size, np.uint8))  # (bx, by, bz)
+        if self.on_device:
+            return box, box_labels, params
+        return augment.augment_patch(box, box_labels, params, self.patch_size)
 
 
 class VolumeDataset(torch.utils.data.Dataset):
@@ -250,7 +255,8 @@ def start_loader(patches, sampler, batch_size, num_workers, device):
     processes cannot start (a script without a __main__ guard on Windows, a sandbox without shared memory)."""
     def make_loader(patches, sampler, batch_size, workers, device):
         return torch.utils.data.DataLoader(patches, batch_size, sampler=sampler, num_workers=workers,
-                                           persistent_workers=workers > 0, pin_memory=device.type == "cuda")
+                                           persistent_workers=workers > 0, pin_memory=device.type == "cuda",
+                                           collate_fn=augment.collate if patches.on_device else None)
 
     loader = make_loader(patches, sampler, batch_size, num_workers, device)
     if num_workers > 0:

@@ -1,13 +1,16 @@
-"""Where and in which precision the network runs: device resolution, autocast and its dtype.
+"""Where and how the network runs: device resolution, autocast and its dtype, the memory format, the
+process group under torchrun.
 
-train.py and predict.py (and the benchmarks) share these; they import no project file.
+train.py and predict.py (and the benchmarks) share these; they import no project file. The CUDA
+decisions read their facts (capability, device count, NCCL) from torch at call time, so tests fake them.
 """
 import torch
+import torch.distributed as dist
 
 
 def resolve_device(name, local_rank=0, world_size=1, cuda_available=None, mps_available=None):
     """hp.device -> torch.device. Under torchrun process k takes GPU LOCAL_RANK (choose GPUs with
-    CUDA_VISIBLE_DEVICES)."""
+    CUDA_VISIBLE_DEVICES). Without CUDA, auto falls back to Apple's GPU (MPS), then the CPU."""
     cuda_available = torch.cuda.is_available() if cuda_available is None else cuda_available
     mps_available = torch.backends.mps.is_available() if mps_available is None else mps_available
     if name == "auto":
@@ -18,11 +21,28 @@ def resolve_device(name, local_rank=0, world_size=1, cuda_available=None, mps_av
         if ":" in name and world_size > 1:
             raise ValueError(f"device: {name} names one GPU, but torchrun started {world_size} processes: "
                              "use device: cuda or auto (process k takes GPU LOCAL_RANK)")
-        return torch.device(name) if ":" in name else torch.device("cuda", local_rank)
+        device = torch.device(name) if ":" in name else torch.device("cuda", local_rank)
+        count = torch.cuda.device_count()
+        if device.index >= count:
+            which = f"device: {name}" if ":" in name else f"torchrun process LOCAL_RANK {local_rank}"
+            raise ValueError(f"{which} needs GPU {device.index}, but this machine shows {count} GPU(s) "
+                             "(CUDA_VISIBLE_DEVICES, --nproc_per_node)")
+        return device
     if name == "mps" and not mps_available:
         raise RuntimeError("device: mps, but this PyTorch sees no Apple GPU (use device: auto or cpu)")
     return torch.device(name)
 
+
+def use_device(device):
+    """Make a GPU this process's current one (NCCL, object collectives, pinned memory and the CUDA
+    random state follow it; device: cuda:1 alone would leave them on GPU 0), and let cuDNN time its
+    kernels once: training and inference run one patch size."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+
+
+# ---------------------------------------------------------------- precision and memory format
 
 def cpu_supports_bf16():
     """True when the CPU has native bfloat16 instructions (AVX512-BF16 or AMX), the ones oneDNN's bf16
@@ -30,6 +50,20 @@ def cpu_supports_bf16():
     these instructions bf16 is emulated and slower than float32."""
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(getattr(torch.cpu, check, lambda: False)() for check in checks)
+
+
+def cuda_supports_bf16(device):
+    """True when this GPU computes bfloat16 natively: compute capability 8.0 (Ampere) or newer.
+    torch.cuda.is_bf16_supported() also says True on a V100 or T4, where bf16 is emulated and slower than
+    float16 with loss scaling, and it asks the current GPU rather than this one."""
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def bf16_supported(device):
+    """Native bfloat16 on this device (emulation does not count); False on MPS."""
+    if device.type == "cuda":
+        return cuda_supports_bf16(device)
+    return device.type == "cpu" and cpu_supports_bf16()
 
 
 def autocast_settings(precision, device_type, bf16_supported):
@@ -44,7 +78,41 @@ def autocast_settings(precision, device_type, bf16_supported):
     return dtype, dtype == torch.float16
 
 
-def bf16_supported(device):
+def use_channels_last(setting, device_type, dtype, bf16_native):
+    """hp.channels_last (auto | True | False) -> whether the network and its inputs use channels_last_3d.
+    auto: on where it was measured faster, a CPU running native bfloat16 (oneDNN's bf16 convolutions
+    want it; README: training step); off on CUDA, where InstanceNorm3d makes channels-last inputs
+    contiguous again, so each block may convert the layout twice (benchmarks/gpu_check.sh measures it),
+    off in float32 and on MPS (not measured)."""
+    if setting != "auto":
+        return setting
+    return device_type == "cpu" and dtype == torch.bfloat16 and bf16_native
+
+
+def run_settings(precision, channels_last, device):
+    """hp.precision and hp.channels_last on device -> (autocast dtype or None, GradScaler needed, channels_last)."""
+    native = bf16_supported(device)
+    dtype, use_scaler = autocast_settings(precision, device.type, native)
+    return dtype, use_scaler, use_channels_last(channels_last, device.type, dtype, native)
+
+
+# ---------------------------------------------------------------- torchrun
+
+def process_group_backend(device):
+    """The torch.distributed backend for processes computing on device. On GPUs one group serves both:
+    NCCL for CUDA tensors (gradients, the per-step finite flag) and Gloo for tensors and objects in CPU
+    memory (loss totals, validation results), which NCCL refuses. NCCL is missing on Windows: Gloo then
+    carries the CUDA tensors too."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and cpu_supports_bf16()
+        return "cpu:gloo,cuda:nccl" if dist.is_nccl_available() else "gloo"
+    if device.type == "cpu":
+        return "gloo"
+    raise ValueError(f"device: {device.type} under torchrun: no process-group backend serves it; "
+                     "use device: cpu (Gloo) or CUDA GPUs (NCCL)")
+
+
+def start_process_group(device, timeout):
+    """Join torchrun's process group; call use_device first. On a GPU the group is bound to it
+    (device_id), so NCCL connects at once instead of guessing the GPU at the first collective."""
+    dist.init_process_group(process_group_backend(device), timeout=timeout,
+                            device_id=device if device.type == "cuda" else None)

@@ -75,6 +75,17 @@ def _optional(convert):
     return optional
 
 
+def _auto_or(convert):
+    def auto_or(value):
+        if isinstance(value, str) and value.strip() == "auto":
+            return "auto"
+        try:
+            return convert(value)
+        except ValueError as error:
+            raise ValueError(f"auto or {error}") from None
+    return auto_or
+
+
 def _list_of(convert, length=None):
     def list_of(value):
         items = value.split(",") if isinstance(value, str) else list(value)
@@ -92,6 +103,13 @@ def _choice(*choices):
             raise ValueError(" | ".join(choices))
         return text
     return choice
+
+
+def _augment(value):
+    """none | light | nnunet; True and False (settings from before the three modes) mean light and none."""
+    if isinstance(value, bool) or str(value).strip().lower() in ("true", "false"):
+        return "light" if _bool(value) else "none"
+    return _choice("none", "light", "nnunet")(value)
 
 
 _PATH = _optional(lambda value: Path(str(value).strip()).expanduser())  # made absolute in _convert
@@ -150,7 +168,9 @@ SCHEMA = {
     "loss": (_choice("dice_ce", "dice", "modified_dice"), None, ""),
     "patch_size": (_list_of(_int, 3), _positive, "each > 0"),
     "batch_size": (_int, _positive, "> 0"),
+    "optimizer": (_choice("adamw", "sgd"), None, ""),
     "learning_rate": (_float, _positive, "> 0"),
+    "momentum": (_float, lambda x: 0 <= x < 1, ">= 0 and < 1"),
     "weight_decay": (_float, _non_negative, ">= 0"),
     "lr_schedule": (_choice("poly", "cosine", "constant"), None, ""),
     "warmup_epochs": (_int, _non_negative, ">= 0"),
@@ -158,14 +178,16 @@ SCHEMA = {
     "steps_per_epoch": (_int, _positive, "> 0"),
     "val_every": (_int, _positive, "> 0"),
     "foreground_fraction": (_float, _fraction, "between 0 and 1"),
-    "augment": (_bool, None, ""),
+    "augment": (_augment, None, ""),
+    "augment_on": (_choice("auto", "device", "workers"), None, ""),
     "grad_clip": (_float, _non_negative, ">= 0"),
     "num_workers": (_int, _non_negative, ">= 0"),
     "device": (_text, _device, "auto, cpu, cuda, cuda:N or mps"),
     "precision": (_choice("auto", "bf16", "fp16", "fp32"), None, ""),
-    "channels_last": (_bool, None, ""),
+    "channels_last": (_auto_or(_bool), None, ""),
     "compile": (_bool, None, ""),
     "resume": (_bool, None, ""),
+    "tensorboard": (_bool, None, ""),
     "checkpoint": (_optional(_paths), None, ""),
     "predict_input_dir": (_PATH, None, ""),
     "sw_overlap": (_float, _overlap, ">= 0 and <= 0.9"),
@@ -177,6 +199,7 @@ SCHEMA = {
     "overwrite": (_bool, None, ""),
     "lesion_wise": (_bool, None, ""),
     "lesion_wise_task": (_choice("gli", "mets", "MenPre", "GoAT"), None, ""),
+    "backend": (_choice("torch", "onnxruntime"), None, ""),
     "rendering_sample_name": (_optional(_text), None, ""),
     "render_output": (_PATH, None, ""),
     "render_modality": (_text, None, ""),

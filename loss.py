@@ -94,7 +94,8 @@ def single_resolution_loss(logits, labels, loss, target):
 
 
 def deep_supervision_weights(levels):
-    """Weights halving per level (full resolution first), normalized to sum 1."""
+    """nnU-Net's weights: halving per level (full resolution first), normalized to sum 1. nnU-Net also gives
+    the lowest decoder level weight 0; model.UNet3D does not make that output, so `levels` excludes it."""
     weights = [0.5 ** level for level in range(levels)]
     return [w / sum(weights) for w in weights]
 

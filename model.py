@@ -97,8 +97,9 @@ class UNet3D(nn.Module):
             ConvBlock(c_in, c_out, norm) for c_in, c_out in zip([in_channels] + features[:-1], features))
         self.decoders = nn.ModuleList(
             UpBlock(c_in, c_out, norm) for c_in, c_out in zip(features[:0:-1], features[-2::-1]))
-        # 1x1x1 heads; with deep supervision one per decoder level, full resolution first
-        num_heads = len(features) - 1 if deep_supervision else 1
+        # 1x1x1 heads, full resolution first; with deep supervision one per decoder level but the lowest,
+        # which nnU-Net's loss weighs 0 (an output nobody trains is not computed here)
+        num_heads = max(len(features) - 2, 1) if deep_supervision else 1
         self.heads = nn.ModuleList(nn.Conv3d(f, out_channels, kernel_size=1) for f in features[:num_heads])
 
     def check_input_size(self, x):

@@ -55,7 +55,7 @@ from tqdm import tqdm
 import dataset
 import hyperparameters
 from conventions import internal_to_brats, output_names
-from devices import autocast_settings, bf16_supported, resolve_device
+from devices import resolve_device, run_settings, use_device
 from files import output_folder
 from loss import logits_to_probabilities, probabilities_to_labels
 from model import checkpoint_files, load_model
@@ -63,6 +63,7 @@ from prepare_dataset import CaseError, atomic_write, find_cases, load_case, prep
 
 # Settings the network was trained with: predictions follow the checkpoint's, not the current file's.
 TRAINED_SETTINGS = ("channel_names", "patch_size", "crop_margin", "target")
+ONNX_NAME = "model.onnx"  # what export.py writes beside a checkpoint, and backend: onnxruntime reads
 
 
 # ---------------------------------------------------------------- sliding window
@@ -152,12 +153,13 @@ def predict_case(model, image, hp, target):
     Uses hp.patch_size (the window), sw_overlap, sw_batch_size, precision (autocast as in training) and
     tta_mirror: each window is then also predicted flipped along every combination of axes, flipped
     back, and the 8 probabilities averaged."""
-    device = next(model.parameters()).device
-    dtype, _ = autocast_settings(hp.precision, device.type, bf16_supported(device))
+    # a network, or a function of windows such as onnx_predictor's, which takes and gives CPU tensors
+    device = next(model.parameters()).device if isinstance(model, torch.nn.Module) else torch.device("cpu")
+    dtype, _, channels_last = run_settings(hp.precision, hp.channels_last, device)
     flips = mirror_flips(hp.tta_mirror)
 
     def probabilities(windows):  # (B, C, wx, wy, wz) -> (B, C_out, wx, wy, wz) float32
-        if hp.channels_last:
+        if channels_last:
             windows = windows.contiguous(memory_format=torch.channels_last_3d)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             logits = model(windows)
@@ -254,22 +256,55 @@ def checkpoint_paths(hp):
     return checkpoint_files(hp.checkpoint if isinstance(hp.checkpoint, tuple) else [hp.checkpoint])
 
 
+def onnx_path(checkpoint):
+    """The ONNX model of a checkpoint: model.onnx in its folder, or the file itself when it is one (.onnx)."""
+    return Path(checkpoint) if Path(checkpoint).suffix == ".onnx" else Path(checkpoint).parent / ONNX_NAME
+
+
+def onnx_predictor(path, device):
+    """(export.py's ONNX model at path in ONNX Runtime as predict_case's network, a function windows -> logits
+    on CPU tensors; the settings it was trained with, from its metadata). The package is needed only here."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise ValueError("backend: onnxruntime needs the onnxruntime package: "
+                         "pip install -r requirements-onnx.txt") from None
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no ONNX model (python export.py writes it beside the checkpoint)")
+    wanted = ["CUDAExecutionProvider"] * (device.type == "cuda") + ["CPUExecutionProvider"]
+    try:
+        session = onnxruntime.InferenceSession(str(path), providers=[
+            p for p in wanted if p in onnxruntime.get_available_providers()])
+    except Exception as error:  # ONNX Runtime's own exception types, e.g. for a damaged file
+        raise ValueError(f"{path}: not a readable ONNX model ({(str(error).splitlines() or ['?'])[0]})") from None
+    metadata = session.get_modelmeta().custom_metadata_map
+
+    def logits(windows):  # (B, C, wx, wy, wz) -> (B, C_out, wx, wy, wz) float32
+        return torch.from_numpy(session.run(None, {"image": np.ascontiguousarray(windows.cpu().numpy())})[0])
+    return logits, {key: json.loads(metadata[key]) for key in TRAINED_SETTINGS if key in metadata}
+
+
 def load_for_inference(hp, device, path=None):
     """(network in eval mode on device, hp with the settings it was trained with) from the checkpoint at path
-    (default: the one checkpoint of hp)."""
+    (default: the one checkpoint of hp). With backend onnxruntime the network is the checkpoint's ONNX model
+    (onnx_path), run in float32, and the settings come from its metadata."""
     if path is None:
         paths = checkpoint_paths(hp)
         if len(paths) > 1:
             raise ValueError(f"checkpoint names {len(paths)} files; one is needed here")
         path = paths[0]
-    model, checkpoint = load_model(path, device, hp)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # one window size: let cuDNN time its kernels once
-    if hp.channels_last:
-        model = model.to(memory_format=torch.channels_last_3d)
-    trained = checkpoint.get("hyperparameters", {})
-    settings = {key: trained[key] for key in TRAINED_SETTINGS if key in trained}
-    settings.setdefault("target", "regions" if checkpoint["model_args"]["out_channels"] == 3 else "labels")
+    if hp.backend == "onnxruntime":
+        path = onnx_path(path)
+        model, settings = onnx_predictor(path, device)
+        hp = hp.replace(precision="fp32", channels_last=False)  # the exported model is float32
+    else:
+        model, checkpoint = load_model(path, device, hp)
+        use_device(device)
+        if run_settings(hp.precision, hp.channels_last, device)[2]:
+            model = model.to(memory_format=torch.channels_last_3d)
+        trained = checkpoint.get("hyperparameters", {})
+        settings = {key: trained[key] for key in TRAINED_SETTINGS if key in trained}
+        settings.setdefault("target", "regions" if checkpoint["model_args"]["out_channels"] == 3 else "labels")
     current = hp.to_dict()
     changed = [f"{key}={value}" for key, value in settings.items() if current[key] != value]
     if changed:

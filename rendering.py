@@ -320,7 +320,7 @@ def render_case(brain_image, truth, pred, affine=None, output_png=None, show_err
     if turntable is not None:
         Path(turntable).parent.mkdir(parents=True, exist_ok=True)
         save_turntable(window, turntable)
-    if not offscreen:  # mouse: left drag turns, wheel zooms, middle drag pans; all viewports follow
+    if not offscreen:  # left drag turns, wheel zooms, middle drag pans, all viewports together; q closes
         interactor = vtkRenderWindowInteractor()
         interactor.SetRenderWindow(window)
         interactor.SetInteractorStyle(vtkInteractorStyleTrackballCamera())

@@ -5,13 +5,12 @@
     python train.py fold=2                           # with num_folds > 1: validate on fold 2, train on the others
     torchrun --nproc_per_node=4 train.py             # DistributedDataParallel, one process per GPU
 
-Writes to run_dir (with num_folds > 1: run_dir/fold_K): metrics.csv (a row per epoch), curves.png,
-checkpoint_last.pt (every epoch) and checkpoint_best.pt (best mean Dice), and at the end the validation cases
-predicted with checkpoint_best.pt into validation/ (the out-of-fold predictions crossval.py reads). Under
-torchrun batch_size is per process, the global batch is batch_size * processes, and a step sees the same
-patches as one process with that global batch.
+Writes to run_dir (with num_folds > 1: run_dir/fold_K): checkpoint_last.pt (every epoch) and
+checkpoint_best.pt (best mean Dice); through training_log.py metrics.csv (a row per epoch), curves.png and,
+with tensorboard: True, tensorboard/; at the end the validation cases predicted with checkpoint_best.pt into
+validation/ (the out-of-fold predictions crossval.py reads). Under torchrun batch_size is per process, the
+global batch is batch_size * processes, and a step sees the same patches as one process with that global batch.
 """
-import csv
 import datetime
 import math
 import os
@@ -26,6 +25,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+import augment
 import conventions
 import dataset
 import hyperparameters
@@ -33,12 +33,11 @@ import loss
 import model
 import predict
 import prepare_dataset
-from devices import autocast_settings, bf16_supported, resolve_device
+import training_log
+from devices import resolve_device, run_settings, start_process_group, use_device
 from files import output_folder
 
 RUN_FILES = ("checkpoint_last.pt", "checkpoint_best.pt", "metrics.csv", "curves.png")  # what a run writes
-METRIC_COLUMNS = ("epoch", "train_loss", "lr", "dice_WT", "dice_TC", "dice_ET", "dice_mean", "accuracy",
-                  "skipped_steps", "seconds")
 # How long a process waits for the others in a collective before it fails: long enough for the slowest
 # process's share of validation, short enough that a dead process cannot hang the others for good.
 PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=10)
@@ -59,17 +58,25 @@ def lr_factor(step, hp):
     return 1.0
 
 
+def make_optimizer(net, hp):
+    """AdamW, or nnU-Net's SGD with Nesterov momentum; weight decay as hp.weight_decay."""
+    if hp.optimizer == "sgd":
+        return torch.optim.SGD(net.parameters(), lr=hp.learning_rate, momentum=hp.momentum, nesterov=True,
+                               weight_decay=hp.weight_decay)
+    return torch.optim.AdamW(net.parameters(), lr=hp.learning_rate, weight_decay=hp.weight_decay)
+
+
 def train_epoch(train_model, batches, optimizer, scheduler, scaler, loss_fn, hp, device, dtype, epoch,
                 world_size, main_process):
     """hp.steps_per_epoch optimizer steps -> (mean finite loss over all processes, skipped steps)."""
     loss_sum, loss_count, skipped = 0.0, 0, 0
+    channels_last = run_settings(hp.precision, hp.channels_last, device)[2]
     params = [p for p in train_model.parameters() if p.requires_grad]
-    bar = tqdm(total=hp.steps_per_epoch, desc=f"epoch {epoch}/{hp.epochs}", disable=not main_process, leave=False)
+    bar = training_log.progress_bar(hp.steps_per_epoch, f"epoch {epoch}/{hp.epochs}", disable=not main_process)
     start = time.perf_counter()
-    for step, (image, labels) in enumerate(batches, start=1):
-        image = image.to(device, non_blocking=True)  # (B, C, px, py, pz)
-        labels = labels.to(device, non_blocking=True)  # (B, px, py, pz)
-        if hp.channels_last:
+    for step, batch in enumerate(batches, start=1):
+        image, labels = augment.to_device(batch, device, hp.patch_size)  # (B, C, px, py, pz), (B, px, py, pz)
+        if channels_last:
             image = image.contiguous(memory_format=torch.channels_last_3d)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             logits = train_model(image)  # (B, C_out, px, py, pz); a list of them with deep supervision
@@ -94,10 +101,10 @@ def train_epoch(train_model, batches, optimizer, scheduler, scaler, loss_fn, hp,
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()  # skipped or not: the schedule follows the step count, also after a resume
         rate = step * hp.batch_size * world_size / (time.perf_counter() - start)
-        bar.set_postfix(loss=f"{batch_loss.item():.4f}", patches_per_s=f"{rate:.1f}")
+        bar.set_postfix(loss=f"{batch_loss.item():.4f}", patches_per_s=f"{rate:.1f}", refresh=False)  # update() draws
         bar.update()
     bar.close()
-    totals = torch.tensor([loss_sum, loss_count], dtype=torch.float64)
+    totals = torch.tensor([loss_sum, loss_count], dtype=torch.float64)  # in CPU memory: Gloo's part of the group
     if world_size > 1:
         dist.all_reduce(totals)
     return (totals[0] / totals[1]).item() if totals[1] > 0 else math.nan, skipped
@@ -107,17 +114,19 @@ def train_epoch(train_model, batches, optimizer, scheduler, scaler, loss_fn, hp,
 
 @torch.no_grad()
 def validate(net, volumes, hp, device, rank=0, world_size=1):
-    """Mean Dice per region, mean Dice (= mean F1) and accuracy over the whole validation volumes.
+    """(mean Dice per region, mean Dice (= mean F1) and accuracy over the whole validation volumes, the
+    predicted labels of case 0 in process 0 (None elsewhere), for TensorBoard's picture).
     Process r takes cases r, r + W, ... (none padded or repeated); the means run over the cases in
     their order, so any number of processes gives the same numbers."""
     net.eval()
     no_tta = hp.replace(tta_mirror=False)  # validation each epoch: one pass per window
-    results = []
+    results, first = [], None
     for index in range(rank, len(volumes), world_size):
         _, image, truth = volumes[index]  # (C, x, y, z), (x, y, z)
         probabilities = predict.predict_case(net, image.to(device), no_tta, hp.target)  # as predict.py does
         labels = loss.probabilities_to_labels(probabilities, hp.target).cpu().numpy()  # (x, y, z)
         dice = loss.dice_per_region(labels, truth.numpy())
+        first = labels if index == 0 else first
         results.append((index, [dice[region] for region in conventions.REGION_NAMES], loss.accuracy(labels, truth.numpy())))
     net.train()
     if world_size > 1:
@@ -127,68 +136,7 @@ def validate(net, volumes, hp, device, rank=0, world_size=1):
     results.sort()
     dice = np.mean([dice for _, dice, _ in results], axis=0)  # (3,) WT, TC, ET
     row = {f"dice_{region}": float(value) for region, value in zip(conventions.REGION_NAMES, dice)}
-    return {**row, "dice_mean": float(dice.mean()), "accuracy": float(np.mean([a for _, _, a in results]))}
-
-
-# ---------------------------------------------------------------- outputs (main process only)
-
-def write_metrics_csv(rows, path):
-    """Rewrite the whole file from the rows kept in the checkpoint: a resume never repeats or loses a row."""
-    def write(tmp):
-        with open(tmp, "w", newline="") as file:
-            writer = csv.writer(file)
-            writer.writerow(METRIC_COLUMNS)
-            for row in rows:
-                writer.writerow(["" if row[c] is None else f"{row[c]:.6g}" if isinstance(row[c], float) else row[c]
-                                 for c in METRIC_COLUMNS])
-    prepare_dataset.atomic_write(path, write)
-
-
-def interactive_plots():
-    """True in Spyder, PyCharm or IPython with a matplotlib backend that can show figures."""
-    if not ("IPython" in sys.modules or os.environ.get("PYCHARM_HOSTED") or hasattr(sys, "ps1")):
-        return False
-    import matplotlib
-    return matplotlib.get_backend().lower() not in ("agg", "pdf", "ps", "svg", "cairo", "template")
-
-
-def plot_curves(rows, path, show=False):
-    """curves.png: training loss; Dice per region and mean Dice (= mean F1); voxel accuracy."""
-    if show:
-        import matplotlib.pyplot as plt
-        figure = plt.figure("training", figsize=(13, 3.8), clear=True)
-    else:  # a plain Figure renders with Agg: no pyplot, no GUI backend touched on a server or under a test
-        from matplotlib.figure import Figure
-        figure = Figure((13, 3.8))
-    axes = figure.subplots(1, 3)
-    axes[0].plot([row["epoch"] for row in rows], [row["train_loss"] for row in rows], "o-", label="training loss")
-    validated = [row for row in rows if row["dice_mean"] is not None]
-    epochs = [row["epoch"] for row in validated]
-    for region in conventions.REGION_NAMES:
-        axes[1].plot(epochs, [row[f"dice_{region}"] for row in validated], "o-", label=f"Dice {region}")
-    axes[1].plot(epochs, [row["dice_mean"] for row in validated], "ko--", label="mean Dice (F1)")
-    axes[2].plot(epochs, [row["accuracy"] for row in validated], "o-", label="voxel accuracy")
-    for axis, title in zip(axes, ("loss", "validation Dice (F1)", "validation accuracy")):
-        axis.set(title=title, xlabel="epoch")
-        axis.xaxis.get_major_locator().set_params(integer=True)
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
-    axes[1].set_ylim(0, 1)
-    figure.tight_layout()
-    prepare_dataset.atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
-    if show:
-        plt.show(block=False)
-        plt.pause(0.001)
-
-
-def summary_line(row, hp, best, device):
-    dice = "" if row["dice_mean"] is None else (
-        "  Dice " + " ".join(f"{region} {row[f'dice_{region}']:.3f}" for region in conventions.REGION_NAMES)
-        + f"  mean {row['dice_mean']:.3f}  accuracy {row['accuracy']:.4f}" + "  best" * best)
-    skipped = f"  skipped {row['skipped_steps']}" if row["skipped_steps"] else ""
-    memory = f"  {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB peak" if device.type == "cuda" else ""
-    return (f"epoch {row['epoch']}/{hp.epochs}  loss {row['train_loss']:.4f}{dice}  lr {row['lr']:.2e}{skipped}"
-            f"  {row['seconds']:.1f} s{memory}")
+    return {**row, "dice_mean": float(dice.mean()), "accuracy": float(np.mean([a for _, _, a in results]))}, first
 
 
 def resume_state(hp, net, optimizer, scheduler, scaler, main_process, split):
@@ -247,7 +195,7 @@ def build_model(hp, device, world_size, main_process):
     random.seed(hp.seed)  # and the same global random states, which checkpoints keep: equal checkpoints per seed
     np.random.seed(hp.seed)
     net = model.build_model(hp).to(device)
-    if hp.channels_last:
+    if run_settings(hp.precision, hp.channels_last, device)[2]:
         net = net.to(memory_format=torch.channels_last_3d)
     train_model = net
     if world_size > 1:
@@ -265,13 +213,10 @@ def train(hp):
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     main_process = rank == 0
     device = resolve_device(hp.device, int(os.environ.get("LOCAL_RANK", 0)), world_size)
+    use_device(device)
     if world_size > 1:
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=PROCESS_GROUP_TIMEOUT)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # one patch size: let cuDNN time its kernels once
-    dtype, use_scaler = autocast_settings(hp.precision, device.type, bf16_supported(device))
+        start_process_group(device, PROCESS_GROUP_TIMEOUT)
+    dtype, use_scaler, channels_last = run_settings(hp.precision, hp.channels_last, device)
 
     manifest = prepare_dataset.read_manifest(hp.prepared_dir, hp.data_format)
     dataset.check_prepared_settings(manifest, hp)  # channels, crop margin and format come from the prepared data
@@ -280,12 +225,13 @@ def train(hp):
     split = {"fold": hp.fold, "train": train_names, "val": val_names}  # kept in the checkpoints: resume checks it
     hp = hp.replace(run_dir=dataset.fold_dir(hp))
     patches = dataset.PatchDataset(hp.prepared_dir, train_names, hp.patch_size, hp.foreground_fraction,
-                                   hp.augment, hp.seed, hp.steps_per_epoch * hp.batch_size * world_size)
+                                   hp.augment, hp.seed, hp.steps_per_epoch * hp.batch_size * world_size,
+                                   augment.runs_on_device(hp.augment, hp.augment_on, device))
     volumes = dataset.VolumeDataset(hp.prepared_dir, val_names) if val_names else None
     sampler = dataset.EpochSampler(hp.steps_per_epoch, hp.batch_size, rank, world_size)
     net, train_model = build_model(hp, device, world_size, main_process)
     loss_fn = loss.make_loss(hp)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=hp.learning_rate, weight_decay=hp.weight_decay)
+    optimizer = make_optimizer(net, hp)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, hp))
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     done, best_score, rows = 0, None, []
@@ -294,7 +240,8 @@ def train(hp):
     if main_process:
         start_run_dir(hp.run_dir, hp)
         print(f"training on {device} x {world_size} process(es), {dtype or torch.float32}"
-              f"{' with loss scaling' if use_scaler else ''}, {model.count_parameters(net):,} parameters, "
+              f"{' with loss scaling' if use_scaler else ''}{', channels_last' * channels_last}, "
+              f"{model.count_parameters(net):,} parameters, "
               f"{len(train_names)} training / {len(val_names)} validation cases"
               f"{f' (fold {hp.fold} of {hp.num_folds})' * (hp.num_folds > 1)}, global batch "
               f"{hp.batch_size * world_size}, epochs {done + 1}..{hp.epochs}")
@@ -302,7 +249,8 @@ def train(hp):
             print("no validation cases: checkpoint_best.pt is the latest epoch")
         if done >= hp.epochs:
             print(f"{hp.run_dir} has trained {done} epochs already; raise epochs to train on")
-    show = main_process and world_size == 1 and interactive_plots()
+    show = world_size == 1 and training_log.interactive_plots()
+    log = training_log.TrainingLog(hp, done, show) if main_process else None
     sampler.set_epoch(done + 1)
     loader = dataset.start_loader(patches, sampler, hp.batch_size, hp.num_workers, device)
 
@@ -317,14 +265,17 @@ def train(hp):
                              f"before saving them, {hp.run_dir} keeps the last good checkpoints; lower learning_rate")
         row = {"epoch": epoch, "train_loss": train_loss, "lr": lr, "skipped_steps": skipped,
                **dict.fromkeys(("dice_WT", "dice_TC", "dice_ET", "dice_mean", "accuracy"))}
+        labels = None
         if volumes is not None and (epoch % hp.val_every == 0 or epoch == hp.epochs):
-            row.update(validate(net, volumes, hp, device, rank, world_size))
+            metrics, labels = validate(net, volumes, hp, device, rank, world_size)
+            row.update(metrics)
         row["seconds"] = time.perf_counter() - start
         rows.append(row)
         improved = volumes is None or (row["dice_mean"] is not None and
                                        (best_score is None or row["dice_mean"] > best_score))
         best_score = row["dice_mean"] if improved else best_score
         if main_process:
+            log.to_tensorboard(row, volumes, labels)
             state = {"model_args": model.model_args(hp), "model": net.state_dict(), "epoch": epoch,
                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "scaler": scaler.state_dict(), "best_score": best_score, "metrics": rows, "rng": model.rng_state(),
@@ -332,9 +283,9 @@ def train(hp):
             model.save_checkpoint(state, hp.run_dir / "checkpoint_last.pt")
             if improved:
                 model.save_checkpoint(state, hp.run_dir / "checkpoint_best.pt")
-            write_metrics_csv(rows, hp.run_dir / "metrics.csv")
-            plot_curves(rows, hp.run_dir / "curves.png", show)
-            print(summary_line(row, hp, improved and volumes is not None, device))
+            log.write(rows, improved and volumes is not None, device)
+    if main_process:
+        log.close()
     if world_size > 1:
         dist.destroy_process_group()
     if main_process and val_names:  # the out-of-fold predictions; redone when this call trained

@@ -65,3 +65,8 @@ def monai_scores(pred, truth, spacing):
         warnings.simplefilter("ignore")
         hd = HausdorffDistanceMetric(include_background=True, percentile=95)(p, t, spacing=list(spacing))[0]
     return dict(zip(REGION_NAMES, dice.tolist())), dict(zip(REGION_NAMES, hd.tolist()))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU, skipped without one (pytest -m cuda; "
+                                       "benchmarks/gpu_check.sh runs them)")

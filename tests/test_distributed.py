@@ -157,7 +157,7 @@ def test_killed_run_resumes_under_torchrun_with_another_process_count(tmp_path, 
     hp = train.hyperparameters.load(settings)
     net, _ = model.load_model(run_dir / "checkpoint_last.pt")
     volumes = dataset.VolumeDataset(prepared, dataset.split_cases(dataset.read_manifest(prepared))[1])
-    single = train.validate(net, volumes, hp, torch.device("cpu"))
+    single, _ = train.validate(net, volumes, hp, torch.device("cpu"))
     for key, value in single.items():
         assert resumed["metrics"][-1][key] == pytest.approx(value, abs=1e-6), key
 
@@ -172,3 +172,84 @@ def test_a_failing_process_stops_the_others(tmp_path, prepared):
     assert done.returncode != 0
     assert "rank 1 failed: " in done.stderr
     assert time.monotonic() - start < 60
+
+
+# Stands in for a run on GPUs, where the process group must accept every collective (NCCL refuses tensors in
+# CPU memory), with the CPU playing each process's GPU. A tensor counts as in GPU memory when it was moved or
+# made there (.to(device), device=device) or computed from one that was; tensors made without a device, and
+# .cpu() results, are in CPU memory. Each tensor collective of train.py is checked against the backend that
+# devices.process_group_backend gives a CUDA process: NCCL takes GPU tensors of its dtypes, Gloo CPU tensors.
+# Object collectives are not checked: they travel in CPU memory where the group has a Gloo part, and on the
+# current GPU otherwise, which devices.use_device sets first (tests/test_devices.py).
+GPU_RULES_HELPER = """
+import json, os, sys
+import torch
+import torch.distributed as dist
+from torch.overrides import TorchFunctionMode
+sys.path.insert(0, {repo!r})
+import devices, hyperparameters, train
+
+NCCL_DTYPES = {{torch.int8, torch.uint8, torch.int32, torch.int64, torch.float16, torch.bfloat16, torch.float32,
+               torch.float64}}
+dist.is_nccl_available = lambda: True  # a Linux GPU machine
+BACKEND = devices.process_group_backend(torch.device("cuda", int(os.environ["LOCAL_RANK"])))
+SERVES = dict(part.split(":") for part in BACKEND.split(",")) if ":" in BACKEND else (
+    {{"cuda": "nccl"}} if BACKEND == "nccl" else {{"cpu": BACKEND, "cuda": BACKEND}})
+calls = {{}}
+
+
+def in_gpu_memory(value):
+    return isinstance(value, torch.Tensor) and getattr(value, "on_gpu", False)
+
+
+class GpuMemory(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {{}}
+        out = func(*args, **kwargs)
+        values = [*args, *kwargs.values()]
+        values += [v for value in values if isinstance(value, (list, tuple)) for v in value]  # torch.stack([...])
+        if getattr(func, "__name__", "") == "cpu":
+            on_gpu = False
+        elif any(isinstance(value, torch.device) for value in values):
+            on_gpu = True  # train.py's device (the CPU here) named: the GPU in a GPU run
+        else:
+            on_gpu = any(in_gpu_memory(value) for value in values)
+        for tensor in out if isinstance(out, (list, tuple)) else [out]:
+            if isinstance(tensor, torch.Tensor):
+                tensor.on_gpu = on_gpu
+        return out
+
+
+def checked(name, collective):
+    def check(tensor, *args, **kwargs):
+        memory = "cuda" if in_gpu_memory(tensor) else "cpu"
+        where = "GPU" if memory == "cuda" else "CPU"
+        if memory not in SERVES:
+            raise RuntimeError(f"{{name}} of a {{tensor.dtype}} tensor in {{where}} memory: the process group "
+                               f"{{BACKEND!r}} of a GPU run has no backend for it (NCCL takes only GPU tensors)")
+        if SERVES[memory] == "nccl" and tensor.dtype not in NCCL_DTYPES:
+            raise RuntimeError(f"{{name}} of a {{tensor.dtype}} tensor: NCCL has no such type")
+        calls[name] = calls.get(name, 0) + 1
+        return collective(tensor, *args, **kwargs)
+    return check
+
+
+for name in ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "reduce", "reduce_scatter_tensor",
+             "all_to_all_single", "gather", "scatter", "send", "recv"):
+    setattr(dist, name, checked(name, getattr(dist, name)))
+with GpuMemory():
+    train.train(hyperparameters.load(sys.argv[1]))
+with open(os.path.join(sys.argv[2], "collectives_rank" + os.environ["RANK"] + ".json"), "w") as file:
+    json.dump(calls, file)
+"""
+
+
+def test_every_collective_is_valid_in_the_process_group_of_a_gpu_run(tmp_path, prepared):
+    helper = tmp_path / "gpu_rules.py"
+    helper.write_text(GPU_RULES_HELPER.format(repo=str(REPO)))
+    settings = write_settings(tmp_path / "hp.txt", prepared, tmp_path / "run", device="cpu", epochs=1)
+    done = run([helper, settings, tmp_path], processes=2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for rank in (0, 1):  # per step the finite flag (GPU memory), per epoch the loss totals (CPU memory)
+        calls = json.loads((tmp_path / f"collectives_rank{rank}.json").read_text())
+        assert calls == {"all_reduce": 3 + 1}

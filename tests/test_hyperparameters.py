@@ -25,7 +25,7 @@ def test_defaults_are_typed():
     assert hp.patch_size == (48, 48, 48) and isinstance(hp.patch_size[0], int)
     assert hp.channel_names == ("flair", "t1", "t1ce", "t2")
     assert hp.learning_rate == pytest.approx(3e-3) and isinstance(hp.learning_rate, float)
-    assert hp.augment is True and hp.resume is False
+    assert hp.augment == "light" and hp.optimizer == "adamw" and hp.resume is False
     assert hp.checkpoint is None and hp.predict_input_dir is None
     assert hp.raw_data_dir == DEFAULT_FILE.parent / "data" / "raw"
 
@@ -35,7 +35,7 @@ def test_seed_format_is_still_valid(tmp_path):
     path = write(tmp_path, "patch_size:32,32,32\nbatch_size:1\naugment:False\nlearning_rate:0.001\n"
                            "channel_names:flair,t1,t1ce,t2\n")
     hp = load(path)
-    assert (hp.patch_size, hp.batch_size, hp.augment, hp.learning_rate) == ((32, 32, 32), 1, False, 0.001)
+    assert (hp.patch_size, hp.batch_size, hp.augment, hp.learning_rate) == ((32, 32, 32), 1, "none", 0.001)
 
 
 def test_comments_blank_lines_int_for_float_and_none(tmp_path):
@@ -55,7 +55,7 @@ def test_unknown_key_names_line_and_closest_key(tmp_path):
 @pytest.mark.parametrize("line, message", [
     ("epochs: 2.5", r"line 1: 'epochs' must be an integer, got '2.5'"),
     ("epochs: 0", r"line 1: 'epochs' must be > 0"),
-    ("augment: yes", r"'augment' must be True or False"),
+    ("augment: yes", r"'augment' must be none \| light \| nnunet"),
     ("patch_size: 64, 64", r"'patch_size' must be 3 comma-separated values"),
     ("norm: layer", r"'norm' must be instance \| batch \| group"),
     ("sw_overlap: 0.99", r"'sw_overlap' must be >= 0 and <= 0.9"),

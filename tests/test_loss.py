@@ -8,8 +8,8 @@ import torch
 import hyperparameters
 from conftest import SAMPLE_DIR, monai_scores
 from conventions import REGIONS, brats_to_internal, labels_to_regions
-from loss import (HD95_EMPTY, accuracy, dice_per_region, hd95, logits_to_probabilities, make_loss, one_hot_targets,
-                  probabilities_to_labels, region_metrics)
+from loss import (HD95_EMPTY, accuracy, deep_supervision_weights, dice_per_region, hd95, logits_to_probabilities,
+                  make_loss, one_hot_targets, probabilities_to_labels, region_metrics)
 
 REFERENCE_DIR = SAMPLE_DIR / "reference_segmentations"
 LOSSES = ["dice_ce", "dice", "modified_dice"]
@@ -96,6 +96,16 @@ def test_deep_supervision_loss_weights_halve_per_level():
              for l in logits]
     expected = sum(w * fn(l, lab) for w, l, lab in zip([4 / 7, 2 / 7, 1 / 7], logits, lower))
     assert fn(logits, labels).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_deep_supervision_weights_are_nnunets():
+    """nnU-Net (nnUNetTrainer._build_loss): 1 / 2^i per decoder level, the lowest set to 0, normalized. Our
+    network makes no lowest-level output, so its weights are nnU-Net's without that 0."""
+    for decoder_levels in (2, 3, 5):
+        nnunet = np.array([1 / 2 ** i for i in range(decoder_levels)])
+        nnunet[-1] = 0
+        nnunet = nnunet / nnunet.sum()
+        assert deep_supervision_weights(decoder_levels - 1) == pytest.approx(nnunet[:-1].tolist(), abs=1e-12)
 
 
 # ------------------------------------------------------------------ labels <-> regions <-> probabilities

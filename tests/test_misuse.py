@@ -23,6 +23,7 @@ import predict
 import prepare_dataset
 import rendering
 import train
+import training_log
 from files import TEMPORARY, sole_writer
 
 from conftest import REPO
@@ -125,13 +126,13 @@ def test_train_refuses_a_run_dir_holding_a_trained_run_unless_resumed_or_overwri
     message = run_main(train, monkeypatch, *settings.items())
     assert f"{run_dir} holds a trained run" in message and "resume=True" in message and "overwrite=True" in message
     assert {name: (run_dir / name).read_bytes() for name in train.RUN_FILES} == before  # nothing touched
-    plot = train.plot_curves
+    plot = training_log.plot_curves
 
     def stop_after_epoch_1(rows, path, show=False):  # the new run interrupted before its first validation
         plot(rows, path, show)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train, "plot_curves", stop_after_epoch_1)
+    monkeypatch.setattr(training_log, "plot_curves", stop_after_epoch_1)
     with pytest.raises(KeyboardInterrupt):
         train.train(hyperparameters.load(overrides={**settings, "overwrite": True, "epochs": 3, "val_every": 2}))
     assert not (run_dir / "checkpoint_best.pt").exists()  # the old run's best is gone, not mixed with the new run

@@ -1,4 +1,5 @@
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ def hand_count(in_channels, out_channels, features, deep_supervision=False):
     total = sum(block(c_in, c_out) for c_in, c_out in zip([in_channels] + features[:-1], features))
     for low, high in zip(features[:-1], features[1:]):  # decoder levels
         total += 8 * high * low + low + block(2 * low, low)
-    heads = len(features) - 1 if deep_supervision else 1
+    heads = max(len(features) - 2, 1) if deep_supervision else 1  # the lowest decoder level has no head
     return total + sum(f * out_channels + out_channels for f in features[:heads])
 
 
@@ -63,10 +64,25 @@ def test_deep_supervision_outputs():
     model = UNet3D(4, 3, [2, 4, 8, 16], deep_supervision=True)
     x = torch.randn(1, 4, 16, 16, 8)
     outputs = model(x)
-    assert [tuple(o.shape) for o in outputs] == [(1, 3, 16, 16, 8), (1, 3, 8, 8, 4), (1, 3, 4, 4, 2)]
+    # 3 decoder levels; the lowest (4, 4, 2), which nnU-Net's loss weighs 0, makes no output
+    assert [tuple(o.shape) for o in outputs] == [(1, 3, 16, 16, 8), (1, 3, 8, 8, 4)]
     model.eval()
     full = model(x)
     assert isinstance(full, torch.Tensor) and full.shape == (1, 3, 16, 16, 8)
+
+
+def test_nnunet_brats_network_on_128_cubed_patches():
+    """The GPU settings' network: nnU-Net's 6 stages, a 4^3 bottleneck for 128^3 patches, 4 supervised outputs."""
+    hp = hyperparameters.load(Path(__file__).resolve().parents[1] / "hyperparameters_brats2020_gpu.txt")
+    assert list(hp.features) == [32, 64, 128, 256, 320, 320] and hp.patch_size == (128, 128, 128)
+    with torch.device("meta"):  # shapes only
+        model = build_model(hp)
+        bottleneck = []
+        model.encoders[-1].register_forward_hook(lambda module, inputs, output: bottleneck.append(output.shape))
+        outputs = model(torch.empty(2, 4, *hp.patch_size))
+    assert bottleneck == [(2, 320, 4, 4, 4)]
+    assert [tuple(o.shape[2:]) for o in outputs] == [(128,) * 3, (64,) * 3, (32,) * 3, (16,) * 3]
+    assert count_parameters(model) == hand_count(4, 3, list(hp.features), True) == 31_194_188
 
 
 def test_invalid_size_names_side_and_nearest_sizes():

@@ -1,8 +1,11 @@
 """rendering.py: headless renders checked by their pixels, scanner-mm placement, settings -> files."""
 import colorsys
+import os
 import shutil
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -223,3 +226,68 @@ def test_unknown_case_and_bad_prediction_are_named(tiny_hp, tiny_raw, tmp_path):
     nib.save(nib.Nifti1Image(np.full((4, 4, 4), 2, np.uint8), np.eye(4)), bad)  # valid labels, wrong grid
     with pytest.raises(CaseError, match="shape"):
         rendering.render(tiny_hp.replace(rendering_sample_name=name, render_output=tmp_path / "x.png"))
+
+
+# ------------------------------------------------------------------ the interactive window, under a real X server
+def read_xwd(path):
+    """The screen of an Xvfb started with -fbdir: an XWD image (big-endian header, 32-bit BGRX pixels) -> RGB."""
+    data = Path(path).read_bytes()
+    header = np.frombuffer(data[:100], ">u4")
+    header_size, width, height, bits_per_pixel, bytes_per_line, colors = (header[i] for i in (0, 4, 5, 11, 12, 19))
+    assert bits_per_pixel == 32 and header[7] == 0  # least significant byte first: B, G, R, unused
+    rows = np.frombuffer(data, np.uint8, count=height * bytes_per_line, offset=header_size + 12 * colors)
+    return rows.reshape(height, bytes_per_line)[:, : 4 * width].reshape(height, width, 4)[..., 2::-1]
+
+
+@pytest.fixture
+def x_server(tmp_path):
+    """(DISPLAY of a fresh Xvfb, the file holding its screen); skipped where Xvfb or xdotool are missing."""
+    missing = [tool for tool in ("Xvfb", "xdotool") if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"{' and '.join(missing)} not installed (apt-get install xvfb xdotool; .ci/run installs them)")
+    server = subprocess.Popen(["Xvfb", "-displayfd", "1", "-screen", "0", "1920x1200x24", "-fbdir", str(tmp_path),
+                               "-nolisten", "tcp"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        yield f":{server.stdout.readline().strip()}", tmp_path / "Xvfb_screen0"
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def test_window_opens_shows_the_three_viewports_and_closes_on_q(tiny_hp, tiny_raw, tmp_path, x_server):
+    display, screen = x_server
+    name = tumor_case_name(tiny_raw)
+    write_prediction(tiny_raw, tiny_hp.prediction_dir, name)
+    offscreen = rendering.render(tiny_hp.replace(rendering_sample_name=name, render_output=tmp_path / "off.png"))
+    expected = np.asarray(Image.open(offscreen).convert("RGB"))
+    env = {**os.environ, "DISPLAY": display}
+    env.pop("VTK_DEFAULT_OPENGL_WINDOW", None)  # set for EGL by the offscreen renders in this process
+    x = lambda *args: subprocess.run(["xdotool", *args], env=env, capture_output=True, text=True, timeout=60)  # noqa: E731
+    window = subprocess.Popen([sys.executable, str(Path(rendering.__file__)), f"raw_data_dir={tiny_raw}",
+                               f"prediction_dir={tiny_hp.prediction_dir}", f"rendering_sample_name={name}"],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        window_id, deadline = "", time.monotonic() + 60
+        while not window_id and window.poll() is None and time.monotonic() < deadline:
+            window_id = x("search", "--name", f"^{name}$").stdout.strip()
+            time.sleep(0.2)
+        assert window_id, f"no window: {window.poll()=} {window.stderr.read() if window.poll() is not None else ''}"
+        width, height = (int(v) for v in x("getwindowgeometry", "--shell", window_id).stdout.split()[3:5]
+                         for v in [v.split("=")[1]])
+        assert (height, width) == expected.shape[:2]  # the window is the size of the offscreen image
+        shot, deadline = None, time.monotonic() + 30
+        while time.monotonic() < deadline:  # until the first frame is drawn and stays
+            previous, shot = shot, read_xwd(screen)[:height, :width]
+            if previous is not None and shot.std() > 10 and np.array_equal(previous, shot):
+                break
+            time.sleep(0.5)
+        Image.fromarray(shot).save(tmp_path / "window.png")
+        for shown, offline in zip(viewports(shot), viewports(expected)):  # Target, Prediction, Errors
+            assert color_counts(shown, LABEL_COLORS) == pytest.approx(color_counts(offline, LABEL_COLORS), rel=0.05)
+        assert np.abs(shot.astype(np.int16) - expected).mean() < 2  # the same picture, up to the GL context
+        x("windowfocus", "--sync", window_id, "key", "q")  # the key the README names
+        out, err = window.communicate(timeout=30)
+    finally:
+        window.kill()
+    assert window.returncode == 0, err
+    assert x("search", "--name", f"^{name}$").stdout == ""  # the window is gone

@@ -14,6 +14,7 @@ import loss
 import model
 import predict
 import train
+import training_log
 
 EPOCHS = 4
 
@@ -44,7 +45,7 @@ def without_seconds(rows):
 def test_training_loss_falls_and_metrics_csv_has_a_row_per_epoch(full_run):
     hp, result = full_run
     rows = read_csv(hp.run_dir / "metrics.csv")
-    assert list(rows[0]) == list(train.METRIC_COLUMNS)
+    assert list(rows[0]) == list(training_log.METRIC_COLUMNS)
     assert [int(row["epoch"]) for row in rows] == list(range(1, EPOCHS + 1))
     losses = [float(row["train_loss"]) for row in rows]
     assert losses[-1] < losses[0]
@@ -83,18 +84,18 @@ def test_checkpoint_holds_plain_unwrapped_state(full_run):
 def test_resume_after_a_stop_gives_the_uninterrupted_run(full_run, tmp_path, monkeypatch):
     hp, _ = full_run
     hp = hp.replace(run_dir=tmp_path)
-    plot = train.plot_curves
+    plot = training_log.plot_curves
 
     def stop_after_epoch_2(rows, path, show=False):  # an interrupt once epoch 2 is saved
         plot(rows, path, show)
         if rows[-1]["epoch"] == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(train, "plot_curves", stop_after_epoch_2)
+    monkeypatch.setattr(training_log, "plot_curves", stop_after_epoch_2)
     with pytest.raises(KeyboardInterrupt):
         train.train(hp)
     assert torch.load(tmp_path / "checkpoint_last.pt", weights_only=True)["epoch"] == 2
-    monkeypatch.setattr(train, "plot_curves", plot)
+    monkeypatch.setattr(training_log, "plot_curves", plot)
     train.train(hp.replace(resume=True))
 
     resumed = torch.load(tmp_path / "checkpoint_last.pt", weights_only=True)
@@ -106,6 +107,43 @@ def test_resume_after_a_stop_gives_the_uninterrupted_run(full_run, tmp_path, mon
     for key, value in uninterrupted["model"].items():
         assert torch.equal(resumed["model"][key], value), key
     assert resumed["scheduler"]["last_epoch"] == uninterrupted["scheduler"]["last_epoch"]
+
+
+def test_resume_with_nnunet_augmentation_on_the_device_gives_the_uninterrupted_weights(tiny_prepared, tmp_path,
+                                                                                       monkeypatch):
+    """nnU-Net's augmentation, batched after the loader with SGD: a run stopped after epoch 1 and resumed
+    ends with the weights of an uninterrupted run (every parameter and noise field comes from the seed)."""
+    hp = tiny_settings(tiny_prepared, tmp_path / "full", epochs=2, steps_per_epoch=2, val_every=10, augment="nnunet",
+                       augment_on="device", optimizer="sgd", learning_rate=1e-2)
+    train.train(hp)
+    plot = training_log.plot_curves
+
+    def stop_after_epoch_1(rows, path, show=False):
+        plot(rows, path, show)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training_log, "plot_curves", stop_after_epoch_1)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(hp.replace(run_dir=tmp_path / "resumed"))
+    monkeypatch.setattr(training_log, "plot_curves", plot)
+    train.train(hp.replace(run_dir=tmp_path / "resumed", resume=True))
+    uninterrupted = torch.load(tmp_path / "full" / "checkpoint_last.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "resumed" / "checkpoint_last.pt", weights_only=True)
+    assert resumed["epoch"] == 2
+    for key, value in uninterrupted["model"].items():
+        assert torch.equal(resumed["model"][key], value), key
+    momentum = [state["momentum_buffer"] for state in resumed["optimizer"]["state"].values()]
+    assert momentum and all(torch.isfinite(m).all() for m in momentum)  # SGD (Nesterov) state kept
+
+
+def test_optimizer_choice():
+    net = torch.nn.Linear(2, 2)
+    sgd = train.make_optimizer(net, hyperparameters.load(overrides={"optimizer": "sgd", "learning_rate": 1e-2,
+                                                                   "weight_decay": 3e-5}))
+    assert isinstance(sgd, torch.optim.SGD)
+    assert {k: sgd.defaults[k] for k in ("lr", "momentum", "nesterov", "weight_decay")} == {
+        "lr": 1e-2, "momentum": 0.99, "nesterov": True, "weight_decay": 3e-5}  # nnU-Net's
+    assert isinstance(train.make_optimizer(net, hyperparameters.load()), torch.optim.AdamW)
 
 
 def test_resume_refuses_a_checkpoint_of_another_network(full_run, tmp_path):
@@ -188,7 +226,8 @@ def test_training_runs_in_bf16_exactly_on_cpus_with_bf16_instructions(tiny_prepa
     assert dtypes == {torch.bfloat16 if precision == "auto" and native else torch.float32}
 
 
-def test_resolve_device():
+def test_resolve_device(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     resolve = devices.resolve_device
     assert resolve("auto", cuda_available=False, mps_available=False) == torch.device("cpu")
     assert resolve("auto", cuda_available=False, mps_available=True) == torch.device("mps")

@@ -1,0 +1,147 @@
+"""training_log.py: TensorBoard read back from its event files (also across a resume), the validation picture,
+and train.py in a real IPython kernel with the inline backend, as Spyder and PyCharm's console run it."""
+import base64
+import csv
+import io
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import hyperparameters
+import model
+import train
+import training_log
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = {"num_workers": 0, "features": "4, 8, 16", "patch_size": "16, 16, 16", "batch_size": 2, "epochs": 2,
+        "steps_per_epoch": 3, "val_every": 1, "sw_batch_size": 4, "seed": 3}
+
+
+def read_events(folder):
+    """{tag: [(step, value)]} of the scalars and {tag: [(step, RGB array)]} of the images, as TensorBoard reads them."""
+    pytest.importorskip("tensorboard", reason="tensorboard is not installed (requirements-dev.txt)")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    scalars = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    images = {tag: [(e.step, np.asarray(Image.open(io.BytesIO(e.encoded_image_string)).convert("RGB")))
+                    for e in events.Images(tag)] for tag in events.Tags()["images"]}
+    return scalars, images
+
+
+def test_tensorboard_logs_each_epoch_once_across_a_resume(tmp_path, tiny_prepared, monkeypatch):
+    hp = hyperparameters.load(overrides={**TINY, "prepared_dir": tiny_prepared, "run_dir": tmp_path,
+                                         "tensorboard": True, "epochs": 3, "steps_per_epoch": 1})
+    save = model.save_checkpoint
+
+    def killed_while_saving_epoch_2(state, path):  # TensorBoard has epoch 2, the checkpoint has not
+        if state["epoch"] == 2:
+            raise KeyboardInterrupt
+        save(state, path)
+
+    monkeypatch.setattr(model, "save_checkpoint", killed_while_saving_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(hp)
+    monkeypatch.setattr(model, "save_checkpoint", save)
+    assert [step for step, _ in read_events(tmp_path / "tensorboard")[0]["loss/train"]] == [1, 2]
+    train.train(hp.replace(resume=True))  # epochs 2 and 3 again
+
+    scalars, images = read_events(tmp_path / "tensorboard")
+    with open(tmp_path / "metrics.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    for tag, column in [("loss/train", "train_loss"), ("learning_rate", "lr"), ("accuracy", "accuracy"),
+                        *((f"dice/{r}", f"dice_{r}") for r in ("WT", "TC", "ET", "mean"))]:
+        assert [step for step, _ in scalars[tag]] == [1, 2, 3], tag  # epoch 2 of the killed run purged
+        assert [value for _, value in scalars[tag]] == pytest.approx([float(r[column]) for r in rows], rel=1e-5)
+    [(tag, pictures)] = images.items()
+    assert tag.startswith("validation/BraTS20_Training_") and [step for step, _ in pictures] == [1, 2, 3]
+    truth_panel = pictures[-1][1][:, : pictures[-1][1].shape[1] // 2]
+    for color in training_log.REGION_COLORS.values():  # the true outline of every region is drawn
+        assert np.all(truth_panel == color, axis=-1).any()
+
+
+def test_slice_picture_outlines_truth_and_prediction_on_the_slice_with_most_tumor():
+    image = np.zeros((20, 16, 6), dtype=np.float32)
+    image[2:18, 2:14] = 1.0 + np.arange(6)  # brighter with z
+    truth = np.zeros((20, 16, 6), dtype=np.uint8)
+    truth[5:10, 4:12, 3] = 2  # edema, 5 x 8: the most tumor on slice 3
+    truth[5:7, 4:6, 1] = 3
+    pred = np.zeros_like(truth)
+    pred[6:9, 5:8, 3] = 1  # core, 3 x 3
+    picture = training_log.slice_picture(image, truth, pred)
+    assert picture.shape == (16, 40, 3) and picture.dtype == np.uint8
+    truth_panel, pred_panel = picture[:, :20], picture[:, 20:]
+    green, red = training_log.REGION_COLORS["WT"], training_log.REGION_COLORS["TC"]
+    assert np.all(truth_panel == green, axis=-1).sum() == 5 * 8 - 3 * 6  # the ring around the 5 x 8 box
+    assert not np.all(truth_panel == red, axis=-1).any()
+    assert np.all(pred_panel == red, axis=-1).sum() == 8  # TC outline of the 3 x 3 core, WT drawn under it
+    # rows run along y with the last row on top: voxel (x, y) = (5, 4) is at row 15 - 4, column 5
+    assert tuple(truth_panel[15 - 4, 5]) == green and tuple(truth_panel[15, 0]) == (0, 0, 0)
+
+
+def test_tensorboard_is_imported_only_when_asked_and_named_when_missing(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if the package were not installed
+    hp = hyperparameters.load(overrides={"run_dir": tmp_path})
+    assert training_log.TrainingLog(hp, 0, show=False).writer is None
+    with pytest.raises(ValueError) as error:
+        training_log.TrainingLog(hp.replace(tensorboard=True), 0, show=False)
+    assert str(error.value) == ("tensorboard: True needs the tensorboard package: pip install tensorboard "
+                                "(or set tensorboard: False)")
+
+
+def run_in_kernel(client, code):
+    """Execute code in the kernel -> (display_data contents, stdout text, stderr text)."""
+    msg_id, displays, streams = client.execute(code), [], {"stdout": "", "stderr": ""}
+    while True:
+        message = client.get_iopub_msg(timeout=180)
+        if message["parent_header"].get("msg_id") != msg_id:
+            continue
+        kind, content = message["msg_type"], message["content"]
+        if kind == "error":
+            pytest.fail(f"{content['ename']}: {content['evalue']}")
+        if kind in ("display_data", "execute_result"):
+            displays.append(content["data"])
+        elif kind == "stream":
+            streams[content["name"]] += content["text"]
+        elif kind == "status" and content["execution_state"] == "idle":
+            return displays, streams["stdout"], streams["stderr"]
+
+
+def as_shown(text):
+    """Lines as a console shows them: a carriage return starts the line afresh."""
+    return [line.rsplit("\r", 1)[-1] for line in text.split("\n")]
+
+
+def test_train_in_an_ipython_kernel_shows_one_plot_per_epoch_and_clean_bars(tmp_path, tiny_prepared):
+    pytest.importorskip("ipykernel", reason="ipykernel is not installed (requirements-dev.txt)")
+    manager = pytest.importorskip("jupyter_client.manager", reason="jupyter_client is not installed")
+    settings = tmp_path / "hp.txt"
+    settings.write_text("".join(f"{key}: {value}\n" for key, value in
+                                {**TINY, "prepared_dir": tiny_prepared, "run_dir": tmp_path / "run"}.items()))
+    kernel, client = manager.start_new_kernel(kernel_name="python3", cwd=str(tmp_path))
+    try:
+        shown, stdout, stderr = run_in_kernel(client, f"%matplotlib inline\n%run {REPO / 'train.py'} --hp {settings}")
+        # the curves of the first k epochs, drawn and displayed by the same kernel, for comparison
+        expected, _, _ = run_in_kernel(client, "\n".join([
+            "import torch, training_log", "from matplotlib.figure import Figure",
+            f"rows = torch.load({str(tmp_path / 'run' / 'checkpoint_last.pt')!r}, weights_only=True)['metrics']",
+            "for k in range(1, len(rows) + 1):", "    display(training_log.draw_curves(rows[:k], Figure((13, 3.8))))"]))
+    finally:
+        client.stop_channels()
+        kernel.shutdown_kernel(now=True)
+    assert all("image/png" in data for data in shown)  # nothing empty, e.g. no <Figure size 640x480 with 0 Axes>
+    pixels = [np.asarray(Image.open(io.BytesIO(base64.b64decode(d["image/png"]))).convert("RGB")) for d in shown]
+    assert len(pixels) == 2 and not np.array_equal(pixels[0], pixels[1])
+    for picture, reference in zip(pixels, expected):
+        assert np.array_equal(picture, np.asarray(Image.open(io.BytesIO(base64.b64decode(reference["image/png"])))
+                                                  .convert("RGB")))
+    lines = as_shown(stdout)
+    assert stderr == ""  # the bars went to stdout, where the epoch's line replaces them
+    epoch_lines = [i for i, line in enumerate(lines) if line.startswith("epoch ")]
+    assert [lines[i][:9] for i in epoch_lines] == ["epoch 1/2", "epoch 2/2"]
+    assert all(" loss " in lines[i] and "%|" not in lines[i] for i in epoch_lines)
+    assert epoch_lines[1] == epoch_lines[0] + 1 and lines[epoch_lines[1] + 1:] == [""]  # no blank or bar lines
