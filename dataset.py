@@ -25,12 +25,47 @@ from prepare_dataset import FORMAT_VERSION, MANIFEST, read_manifest
 MAX_FOREGROUND_VOXELS = 10_000
 
 
-def split_cases(manifest):
-    """(train_names, val_names): the labelled cases of each split in the manifest, sorted."""
-    cases = manifest["cases"]
-    train = sorted(name for name, case in cases.items() if case["seg"] and case["split"] == "train")
-    val = sorted(name for name, case in cases.items() if case["seg"] and case["split"] == "val")
-    return train, val
+def split_cases(manifest, fold=0):
+    """(train_names, val_names) of a fold, sorted: fold K validates on the "val" cases of fold K and trains on
+    the other labelled cases outside the test split. The test cases are never returned."""
+    cases = {name: case for name, case in manifest["cases"].items()
+             if case["seg"] and case["split"] in ("train", "val")}
+    val = sorted(name for name, case in cases.items()
+                 if case["split"] == "val" and (case.get("fold") or 0) == fold)  # "val" without a fold: fold 0
+    return sorted(set(cases) - set(val)), val
+
+
+def holdout_cases(manifest):
+    """The labelled cases of the test split, sorted."""
+    return sorted(name for name, case in manifest["cases"].items() if case["seg"] and case["split"] == "test")
+
+
+def default_prediction_cases(manifest, fold):
+    """(names, description) of the cases predict.py segments by default: the test split, or without one (test_fraction
+    0) the validation cases of the fold, which selected its checkpoint: not a test result."""
+    test = holdout_cases(manifest)
+    if test:
+        return test, "the test split of dataset.json"
+    return split_cases(manifest, fold)[1], (f"the validation cases of fold {fold}: dataset.json has no test split, so "
+                                            "these selected the checkpoint and their scores are not a test result")
+
+
+def fold_cases(manifest, hp):
+    """(train_names, val_names) of hp.fold, after checking that the manifest holds hp.num_folds folds."""
+    path = Path(hp.prepared_dir) / MANIFEST
+    num_folds = manifest["settings"].get("num_folds", 1)
+    if num_folds != hp.num_folds:
+        raise ValueError(f"{path}: split into {num_folds} fold(s), but num_folds is {hp.num_folds}; set num_folds: "
+                         f"{num_folds}, or prepare into a new prepared_dir for {hp.num_folds}")
+    if hp.fold >= num_folds:
+        raise ValueError(f"fold {hp.fold}: the folds of {path} are 0 .. {num_folds - 1}")
+    return split_cases(manifest, hp.fold)
+
+
+def fold_dir(hp, fold=None):
+    """Where the run of a fold (default hp.fold) lives: run_dir itself with one fold (the single split, as before
+    folds existed), else run_dir/fold_K."""
+    return hp.run_dir if hp.num_folds == 1 else hp.run_dir / f"fold_{hp.fold if fold is None else fold}"
 
 
 def check_prepared_settings(manifest, hp):

@@ -50,8 +50,8 @@ def print_report(seconds, rows):
         print(f"| {step} | {value:.0f} |")
     print(f"| total | {sum(seconds.values()):.0f} |")
     dice = {r: np.mean([row[f"dice_{r}"] for row in rows]) for r in REGION_NAMES}
-    print(f"\nvalidation Dice over {len(rows)} generated cases (predict.py + evaluate.py, full grid): "
-          + ", ".join(f"{r} {d:.3f}" for r, d in dice.items()))
+    print(f"\ntest Dice over the {len(rows)} generated cases of the test split, never trained, selected or tuned on "
+          "(predict.py + evaluate.py, full grid): " + ", ".join(f"{r} {d:.3f}" for r, d in dice.items()))
 
 
 def main():

@@ -2,6 +2,11 @@
 
     python evaluate.py          # prediction_dir against the segmentations under raw_data_dir (and predict_input_dir)
 
+Which cases are expected: those predict.py took, i.e. the cases of predict_input_dir, or without it the test split
+of prepared_dir's dataset.json (when prepared from this raw_data_dir). An expected case that has ground truth but
+no prediction is scored as BraTS scores it, a failure: Dice 0 and HD95 373.13 mm in every region (sensitivity and
+specificity 0), and is listed and counted in the summary.
+
 Per case and region (WT, TC, ET): Dice, HD95 in mm (the voxel spacing from the NIfTI header),
 sensitivity, specificity and the predicted and true volumes in mm^3 (loss.region_metrics), one row per
 case in run_dir/evaluation.csv. The printed summary gives mean, standard deviation (over cases, ddof 1),
@@ -15,8 +20,9 @@ HD95 comes from distance transforms of the two surfaces, not from pairwise point
 240 x 240 x 155 case takes well under 2 s on one core.
 
 The ground truth is a folder of raw case folders (found like prepare_dataset.py finds them, the
-*_seg file of each) or a folder of label maps {case}.nii[.gz]; evaluate_folders compares any two such
-folders. A prediction without ground truth, or with another shape or affine, is listed as not evaluated.
+*_seg file of each; the modalities need not be there) or a folder of label maps {case}.nii[.gz];
+evaluate_folders compares any two such folders. A prediction without ground truth, or with another shape or
+affine, is listed as not evaluated.
 Predictions and ground truth must never be the same files: prediction_dir may not overlap the folders of
 the ground truth, and a prediction that is the ground-truth file itself (a link) is not evaluated.
 Labels are read in data_format's convention; BraTS 2024 adds the resection cavity (RC) as a fourth region.
@@ -42,10 +48,10 @@ from tqdm import tqdm
 
 import hyperparameters
 from conventions import CONVENTIONS, REGION_NAMES, brats_to_internal, internal_to_brats
+from dataset import default_prediction_cases
 from files import output_folder
-from loss import region_metrics
-from prepare_dataset import (CaseError, ConventionError, atomic_write, find_cases, load_nifti, no_segmentation,
-                             read_manifest)
+from loss import HD95_EMPTY, region_metrics
+from prepare_dataset import CaseError, atomic_write, find_cases, load_nifti, no_segmentation, read_manifest
 
 METRICS = ("dice", "hd95", "sensitivity", "specificity", "volume_pred", "volume_true")
 SUMMARY_METRICS = ("dice", "hd95", "sensitivity", "specificity")
@@ -83,24 +89,28 @@ def label_maps(folder, problems=None):
     return {name: paths[0] for name, paths in found.items() if len(paths) == 1}
 
 
+def modality_files(folder, channel_names):
+    """The files of a case folder named as a modality: a message on a missing segmentation lists only the others."""
+    return tuple(path for path in folder.iterdir()
+                 if any((case_name(path) or "").lower().endswith(channel.lower()) for channel in channel_names))
+
+
 def find_ground_truth(folders, channel_names, seg_channel_name, reasons=None, data_format="brats2020"):
-    """{case: segmentation path} from folders of label maps or of raw case folders (the first folder wins).
-    reasons: a dict that gets why a case folder gives no segmentation (a missing modality, a misnamed file)."""
+    """{case: segmentation path} from folders of label maps or of case folders, with or without their modalities
+    (the first folder wins). reasons: a dict that gets why a case folder gives no segmentation (a misnamed file)."""
     truth = {}
     for folder in folders:
         found = label_maps(folder, reasons)
         if not found:
-            try:
-                cases, problems = find_cases(folder, channel_names, seg_channel_name, data_format=data_format)
-            except ConventionError:
-                raise
+            try:  # the truth needs no modality
+                cases, problems = find_cases(folder, (), seg_channel_name, data_format=data_format)
             except CaseError:  # missing or holding no cases: the other folders may have them
                 continue
             found = {case.name: case.seg_path for case in cases if case.seg_path is not None}
             if reasons is not None:
                 reasons.update({Path(path).name: reason for path, reason in problems})
-                reasons.update({case.name: no_segmentation(case, seg_channel_name)
-                                for case in cases if case.seg_path is None})
+                reasons.update({case.name: no_segmentation(case._replace(image_paths=modality_files(
+                    case.folder, channel_names)), seg_channel_name) for case in cases if case.seg_path is None})
         for name, path in found.items():
             truth.setdefault(name, path)
     return truth
@@ -115,11 +125,13 @@ def load_labels(path, data_format="brats2020"):
         raise CaseError(f"{path}: {error}") from None
 
 
-def evaluate_pair(pred_path, truth_path, data_format="brats2020"):
-    """{region: {metric: value}} of one case; CaseError naming both files when their grids differ."""
+def evaluate_pair(pred_path, truth_path, data_format="brats2020", postprocess=None):
+    """{region: {metric: value}} of one case (its prediction's internal labels passed through postprocess first,
+    when given); CaseError naming both files when their grids differ."""
     if os.path.samefile(pred_path, truth_path):
         raise CaseError(f"{pred_path}: is the ground truth {truth_path} itself (a link), not a prediction")
     pred, pred_image = load_labels(pred_path, data_format)
+    pred = postprocess(pred) if postprocess else pred
     truth, truth_image = load_labels(truth_path, data_format)
     if pred.shape != truth.shape:
         raise CaseError(f"{pred_path}: shape {pred.shape} differs from the ground truth {truth_path} {truth.shape}")
@@ -130,9 +142,22 @@ def evaluate_pair(pred_path, truth_path, data_format="brats2020"):
     return region_metrics(pred, truth, spacing, CONVENTIONS[data_format].regions)
 
 
-def evaluate_folders(pred_dir, truth_dirs, channel_names, seg_channel_name, data_format="brats2020"):
+def failure_row(name, truth_path, data_format="brats2020"):
+    """The row of a case with ground truth and no prediction, scored as BraTS scores a missing case: Dice 0,
+    HD95 373.13 mm, sensitivity and specificity 0 in every region; nothing predicted."""
+    truth, image = load_labels(truth_path, data_format)
+    regions = CONVENTIONS[data_format].regions
+    metrics = region_metrics(np.zeros_like(truth), truth, tuple(float(s) for s in image.header.get_zooms()[:3]),
+                             regions)
+    failed = {"dice": 0.0, "hd95": HD95_EMPTY, "sensitivity": 0.0, "specificity": 0.0}
+    return {"case": name, **{f"{metric}_{region}": failed.get(metric, metrics[region][metric])
+                             for metric in METRICS for region in regions}}
+
+
+def evaluate_folders(pred_dir, truth_dirs, channel_names, seg_channel_name, data_format="brats2020", *, expected=()):
     """Label maps of pred_dir against the ground truth in truth_dirs (a folder or a list of them)
-    -> (rows: one dict of columns(regions) per evaluated case, not_evaluated: {case: reason})."""
+    -> (rows: one dict of columns(regions) per evaluated case, not_evaluated: {case: reason}).
+    expected: the cases that should have a prediction; one with ground truth but none gets a failure_row."""
     rows, not_evaluated = [], {}
     predictions = label_maps(pred_dir, not_evaluated)
     if not predictions and not not_evaluated:
@@ -154,7 +179,36 @@ def evaluate_folders(pred_dir, truth_dirs, channel_names, seg_channel_name, data
             continue
         rows.append({"case": name, **{f"{metric}_{region}": metrics[region][metric]
                                       for metric in METRICS for region in regions}})
-    return rows, not_evaluated
+    for name in sorted(set(expected) & set(truth) - set(predictions) - set(not_evaluated)):
+        try:
+            rows.append(failure_row(name, truth[name], data_format))
+        except CaseError as error:
+            not_evaluated[name] = str(error)
+    return sorted(rows, key=lambda row: row["case"]), not_evaluated
+
+
+def missing_predictions(rows, pred_dir):
+    """The cases of rows that have no label map in pred_dir: those scored as failures."""
+    return sorted({row["case"] for row in rows} - set(label_maps(pred_dir)))
+
+
+def expected_cases(hp):
+    """(names, description) of the cases predict.py takes: those of predict_input_dir (its case folders, or its
+    label maps), else its default cases of prepared_dir's dataset.json (the test split) when prepared from
+    raw_data_dir; ((), None) when unknown."""
+    try:
+        if hp.predict_input_dir is not None:
+            folder = hp.predict_input_dir
+            names = set(find_ground_truth([folder], (), hp.seg_channel_name, data_format=hp.data_format))
+            names |= {case.name for case in find_cases(folder, (), hp.seg_channel_name, "predict_input_dir",
+                                                       hp.data_format)[0]}
+            return sorted(names), f"the cases of {folder}"
+        manifest = read_manifest(hp.prepared_dir)
+    except (CaseError, FileNotFoundError, ValueError):
+        return (), None
+    if manifest["settings"].get("raw_data_dir") != str(hp.raw_data_dir):
+        return (), None
+    return default_prediction_cases(manifest, hp.fold)
 
 
 # ---------------------------------------------------------------- lesion-wise metrics (the official package)
@@ -202,27 +256,11 @@ def lesion_wise_metrics(pairs, missing, task, data_format="brats2020"):
             for row in rows if row["subject_id"] in cases}
 
 
-def cases_without_prediction(hp, predicted):
-    """Cases that should have a prediction and have none: the labelled cases of predict_input_dir, else the
-    validation split of prepared_dir (none without its manifest)."""
-    if hp.predict_input_dir is not None:
-        expected = find_ground_truth([hp.predict_input_dir], hp.channel_names, hp.seg_channel_name,
-                                     data_format=hp.data_format)
-    else:
-        try:
-            cases = read_manifest(hp.prepared_dir)["cases"]
-            expected = [name for name, case in cases.items() if case["split"] == "val"]
-        except (FileNotFoundError, ValueError):
-            return []
-    return sorted(set(expected) - set(predicted))
-
-
-def official_metrics(hp, rows, truth_dirs):
-    """lesion_wise_metrics of the evaluated cases of rows and of the cases without a prediction."""
+def official_metrics(hp, rows, truth_dirs, missing):
+    """lesion_wise_metrics of the cases of rows: those with a prediction, and those without (missing)."""
     predictions = label_maps(hp.prediction_dir)
     truth = find_ground_truth(truth_dirs, hp.channel_names, hp.seg_channel_name, data_format=hp.data_format)
-    pairs = {row["case"]: (predictions[row["case"]], truth[row["case"]]) for row in rows}
-    missing = cases_without_prediction(hp, predictions)
+    pairs = {row["case"]: (predictions[row["case"]], truth[row["case"]]) for row in rows if row["case"] not in missing}
     return lesion_wise_metrics(pairs, missing, hp.lesion_wise_task, hp.data_format)
 
 
@@ -245,15 +283,19 @@ def summarize(rows, regions=REGION_NAMES):
             for metric in SUMMARY_METRICS for region in regions}
 
 
-def print_summary(rows, not_evaluated, regions=REGION_NAMES):
+def print_summary(rows, not_evaluated, regions=REGION_NAMES, missing=(), expected=None):
     print(f"\n{len(rows)} case(s) evaluated with the BraTS 2020 metrics (this project's; HD95 in mm; empty "
-          "regions: both empty Dice 1, HD95 0, one empty Dice 0, HD95 373.13)")
+          "regions: both empty Dice 1, HD95 0, one empty Dice 0, HD95 373.13)"
+          + f"\nthe cases expected: {expected}" * bool(expected))
     print(f"{'metric':<12} {'region':<6}" + "".join(f"{name:>9}" for name in STATISTICS))
     for (metric, region), statistics in summarize(rows, regions).items():
         print(f"{metric:<12} {region:<6}" + "".join(f"{value:>9.4f}" for value in statistics.values()))
     empty = ", ".join(f"{region} {sum(row[f'volume_true_{region}'] == 0 for row in rows)} / "
                       f"{sum(row[f'volume_pred_{region}'] == 0 for row in rows)}" for region in regions)
     print(f"cases with an empty region, ground truth / prediction: {empty}")
+    if missing:
+        print(f"{len(missing)} case(s) without a prediction, scored as failures (Dice 0, HD95 {HD95_EMPTY} mm): "
+              + ", ".join(missing))
     for name, reason in not_evaluated.items():
         print(f"  not evaluated {name}: {reason}")
 
@@ -318,22 +360,22 @@ def evaluate(hp):
     output_folder(hp.run_dir, "run_dir")
     truth_dirs = [folder for folder in (hp.raw_data_dir, hp.predict_input_dir) if folder is not None]
     regions = CONVENTIONS[hp.data_format].regions
+    expected, description = expected_cases(hp)
     rows, not_evaluated = evaluate_folders(hp.prediction_dir, truth_dirs, hp.channel_names, hp.seg_channel_name,
-                                           hp.data_format)
+                                           hp.data_format, expected=expected)
     if not rows:
         for name, reason in not_evaluated.items():
             print(f"  not evaluated {name}: {reason}")
         reasons = set(not_evaluated.values())  # one reason for all (no ground truth at all): said in the error
         raise CaseError(f"{hp.prediction_dir}: no prediction could be evaluated "
                         f"({reasons.pop() if len(reasons) == 1 else 'see above'})")
-    official = official_metrics(hp, rows, truth_dirs) if hp.lesion_wise else {}
-    missing = [name for name in official if name not in {row["case"] for row in rows}]
+    missing = missing_predictions(rows, hp.prediction_dir)  # scored as failures
+    official = official_metrics(hp, rows, truth_dirs, missing) if hp.lesion_wise else {}
     evaluated = [{**row, **official.get(row["case"], {})} for row in rows]
     official_columns = tuple(next(iter(official.values()), {}))
-    write_csv(evaluated + [{"case": name, **official[name]} for name in missing], hp.run_dir / "evaluation.csv",
-              columns(regions) + official_columns)
+    write_csv(evaluated, hp.run_dir / "evaluation.csv", columns(regions) + official_columns)
     plot_boxes(rows, hp.run_dir / "evaluation_boxplot.png", regions)
-    print_summary(rows, not_evaluated, regions)
+    print_summary(rows, not_evaluated, regions, missing, description)
     if official:
         print_lesion_wise_summary(official, hp.lesion_wise_task, missing)
     print(f"wrote {hp.run_dir / 'evaluation.csv'} and {hp.run_dir / 'evaluation_boxplot.png'}")

@@ -1,7 +1,7 @@
 """A trained checkpoint -> an ONNX model that runs without this repository (C++, C#, 3D Slicer, ONNX Runtime).
 
     pip install -r requirements-onnx.txt            # onnx, onnxscript (the exporter), onnxruntime (the check)
-    python export.py                                # run_dir/checkpoint_best.pt -> run_dir/model.onnx
+    python export.py                                # run_dir/checkpoint_best.pt -> run_dir/model.onnx (each fold's)
     python export.py "checkpoint=runs/cv/fold_*/checkpoint_best.pt"   # each fold: runs/cv/fold_K/model.onnx
 
 The model.onnx is written beside its checkpoint (several checkpoints in one folder are refused: they would
@@ -20,7 +20,6 @@ metadata_props, or InferenceSession(path).get_modelmeta().custom_metadata_map):
   disk of data_format), regions, labels_rule (outputs -> labels on disk)
   model_args, epoch, dice_mean, source_checkpoint
 """
-import glob
 import json
 import logging
 import warnings
@@ -32,7 +31,7 @@ import torch
 import hyperparameters
 from conventions import ALL_REGIONS, CONVENTIONS, file_suffix, output_names
 from model import load_model
-from predict import onnx_path
+from predict import checkpoint_paths, onnx_path
 from prepare_dataset import atomic_write
 
 OPSET = 18  # ONNX Runtime 1.14 (2023) and newer run it
@@ -50,17 +49,6 @@ def labels_rule(target, disk_labels):
     rule = (f"sigmoid; background {d[0]} unless WT > 0.5; inside WT label {d[2]} (edema), where TC > 0.5 too "
             f"{d[1]} (core), where ET > 0.5 too {d[3]} (enhancing)")
     return rule + (f"; label {d[4]} (resection cavity) where RC > 0.5 outside WT" if len(d) > 4 else "")
-
-
-def checkpoint_paths(hp):
-    """hp.checkpoint (empty: run_dir/checkpoint_best.pt), or every file its wildcards match, sorted."""
-    path = hp.checkpoint or hp.run_dir / "checkpoint_best.pt"
-    if not glob.has_magic(str(path)):
-        return [Path(path)]
-    paths = sorted(Path(match) for match in glob.glob(str(path)))
-    if not paths:
-        raise FileNotFoundError(f"{path}: no checkpoint matches (train with train.py first)")
-    return paths
 
 
 def metadata(checkpoint, path):

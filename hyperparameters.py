@@ -115,6 +115,12 @@ def _augment(value):
 _PATH = _optional(lambda value: Path(str(value).strip()).expanduser())  # made absolute in _convert
 
 
+def _paths(value):
+    """A path (a glob pattern too), or a tuple of them for a comma list (a list in code): one stays a plain path."""
+    paths = _list_of(_PATH)([value] if isinstance(value, Path) else value)
+    return paths[0] if len(paths) == 1 else paths
+
+
 def _positive(x):
     return x > 0 if not isinstance(x, tuple) else all(v > 0 for v in x)
 
@@ -148,6 +154,9 @@ SCHEMA = {
     "bg_threshold": (_float, _fraction, "between 0 and 1"),
     "crop_margin": (_int, _non_negative, ">= 0"),
     "val_fraction": (_float, lambda x: 0 <= x < 1, ">= 0 and < 1"),
+    "test_fraction": (_float, lambda x: 0 <= x < 1, ">= 0 and < 1"),
+    "num_folds": (_int, _positive, "> 0"),
+    "fold": (_int, _non_negative, ">= 0"),
     "seed": (_int, lambda x: 0 <= x < 2 ** 32, ">= 0 and < 2^32 (numpy's seed range)"),
     "synthetic_cases": (_int, _positive, "> 0"),
     "synthetic_shape": (_list_of(_int, 3), lambda s: min(s) >= 16, "each side >= 16"),
@@ -180,12 +189,13 @@ SCHEMA = {
     "compile": (_bool, None, ""),
     "resume": (_bool, None, ""),
     "tensorboard": (_bool, None, ""),
-    "checkpoint": (_PATH, None, ""),
+    "checkpoint": (_optional(_paths), None, ""),
     "predict_input_dir": (_PATH, None, ""),
     "sw_overlap": (_float, _overlap, ">= 0 and <= 0.9"),
     "sw_batch_size": (_int, _positive, "> 0"),
     "tta_mirror": (_bool, None, ""),
-    "et_min_voxels": (_int, _non_negative, ">= 0"),
+    "et_min_voxels": (_optional(_int), _non_negative, ">= 0"),
+    "et_search_max": (_int, _non_negative, ">= 0"),
     "save_probabilities": (_bool, None, ""),
     "overwrite": (_bool, None, ""),
     "lesion_wise": (_bool, None, ""),
@@ -214,6 +224,8 @@ def _convert(key, value, base_dir, where):
         raise HyperparameterError(f"{where}: '{key}' must be {demand}, got {value!r}")
     if isinstance(typed, Path) and not typed.is_absolute():
         typed = (base_dir / typed).resolve()
+    if isinstance(typed, tuple) and all(isinstance(path, Path) for path in typed):  # a comma list of paths
+        typed = tuple(path if path.is_absolute() else (base_dir / path).resolve() for path in typed)
     return typed
 
 
@@ -286,7 +298,9 @@ class Hyperparameters:
 
     def to_dict(self):
         """Plain JSON-able values (paths as text, lists as lists), e.g. for checkpoints."""
-        plain = lambda v: str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v
+        def plain(value):
+            return str(value) if isinstance(value, Path) else [plain(v) for v in value] if isinstance(value, tuple) \
+                else value
         return {key: plain(value) for key, value in self._values.items()}
 
 

@@ -10,6 +10,7 @@ laptop CPU.
 Checkpoints hold plain tensors and Python values only and are read with
 `torch.load(weights_only=True)`, so loading a checkpoint from the internet cannot run code.
 """
+import glob
 import math
 import pickle
 import random
@@ -189,6 +190,17 @@ def save_checkpoint(state, path):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def checkpoint_files(patterns):
+    """Paths and glob patterns (runs/x/fold_*/checkpoint_best.pt) -> the checkpoint files, in order, each once."""
+    paths = []
+    for pattern in patterns:
+        found = sorted(Path(p) for p in glob.glob(str(pattern))) if glob.has_magic(str(pattern)) else [Path(pattern)]
+        if not found:
+            raise FileNotFoundError(f"checkpoint {pattern}: no file matches (train a model with train.py first)")
+        paths += [path for path in found if path not in paths]
+    return paths
 
 
 def load_checkpoint(path, map_location="cpu"):

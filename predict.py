@@ -1,7 +1,8 @@
 """Whole-volume inference: raw BraTS case folders -> label maps in the input's grid.
 
-    python predict.py                                   # validation cases of raw_data_dir, run_dir/checkpoint_best.pt
+    python predict.py                                   # the test split of raw_data_dir, run_dir's best checkpoint(s)
     python predict.py predict_input_dir=data/BraTS2020_ValidationData tta_mirror=True
+    python predict.py "checkpoint=runs/brats2020/fold_*/checkpoint_best.pt"   # an ensemble of the folds
 
 Each case goes through the preprocessing of prepare_dataset.py (the same functions: crop to the brain,
 z-score over the brain voxels), the network runs window by window (sliding_window), probabilities
@@ -14,7 +15,12 @@ shape, orientation, skull) is reported and skipped unless allow_any_grid: True. 
 prediction are skipped unless overwrite: True; a bad case is reported and skipped. The network is
 rebuilt from the checkpoint, and the settings it was trained with (target, channel_names, patch_size
 as the window, crop_margin) come from the checkpoint too, not from today's hyperparameters.txt; the
-number of its outputs says whether it knows the resection cavity (BraTS 2024).
+number of its outputs says whether it knows the resection cavity (BraTS 2024). Without predict_input_dir
+the cases are the test split of dataset.json.
+
+Ensembles: `checkpoint` may name several files (a comma list or a glob; empty: the best checkpoint of run_dir,
+or of every fold). Each network gives a case's probabilities (its own window, mirror TTA inside it); their mean
+becomes the labels. The networks must agree on target, channel_names and crop_margin.
 
 sliding_window() runs a network trained on patches over a whole volume: overlapping windows,
 the last one on each axis flush with the far border (the 155-slice axis of BraTS is not a multiple
@@ -25,7 +31,8 @@ et_min_voxels (off with 0): when a case's predicted enhancing tumor (ET) has few
 it becomes necrotic core (label 1). BraTS scores ET Dice 1 on a case without ET only when the
 prediction has none either, and 0 for a single false voxel, so a few doubtful ET voxels cost much
 more than they can gain. nnU-Net's BraTS 2020 entry used this with a threshold chosen on the
-training cases (a few hundred voxels).
+training cases (a few hundred voxels). With et_min_voxels empty, the value crossval.py tuned is taken from
+postprocessing.json beside the checkpoints (or in the run folder above fold_K folders), if there is one.
 
 save_probabilities: also prediction_dir/{case}_probabilities.npz, for averaging several models:
 "probabilities" float16 (C, x, y, z) over the crop box only (outside it lies background, where no
@@ -36,6 +43,8 @@ then loss.probabilities_to_labels and labels_in_input_grid give the ensemble's l
 import errno
 import itertools
 import json
+import os
+import re
 from pathlib import Path
 
 import nibabel as nib
@@ -43,12 +52,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import dataset
 import hyperparameters
 from conventions import internal_to_brats, output_names
 from devices import resolve_device, run_settings, use_device
 from files import output_folder
 from loss import logits_to_probabilities, probabilities_to_labels
-from model import load_model
+from model import checkpoint_files, load_model
 from prepare_dataset import CaseError, atomic_write, find_cases, load_case, preprocess, read_manifest
 
 # Settings the network was trained with: predictions follow the checkpoint's, not the current file's.
@@ -177,7 +187,7 @@ def labels_in_input_grid(labels_cropped, box, original_shape):
 def postprocess_et(labels, et_min_voxels):
     """Internal labels whose enhancing tumor (3) has fewer than et_min_voxels voxels: it becomes necrotic core (1)."""
     enhancing = labels == 3
-    if 0 < np.count_nonzero(enhancing) < et_min_voxels:
+    if et_min_voxels and 0 < np.count_nonzero(enhancing) < et_min_voxels:
         return np.where(enhancing, np.uint8(1), labels)
     return labels
 
@@ -204,23 +214,47 @@ def output_paths(hp, name):
     return paths + [hp.prediction_dir / f"{name}_probabilities.npz"] if hp.save_probabilities else paths
 
 
-def predict_file(model, case, hp):
-    """Predict one raw case and write its outputs -> the label map's path. CaseError for a bad case."""
-    image, _, reference = load_case(case._replace(seg_path=None), hp.allow_any_grid)  # the truth plays no part
-    normalized, box = preprocess(image, hp.crop_margin)  # (C, x, y, z) float32 cropped to the brain
-    probabilities = predict_case(model, normalized, hp, hp.target)  # (C_out, x, y, z)
-    if not torch.isfinite(probabilities).all():  # never a NaN map written as background
-        raise CaseError(f"{case.folder}: the network gave NaN or Inf probabilities; nothing written")
+def ensemble_probabilities(members, image):
+    """Mean probabilities (C_out, X, Y, Z) of the networks of members [(network, its hp)] on a preprocessed image."""
+    total = None
+    for net, hp in members:
+        probabilities = predict_case(net, image, hp, hp.target)  # (C_out, X, Y, Z)
+        total = probabilities if total is None else total.add_(probabilities)
+    return total.div_(len(members))
+
+
+def write_prediction(probabilities, box, original_shape, reference, hp, name, data_format):
+    """Probabilities (C_out, x, y, z) over the crop box -> labels of data_format in the full grid of reference,
+    written with the probabilities when asked -> the label map's path."""
     labels = probabilities_to_labels(probabilities, hp.target).cpu().numpy()  # (x, y, z) internal
-    labels = postprocess_et(labels_in_input_grid(labels, box, image.shape[1:]), hp.et_min_voxels)
-    paths = output_paths(hp, case.name)
+    labels = postprocess_et(labels_in_input_grid(labels, box, original_shape), hp.et_min_voxels)  # (X, Y, Z)
+    paths = output_paths(hp, name)
     if hp.save_probabilities:
-        write_probabilities(probabilities.cpu().numpy(), box, image.shape[1:], hp.target, paths[1])
-    write_labels(labels, reference, paths[0], case.data_format)  # in the input's convention
+        write_probabilities(probabilities.cpu().numpy(), box, original_shape, hp.target, paths[1])
+    write_labels(labels, reference, paths[0], data_format)
     return paths[0]
 
 
+def predict_file(members, case, hp):
+    """Predict one raw case with the networks of members [(network, its hp)] and write its outputs -> the label
+    map's path. CaseError for a bad case."""
+    image, _, reference = load_case(case._replace(seg_path=None), hp.allow_any_grid)  # the truth plays no part
+    normalized, box = preprocess(image, hp.crop_margin)  # (C, x, y, z) float32 cropped to the brain
+    probabilities = ensemble_probabilities(members, normalized)  # (C_out, x, y, z)
+    if not torch.isfinite(probabilities).all():  # never a NaN map written as background
+        raise CaseError(f"{case.folder}: the network gave NaN or Inf probabilities; nothing written")
+    return write_prediction(probabilities, box, image.shape[1:], reference, hp, case.name,
+                            case.data_format)  # in the input's convention
+
+
 # ---------------------------------------------------------------- all cases
+
+def checkpoint_paths(hp):
+    """The files of hp.checkpoint (paths and globs, each file once), or run_dir's best checkpoint of every fold."""
+    if hp.checkpoint is None:
+        return [dataset.fold_dir(hp, fold) / "checkpoint_best.pt" for fold in range(hp.num_folds)]
+    return checkpoint_files(hp.checkpoint if isinstance(hp.checkpoint, tuple) else [hp.checkpoint])
+
 
 def onnx_path(checkpoint):
     """The ONNX model of a checkpoint: model.onnx in its folder, or the file itself when it is one (.onnx)."""
@@ -250,11 +284,15 @@ def onnx_predictor(path, device):
     return logits, {key: json.loads(metadata[key]) for key in TRAINED_SETTINGS if key in metadata}
 
 
-def load_for_inference(hp, device):
-    """(network in eval mode on device, hp with the settings it was trained with) from hp.checkpoint
-    (empty: run_dir/checkpoint_best.pt). With backend onnxruntime the network is the checkpoint's ONNX model
+def load_for_inference(hp, device, path=None):
+    """(network in eval mode on device, hp with the settings it was trained with) from the checkpoint at path
+    (default: the one checkpoint of hp). With backend onnxruntime the network is the checkpoint's ONNX model
     (onnx_path), run in float32, and the settings come from its metadata."""
-    path = hp.checkpoint or hp.run_dir / "checkpoint_best.pt"
+    if path is None:
+        paths = checkpoint_paths(hp)
+        if len(paths) > 1:
+            raise ValueError(f"checkpoint names {len(paths)} files; one is needed here")
+        path = paths[0]
     if hp.backend == "onnxruntime":
         path = onnx_path(path)
         model, settings = onnx_predictor(path, device)
@@ -274,31 +312,66 @@ def load_for_inference(hp, device):
     return model, hp.replace(**settings)
 
 
+def postprocessing_file(paths):
+    """crossval.py's postprocessing.json beside the checkpoints, or in the run folder above fold_K folders."""
+    folder = Path(os.path.commonpath([path.parent for path in paths]))
+    candidates = [folder, folder.parent] if re.fullmatch(r"fold_\d+", folder.name) else [folder]
+    return next((c / "postprocessing.json" for c in candidates if (c / "postprocessing.json").is_file()), None)
+
+
+def load_ensemble(hp, device):
+    """([(network, its hp)] of every checkpoint of hp, hp of the ensemble: the first network's settings and
+    et_min_voxels, from postprocessing.json when it is not set)."""
+    paths = checkpoint_paths(hp)
+    members = [load_for_inference(hp, device, path) for path in paths]
+    first = members[0][1]
+    for path, (_, member) in zip(paths[1:], members[1:]):
+        differ = [f"{key} {getattr(member, key)} vs {getattr(first, key)}" for key in ("target", "channel_names",
+                                                                                     "crop_margin")
+                  if getattr(member, key) != getattr(first, key)]
+        if differ:
+            raise ValueError(f"{path}: its network differs from that of {paths[0]} ({', '.join(differ)}); an "
+                             "ensemble averages one target, from the same channels, over the same crop")
+    if len(members) > 1:
+        print(f"ensemble of {len(members)} checkpoints: {', '.join(str(path) for path in paths)}")
+    path = postprocessing_file(paths) if hp.et_min_voxels is None else None
+    if path:
+        try:
+            first = first.replace(et_min_voxels=json.loads(path.read_text())["et_min_voxels"])
+        except (ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"{path}: unreadable postprocessing file ({error}); set et_min_voxels") from None
+        print(f"et_min_voxels {first.et_min_voxels} from {path} (set et_min_voxels to override)")
+    return members, first
+
+
 def cases_to_predict(hp):
-    """The cases of predict_input_dir, or (empty) the validation cases of raw_data_dir per prepared_dir's manifest."""
+    """The cases of predict_input_dir, or (empty) the cases of raw_data_dir that no model trained on or was selected
+    with: the test split of prepared_dir's manifest (see dataset.default_prediction_cases)."""
     if hp.predict_input_dir is not None:
         cases, problems = find_cases(hp.predict_input_dir, hp.channel_names, hp.seg_channel_name, "predict_input_dir",
                                      hp.data_format)
         for _, reason in problems:
             print(f"skipped {reason}")
         return cases
-    manifest = read_manifest(hp.prepared_dir)
-    validation = sorted(name for name, case in manifest["cases"].items() if case["split"] == "val")
+    names, description = dataset.default_prediction_cases(read_manifest(hp.prepared_dir), hp.fold)
+    print(f"predicting {len(names)} case(s): {description}")
     found = {case.name: case for case in
              find_cases(hp.raw_data_dir, hp.channel_names, hp.seg_channel_name, data_format=hp.data_format)[0]}
-    missing = [name for name in validation if name not in found]
+    missing = [name for name in names if name not in found]
     if missing:
-        print(f"{len(missing)} validation case(s) of {hp.prepared_dir / 'dataset.json'} not found under "
-              f"{hp.raw_data_dir}: {', '.join(missing[:5])}")
-    return [found[name] for name in validation if name in found]
+        print(f"{len(missing)} case(s) of {hp.prepared_dir / 'dataset.json'} not found under {hp.raw_data_dir}: "
+              f"{', '.join(missing[:5])}")
+    return [found[name] for name in names if name in found]
 
 
 def predict_cases(hp, cases, model=None):
     """Predict cases into hp.prediction_dir -> paths of the label maps written now.
 
-    model: a network to use instead of hp's checkpoint; hp then gives its target, channel_names and window."""
+    model: a network to use instead of hp's checkpoint(s), or a list of (network, its hp) from load_ensemble;
+    hp then gives the target, channel_names, crop margin, window and et_min_voxels."""
     if model is None:
-        model, hp = load_for_inference(hp, resolve_device(hp.device))
+        model, hp = load_ensemble(hp, resolve_device(hp.device))
+    members = model if isinstance(model, list) else [(model, hp)]
     output_folder(hp.prediction_dir, "prediction_dir")
     written, already, failed = [], [], {}
     for case in tqdm(cases, desc="predict", unit="case"):
@@ -306,7 +379,7 @@ def predict_cases(hp, cases, model=None):
             already.append(case.name)
             continue
         try:
-            written.append(predict_file(model, case, hp))
+            written.append(predict_file(members, case, hp))
         except (CaseError, OSError) as error:
             if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
                 raise  # a full disk: every later case would fail the same way, after all its work
@@ -321,9 +394,32 @@ def predict_cases(hp, cases, model=None):
 
 
 def predict(hp):
-    """Predict the cases of hp (see cases_to_predict) with hp's checkpoint -> paths of the label maps written."""
-    model, hp = load_for_inference(hp, resolve_device(hp.device))
-    return predict_cases(hp, cases_to_predict(hp), model)
+    """Predict the cases of hp (see cases_to_predict) with hp's checkpoint(s) -> paths of the label maps written."""
+    members, hp = load_ensemble(hp, resolve_device(hp.device))
+    return predict_cases(hp, cases_to_predict(hp), members)
+
+
+def predict_validation(hp, names, overwrite=False):
+    """The out-of-fold predictions of the fold whose run is in hp.run_dir: its validation cases `names`, from their
+    prepared arrays as validation saw them (prepared_dir is all a fold needs), with its checkpoint_best.pt, into
+    run_dir/validation: label maps in the raw grid (crop box, shape and affine from dataset.json) and probabilities,
+    no postprocessing (crossval.py tunes it on them) -> the names predicted now."""
+    hp = hp.replace(checkpoint=hp.run_dir / "checkpoint_best.pt", prediction_dir=hp.run_dir / "validation",
+                    save_probabilities=True, et_min_voxels=0)
+    todo = [name for name in names if overwrite or not all(path.is_file() for path in output_paths(hp, name))]
+    if todo:
+        members, hp = load_ensemble(hp, resolve_device(hp.device))
+        cases = read_manifest(hp.prepared_dir)["cases"]
+        output_folder(hp.prediction_dir, "run_dir")
+    for name in tqdm(todo, desc="predict validation", unit="case"):
+        case = cases[name]
+        image = np.load(hp.prepared_dir / case["image"]).astype(np.float32)  # (C, x, y, z)
+        reference = nib.Nifti1Image(np.zeros((1, 1, 1), np.uint8), np.array(case["affine"]))  # the raw grid
+        write_prediction(ensemble_probabilities(members, image), case["crop_box"], case["original_shape"], reference,
+                         hp, name, hp.data_format)
+    print(f"predicted {len(todo)} validation case(s) into {hp.prediction_dir}"
+          + f", {len(names) - len(todo)} already there" * (len(todo) < len(names)))
+    return todo
 
 
 def main():

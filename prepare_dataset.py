@@ -272,7 +272,8 @@ def prepare_case(case, settings, prepared_dir):
               "image": None, "seg": None}
     healthy_share = 1 - tumor_voxels / record["brain_voxels"] if labels is not None else None
     if healthy_share is not None and healthy_share >= settings["bg_threshold"]:
-        record["filtered"] = f"healthy: {100 * healthy_share:.2f}% of brain voxels have no tumor"
+        record["filtered"] = (f"healthy: tumor share {100 * (1 - healthy_share):.4f}% ({tumor_voxels} voxels), "
+                              f"filtered at a healthy share >= bg_threshold {settings['bg_threshold']}")
     else:
         mask = brain if labels is None else brain | (labels > 0)  # never crop tumor away
         normalized, box = preprocess(image, settings["crop_margin"], mask)
@@ -327,15 +328,44 @@ def _prepare_all(cases, settings, prepared_dir, num_workers):
     return results
 
 
-def split_train_val(names, val_fraction, seed):
-    """Sorted names -> (train, val) by a seeded permutation; at least one of each when there are two cases."""
-    names = sorted(names)
-    n_val = int(round(val_fraction * len(names)))
-    if val_fraction > 0 and len(names) >= 2:
-        n_val = min(max(n_val, 1), len(names) - 1)
-    order = np.random.default_rng(seed).permutation(len(names))
-    val = {names[i] for i in order[:n_val]}
-    return [n for n in names if n not in val], [n for n in names if n in val]
+SPLIT_SETTINGS = ("seed", "test_fraction", "num_folds", "val_fraction")
+
+
+def assign_splits(names, hp):
+    """Labelled names -> {name: [split, fold]} from one seeded permutation: test_fraction of them "test"; the
+    rest "val" of fold i % num_folds, or with num_folds 1 val_fraction of them "val" of fold 0, the others "train"."""
+    share = lambda fraction, n: min(max(round(fraction * n), 1), n - 1) if fraction > 0 and n >= 2 else 0
+    order = [sorted(names)[i] for i in np.random.default_rng(hp.seed).permutation(len(names))]
+    n_test = share(hp.test_fraction, len(order))
+    rest = order[n_test:]
+    if hp.num_folds > 1 and len(rest) < hp.num_folds:
+        raise CaseError(f"num_folds {hp.num_folds}: only {len(rest)} labelled case(s) outside the test split")
+    n_val = share(hp.val_fraction, len(rest)) if hp.num_folds == 1 else len(rest)
+    return {**{name: ["test", None] for name in order[:n_test]},
+            **{name: ["val", i % hp.num_folds] if i < n_val else ["train", None] for i, name in enumerate(rest)}}
+
+
+def check_resplit(prepared_dir, splits, hp):
+    """A split unlike dataset.json's: CaseError when run_dir holds a run, trained on the old one; else said."""
+    try:
+        old = read_manifest(prepared_dir)
+    except (FileNotFoundError, ValueError):  # not split yet, or unreadable
+        return
+    before = {name: [case["split"], case.get("fold")] for name, case in old["cases"].items()
+              if case["split"] != "unlabeled"}
+    if before == splits:
+        return
+    was, added, gone = old.get("settings", {}), len(set(splits) - set(before)), len(set(before) - set(splits))
+    reasons = ", ".join([f"{key} {was.get(key)} -> {getattr(hp, key)}" for key in SPLIT_SETTINGS
+                         if was.get(key) != getattr(hp, key) and (key != "val_fraction" or hp.num_folds == 1)]
+                        + [f"{added} new case(s)"] * bool(added) + [f"{gone} case(s) gone"] * bool(gone))
+    runs = [path for path in (hp.run_dir / "checkpoint_last.pt", *hp.run_dir.glob("fold_*/checkpoint_last.pt"))
+            if path.is_file()]
+    if runs:
+        raise CaseError(f"{Path(prepared_dir) / MANIFEST}: its split would change ({reasons}) under the runs trained "
+                        f"on it ({runs[0]}): set the settings back, prepare into a new prepared_dir, or delete this "
+                        "dataset.json to split anew")
+    print(f"split again ({reasons}): no run in {hp.run_dir} trained on the old split")
 
 
 def prepare_dataset(hp):
@@ -366,23 +396,26 @@ def build_manifest(hp, settings, cases, problems, results):
     kept = {name: r for name, r in records.items() if not r.get("filtered")}
     unlabeled = {case.name: no_segmentation(case, hp.seg_channel_name) + "; prepared as unlabeled" for case in cases
                  if case.seg_path is None and case.name in kept}
-    train, val = split_train_val([n for n, r in kept.items() if r["seg"]], hp.val_fraction, hp.seed)
+    splits = assign_splits([n for n, r in kept.items() if r["seg"]], hp)
+    check_resplit(hp.prepared_dir, splits, hp)
     for name, record in kept.items():
         record.pop("fingerprint")
-        record["split"] = "train" if name in train else "val" if name in val else "unlabeled"
+        record["split"], record["fold"] = splits.get(name, ["unlabeled", None])
     return {"version": FORMAT_VERSION, "channel_names": list(hp.channel_names),
-            "settings": {**settings, "val_fraction": hp.val_fraction, "seed": hp.seed,
+            "settings": {**settings, **{key: getattr(hp, key) for key in SPLIT_SETTINGS},
                          "raw_data_dir": str(hp.raw_data_dir)},
             "cases": dict(sorted(kept.items())), "filtered": dict(sorted(filtered.items())),
             "skipped": dict(sorted(skipped.items())), "unlabeled": dict(sorted(unlabeled.items()))}
 
 
 def print_summary(manifest, prepared_dir):
-    splits = [case["split"] for case in manifest["cases"].values()]
+    cases, num_folds = manifest["cases"].values(), manifest["settings"]["num_folds"]
+    splits = [case["split"] for case in cases]
+    folds = [("train", splits.count("train")), ("validation", splits.count("val"))] if num_folds == 1 else [
+        (f"{num_folds} folds", " + ".join(str(sum(case["fold"] == k for case in cases)) for k in range(num_folds)))]
     print(f"\n{'prepared into':<14} {prepared_dir}")
-    for label, count in [("train", splits.count("train")), ("validation", splits.count("val")),
-                         ("unlabeled", splits.count("unlabeled")), ("filtered", len(manifest["filtered"])),
-                         ("skipped", len(manifest["skipped"]))]:
+    for label, count in folds + [("test", splits.count("test")), ("unlabeled", splits.count("unlabeled")),
+                                 ("filtered", len(manifest["filtered"])), ("skipped", len(manifest["skipped"]))]:
         print(f"{label:<14} {count:>5}")
     for title in ("filtered", "skipped", "unlabeled"):
         for name, reason in manifest.get(title, {}).items():

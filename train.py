@@ -2,12 +2,14 @@
 
     python train.py                                  # settings from hyperparameters.txt
     python train.py epochs=5 batch_size=1 resume=True
+    python train.py fold=2                           # with num_folds > 1: validate on fold 2, train on the others
     torchrun --nproc_per_node=4 train.py             # DistributedDataParallel, one process per GPU
 
-Writes to run_dir: checkpoint_last.pt (every epoch) and checkpoint_best.pt (best mean Dice); through
-training_log.py metrics.csv (a row per epoch), curves.png and, with tensorboard: True, tensorboard/.
-Under torchrun batch_size is per process, the global batch is batch_size * processes, and a step sees
-the same patches as one process with that global batch.
+Writes to run_dir (with num_folds > 1: run_dir/fold_K): checkpoint_last.pt (every epoch) and
+checkpoint_best.pt (best mean Dice); through training_log.py metrics.csv (a row per epoch), curves.png and,
+with tensorboard: True, tensorboard/; at the end the validation cases predicted with checkpoint_best.pt into
+validation/ (the out-of-fold predictions crossval.py reads). Under torchrun batch_size is per process, the
+global batch is batch_size * processes, and a step sees the same patches as one process with that global batch.
 """
 import datetime
 import math
@@ -137,7 +139,7 @@ def validate(net, volumes, hp, device, rank=0, world_size=1):
     return {**row, "dice_mean": float(dice.mean()), "accuracy": float(np.mean([a for _, _, a in results]))}, first
 
 
-def resume_state(hp, net, optimizer, scheduler, scaler, main_process):
+def resume_state(hp, net, optimizer, scheduler, scaler, main_process, split):
     """Restore run_dir/checkpoint_last.pt in place -> (completed epochs, best score, metrics rows)."""
     path = hp.run_dir / "checkpoint_last.pt"
     if not path.is_file():
@@ -155,6 +157,9 @@ def resume_state(hp, net, optimizer, scheduler, scaler, main_process):
         differ = model.describe_args_difference(checkpoint["model_args"], model.model_args(hp))
         raise ValueError(f"{path}: the network was trained with other settings ({differ or 'the same model_args'}); "
                          f"weights that do not fit: {problems or 'none'}; set them back or train in another run_dir")
+    if checkpoint.get("split", split) != split:
+        raise ValueError(f"{path}: trained on other cases than fold {hp.fold} of dataset.json now holds (it was split "
+                         "again); train this fold in a new run_dir")
     net.load_state_dict(weights)
     optimizer.load_state_dict(checkpoint["optimizer"])
     scheduler.load_state_dict(checkpoint["scheduler"])
@@ -203,8 +208,8 @@ def build_model(hp, device, world_size, main_process):
 
 
 def train(hp):
-    """Train per hp (continuing run_dir's checkpoint_last.pt when hp.resume) -> the last epoch's
-    metrics row plus best_dice_mean and best_epoch."""
+    """Train fold hp.fold per hp (continuing its checkpoint_last.pt when hp.resume), then predict its validation
+    cases -> the last epoch's metrics row plus best_dice_mean and best_epoch."""
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     main_process = rank == 0
     device = resolve_device(hp.device, int(os.environ.get("LOCAL_RANK", 0)), world_size)
@@ -216,7 +221,9 @@ def train(hp):
     manifest = prepare_dataset.read_manifest(hp.prepared_dir, hp.data_format)
     dataset.check_prepared_settings(manifest, hp)  # channels, crop margin and format come from the prepared data
     model.check_patch_size(hp)
-    train_names, val_names = dataset.split_cases(manifest)
+    train_names, val_names = dataset.fold_cases(manifest, hp)
+    split = {"fold": hp.fold, "train": train_names, "val": val_names}  # kept in the checkpoints: resume checks it
+    hp = hp.replace(run_dir=dataset.fold_dir(hp))
     patches = dataset.PatchDataset(hp.prepared_dir, train_names, hp.patch_size, hp.foreground_fraction,
                                    hp.augment, hp.seed, hp.steps_per_epoch * hp.batch_size * world_size,
                                    augment.runs_on_device(hp.augment, hp.augment_on, device))
@@ -229,13 +236,14 @@ def train(hp):
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     done, best_score, rows = 0, None, []
     if hp.resume:
-        done, best_score, rows = resume_state(hp, net, optimizer, scheduler, scaler, main_process)
+        done, best_score, rows = resume_state(hp, net, optimizer, scheduler, scaler, main_process, split)
     if main_process:
         start_run_dir(hp.run_dir, hp)
         print(f"training on {device} x {world_size} process(es), {dtype or torch.float32}"
               f"{' with loss scaling' if use_scaler else ''}{', channels_last' * channels_last}, "
               f"{model.count_parameters(net):,} parameters, "
-              f"{len(train_names)} training / {len(val_names)} validation cases, global batch "
+              f"{len(train_names)} training / {len(val_names)} validation cases"
+              f"{f' (fold {hp.fold} of {hp.num_folds})' * (hp.num_folds > 1)}, global batch "
               f"{hp.batch_size * world_size}, epochs {done + 1}..{hp.epochs}")
         if volumes is None:
             print("no validation cases: checkpoint_best.pt is the latest epoch")
@@ -271,7 +279,7 @@ def train(hp):
             state = {"model_args": model.model_args(hp), "model": net.state_dict(), "epoch": epoch,
                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "scaler": scaler.state_dict(), "best_score": best_score, "metrics": rows, "rng": model.rng_state(),
-                     "hyperparameters": hp.to_dict(), "world_size": world_size}
+                     "hyperparameters": hp.to_dict(), "world_size": world_size, "split": split}
             model.save_checkpoint(state, hp.run_dir / "checkpoint_last.pt")
             if improved:
                 model.save_checkpoint(state, hp.run_dir / "checkpoint_best.pt")
@@ -280,6 +288,8 @@ def train(hp):
         log.close()
     if world_size > 1:
         dist.destroy_process_group()
+    if main_process and val_names:  # the out-of-fold predictions; redone when this call trained
+        predict.predict_validation(hp, val_names, overwrite=done < hp.epochs)
     best_epochs = [row["epoch"] for row in rows if row["dice_mean"] is not None and row["dice_mean"] == best_score]
     return {**(rows[-1] if rows else {}), "best_dice_mean": best_score, "best_epoch": (best_epochs or [None])[0]}
 

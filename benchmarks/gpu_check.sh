@@ -36,8 +36,9 @@ fi
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 RESULTS=$WORK/results.jsonl
+# num_folds=1: 4 generated cases make one train/validation split, not the GPU settings' 5 folds
 HP=(--hp hyperparameters_brats2020_gpu.txt raw_data_dir="$WORK/raw" prepared_dir="$WORK/prepared"
-    run_dir="$WORK/run" prediction_dir="$WORK/predictions" seed=0 "${SIZE[@]}")
+    run_dir="$WORK/run" prediction_dir="$WORK/predictions" seed=0 num_folds=1 "${SIZE[@]}")
 FAILED=()
 
 TIMEOUT=$(command -v timeout)  # coreutils; where it is missing, steps run without a time limit

@@ -33,17 +33,18 @@ def tiny_hp(tmp_path, tiny_raw):
     return hyperparameters.load(overrides={
         "raw_data_dir": tiny_raw, "prepared_dir": tmp_path / "prepared", "run_dir": tmp_path / "run",
         "prediction_dir": tmp_path / "predictions", "num_workers": 0, "features": "4, 8, 16",
-        "patch_size": "16, 16, 16", "batch_size": 2, "epochs": 2, "steps_per_epoch": 3, "val_fraction": 0.34})
+        "patch_size": "16, 16, 16", "batch_size": 2, "epochs": 2, "steps_per_epoch": 3, "val_fraction": 0.34,
+        "test_fraction": 0})
 
 
 @pytest.fixture(scope="session")
 def tiny_prepared(tmp_path_factory, tiny_raw):
-    """tiny_raw prepared once per session (read-only): returns the prepared folder."""
+    """tiny_raw prepared once per session (read-only), one train/validation split: returns the prepared folder."""
     import hyperparameters
     import prepare_dataset
     folder = tmp_path_factory.mktemp("prepared")
     hp = hyperparameters.load(overrides={"raw_data_dir": tiny_raw, "prepared_dir": folder, "num_workers": 0,
-                                         "val_fraction": 0.34})
+                                         "val_fraction": 0.34, "test_fraction": 0})  # 3 train, 2 validation cases
     prepare_dataset.prepare_dataset(hp)
     return folder
 

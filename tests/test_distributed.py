@@ -120,7 +120,7 @@ def test_two_processes_train_like_one_process_with_the_same_global_batch(tmp_pat
     assert two.stdout.count("epoch 2/2  loss") == 1
     assert two.stdout.count("non-finite loss at epoch 1 step 2: skipped") == 1
     assert sorted(p.name for p in (tmp_path / "run2").iterdir()) == [
-        "checkpoint_best.pt", "checkpoint_last.pt", "curves.png", "metrics.csv"]
+        "checkpoint_best.pt", "checkpoint_last.pt", "curves.png", "metrics.csv", "validation"]
     rows = {p: torch.load(tmp_path / f"run{p}" / "checkpoint_last.pt", weights_only=True)["metrics"] for p in (2, None)}
     assert [row["skipped_steps"] for row in rows[2]] == [row["skipped_steps"] for row in rows[None]] == [1, 0]
     for row2, row1 in zip(rows[2], rows[None]):

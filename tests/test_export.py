@@ -128,14 +128,14 @@ def test_checkpoint_globs_export_one_model_per_folder_and_refuse_a_shared_one(tm
         (tmp_path / f"fold_{fold}").mkdir()
         (tmp_path / f"fold_{fold}" / "checkpoint_best.pt").touch()
     hp = hyperparameters.load(overrides={"checkpoint": tmp_path / "fold_*" / "checkpoint_best.pt"})
-    paths = export.checkpoint_paths(hp)
+    paths = predict.checkpoint_paths(hp)
     assert paths == [tmp_path / f"fold_{k}" / "checkpoint_best.pt" for k in range(3)]
     assert [predict.onnx_path(p) for p in paths] == [tmp_path / f"fold_{k}" / "model.onnx" for k in range(3)]
     (tmp_path / "fold_0" / "checkpoint_last.pt").touch()
     with pytest.raises(ValueError, match=r"several checkpoints would be exported to .*fold_0/model\.onnx"):
         export.export(hp.replace(checkpoint=tmp_path / "fold_0" / "*.pt"))
-    with pytest.raises(FileNotFoundError, match="no checkpoint matches"):
-        export.checkpoint_paths(hp.replace(checkpoint=tmp_path / "fold_9*" / "checkpoint_best.pt"))
+    with pytest.raises(FileNotFoundError, match="no file matches"):
+        predict.checkpoint_paths(hp.replace(checkpoint=tmp_path / "fold_9*" / "checkpoint_best.pt"))
 
 
 def test_onnx_backend_names_what_is_missing(tmp_path, monkeypatch):

@@ -161,7 +161,8 @@ prepare_dataset.main()
 
 def prepare_settings(tiny_raw, prepared_dir, **changes):
     """The settings of conftest's tiny_prepared, into another folder."""
-    return {"raw_data_dir": tiny_raw, "prepared_dir": prepared_dir, "num_workers": 0, "val_fraction": 0.34, **changes}
+    return {"raw_data_dir": tiny_raw, "prepared_dir": prepared_dir, "num_workers": 0, "val_fraction": 0.34,
+            "test_fraction": 0, **changes}
 
 
 @needs_sigkill

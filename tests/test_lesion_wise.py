@@ -113,8 +113,9 @@ def test_evaluate_writes_both_and_the_summary_says_which_is_which(constructed, t
         (tmp_path / "split.nii.gz").rename(folder / "pred" / "split.nii.gz")
     with open(hp.run_dir / "evaluation.csv", newline="") as file:
         table = {row["case"]: row for row in csv.DictReader(file)}
-    assert sorted(table) == sorted(constructed_cases()) and len(rows) == 4
-    assert table["split"]["dice_ET"] == "" and float(table["split"]["global_hd95_et"]) == 373  # the penalty
+    assert sorted(table) == sorted(constructed_cases()) and len(rows) == 5  # the missing case scored as a failure
+    assert float(table["split"]["dice_ET"]) == 0 and float(table["split"]["hd95_ET"]) == 373.13  # BraTS's penalty
+    assert float(table["split"]["global_hd95_et"]) == 373  # and the package's
     several = table["several"]
     assert float(several["dice_ET"]) == pytest.approx(16 / 44) == pytest.approx(float(several["global_dsc_et"]))
     assert float(several["lesionwise_dsc_mean_et"]) == official["several"]["lesionwise_dsc_mean_et"]

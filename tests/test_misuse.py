@@ -237,7 +237,7 @@ def test_read_only_prepared_dir_empty_is_refused_and_prepared_is_rechecked(tiny_
     shutil.copytree(tiny_prepared, copy)  # a finished dataset on a read-only share, checked again
     before = {path.name: path.stat().st_mtime_ns for path in copy.iterdir()}
     hp = hyperparameters.load(overrides={"raw_data_dir": tiny_raw, "prepared_dir": copy, "num_workers": 0,
-                                         "val_fraction": 0.34})
+                                         "val_fraction": 0.34, "test_fraction": 0})  # tiny_prepared's settings
     with read_only(copy):
         manifest = prepare_dataset.prepare_dataset(hp)
     assert manifest == prepare_dataset.read_manifest(tiny_prepared)

@@ -49,7 +49,7 @@ def test_generated_cases_manifest_split_and_filtering(tiny_raw, tiny_prepared):
     # the generator's healthy cases are filtered and listed with a reason, the rest is kept
     healthy = [f.name for f in tiny_raw.iterdir() if not raw_arrays(f)[1].any()]
     assert healthy and sorted(manifest["filtered"]) == sorted(healthy)
-    assert all("healthy: 100.00%" in reason for reason in manifest["filtered"].values())
+    assert all("healthy: tumor share 0.0000% (0 voxels)" in reason for reason in manifest["filtered"].values())
     assert sorted(cases) == sorted(f.name for f in tiny_raw.iterdir() if f.name not in healthy)
     splits = [c["split"] for c in cases.values()]
     assert splits.count("val") == round(0.34 * len(cases)) and splits.count("train") == len(cases) - splits.count("val")

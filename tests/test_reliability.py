@@ -160,7 +160,7 @@ class Break:
 UNREADABLE = "not a readable NIfTI file"
 BREAKS = [
     Break("no_t2", "missing modality (t2 deleted)", "t2", delete, "missing modality t2", "missing modality t2",
-          "missing modality t2"),
+          None),  # the ground truth is the segmentation alone
     Break("no_truth", "missing segmentation", "seg", delete, "no segmentation", None, "no segmentation"),
     Break("misnamed_truth", "misnamed segmentation (_labels.nii)", "seg", misname, "no segmentation", None,
           "no segmentation"),
@@ -253,8 +253,8 @@ def evaluate_recording(hp, reasons):
     """evaluate(hp), recording the reasons of the cases it could not evaluate."""
     evaluate_folders = evaluate.evaluate_folders
 
-    def evaluate_and_record(*args):
-        rows, not_evaluated = evaluate_folders(*args)
+    def evaluate_and_record(*args, **kwargs):
+        rows, not_evaluated = evaluate_folders(*args, **kwargs)
         reasons.update(not_evaluated)
         return rows, not_evaluated
 

@@ -58,7 +58,11 @@ def test_training_loss_falls_and_metrics_csv_has_a_row_per_epoch(full_run):
     assert float(rows[-1]["dice_mean"]) == pytest.approx(result["dice_mean"], rel=1e-5)
     assert (hp.run_dir / "curves.png").stat().st_size > 10_000
     assert sorted(p.name for p in hp.run_dir.iterdir()) == [
-        "checkpoint_best.pt", "checkpoint_last.pt", "curves.png", "metrics.csv"]  # no temporary files left
+        "checkpoint_best.pt", "checkpoint_last.pt", "curves.png", "metrics.csv", "validation"]  # no temporary files
+    # the validation cases predicted with the best checkpoint, probabilities too: the out-of-fold predictions
+    val_names = dataset.split_cases(dataset.read_manifest(hp.prepared_dir))[1]
+    assert sorted(p.name for p in (hp.run_dir / "validation").iterdir()) == sorted(
+        f"{name}{suffix}" for name in val_names for suffix in (".nii.gz", "_probabilities.npz"))
 
 
 def test_checkpoint_holds_plain_unwrapped_state(full_run):
