@@ -292,4 +292,3 @@ def test_settings_files_choose_the_style():
     assert hyperparameters.load().synthetic_style == "phantom"
     hp = hyperparameters.load(Path(synthetic.ROOT) / "hyperparameters_synthetic.txt")
     assert hp.synthetic_style == "randomized" and tuple(hp.synthetic_shape) == synthetic.FULL_SHAPE
-    assert hp.bg_threshold == 1.0  # healthy cases stay in the training set
