@@ -8,6 +8,7 @@ Inside the project every convention uses the same internal labels: 0 background,
 non-enhancing) core, 2 edema, 3 enhancing tumor, and 4 resection cavity (BraTS 2024 post-treatment glioma
 only). Only the values on disk and the file names differ between the years.
 """
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -103,6 +104,11 @@ def internal_to_brats(labels, data_format="brats2020"):
     return table[np.asarray(labels, dtype=np.int64)]
 
 
+def whole_tumor(labels):
+    """The whole tumor (WT) of internal labels: any tumor label, not the resection cavity."""
+    return np.isin(labels, ALL_REGIONS["WT"])
+
+
 def labels_to_regions(labels, regions=REGION_NAMES):
     """Internal labels (...) -> boolean regions (len(regions), ...), by default WT, TC, ET."""
     labels = np.asarray(labels)
@@ -178,6 +184,11 @@ def axis_codes(affine):
                  for j, i in enumerate(np.abs(rotation).argmax(axis=0)))
 
 
+def border_voxels(volume):
+    """The voxels of a volume's six faces, flattened (edges and corners more than once)."""
+    return np.concatenate([face.ravel() for axis in range(3) for face in (volume.take(0, axis), volume.take(-1, axis))])
+
+
 def grid_differences(head, spacing, affine, any_shape=False):
     """What differs from the BraTS grid, as texts (none when in it). head: non-zero voxels (X, Y, Z) of any
     channel; spacing in mm; any_shape: the shape is not checked (small generated phantoms)."""
@@ -193,8 +204,24 @@ def grid_differences(head, spacing, affine, any_shape=False):
         differences.append(f"oblique axes (nearest orientation {''.join(axis_codes(affine))})")
     elif axis_codes(affine) != GRID_ORIENTATION:
         differences.append(f"orientation {''.join(axis_codes(affine))} (BraTS: {''.join(GRID_ORIENTATION)})")
-    border = np.concatenate([face.ravel() for axis in range(3) for face in (head.take(0, axis), head.take(-1, axis))])
+    border = border_voxels(head)
     if border.mean() > 0.02 or head.mean() > 0.5:  # a skull-stripped brain leaves the border and most voxels 0
         differences.append(f"not skull-stripped ({100 * border.mean():.0f}% of the border voxels and "
                            f"{100 * head.mean():.0f}% of all voxels non-zero)")
     return differences
+
+
+def background_note(paths, arrays, niftis):
+    """'; background is not 0 in FILE (...)' for the channel whose border is most often non-zero, when more than
+    half of it is: the brain mask, the crop and the z-score take the non-zero voxels for brain, so a background
+    that is not 0 (no skull stripping, an intercept in the header, all-negative values) would enter all three."""
+    borders = [border_voxels(array) for array in arrays]
+    worst = int(np.argmax([np.count_nonzero(border) for border in borders]))
+    border, image = borders[worst], niftis[worst]
+    if np.count_nonzero(border) <= border.size // 2:
+        return ""
+    values, counts = np.unique(border, return_counts=True)
+    intercept = getattr(image.dataobj, "inter", 0.0)
+    cause = f"; the header's intercept scl_inter is {intercept:g}" if intercept and np.isfinite(intercept) else ""
+    return (f"; background is not 0 in {Path(paths[worst]).name} (the volume's border is mostly "
+            f"{values[counts.argmax()]:g}{cause})")

@@ -2,36 +2,23 @@
 
     python evaluate.py          # prediction_dir against the segmentations under raw_data_dir (and predict_input_dir)
 
-Which cases are expected: those predict.py took, i.e. the cases of predict_input_dir, or without it the test split
-of prepared_dir's dataset.json (when prepared from this raw_data_dir). An expected case that has ground truth but
-no prediction is scored as BraTS scores it, a failure: Dice 0 and HD95 373.13 mm in every region (sensitivity and
-specificity 0), and is listed and counted in the summary.
+Expected cases are those predict.py took: predict_input_dir's, or without it the test split of prepared_dir's
+dataset.json (when prepared from this raw_data_dir). An expected case with ground truth but no prediction is
+scored as BraTS scores it, a failure (Dice 0, HD95 373.13 mm, sensitivity and specificity 0 in every region).
 
-Per case and region (WT, TC, ET): Dice, HD95 in mm (the voxel spacing from the NIfTI header),
-sensitivity, specificity and the predicted and true volumes in mm^3 (loss.region_metrics), one row per
-case in run_dir/evaluation.csv. The printed summary gives mean, standard deviation (over cases, ddof 1),
-median and the 25th and 75th percentiles per region and metric, as the BraTS leaderboard does, and
-run_dir/evaluation_boxplot.png shows the spread of Dice and HD95.
+Per case and region (WT, TC, ET; RC for BraTS 2024): Dice, HD95 in mm (distance transforms of the surfaces, the
+header's spacing), sensitivity, specificity and the volumes in mm^3 (loss.region_metrics), a row per case in
+run_dir/evaluation.csv; the summary gives mean, std (ddof 1), median and quartiles as the BraTS leaderboard does.
+Empty regions follow the BraTS rules: both empty -> Dice 1, HD95 0; one empty -> Dice 0, HD95 373.13 mm, so a
+few false enhancing-tumor voxels in a case without one cost a whole Dice point (MONAI's DiceMetric gives NaN).
 
-Empty regions follow the BraTS rules: both empty -> Dice 1 and HD95 0; only one empty -> Dice 0 and
-HD95 373.13 mm. So a few false enhancing-tumor voxels in a case without enhancing tumor cost a whole
-Dice point, as on the leaderboard (MONAI's DiceMetric gives NaN there and the case drops out of its mean).
-HD95 comes from distance transforms of the two surfaces, not from pairwise point distances: a full
-240 x 240 x 155 case takes well under 2 s on one core.
+The ground truth is a folder of raw case folders (their segmentations; the modalities need not be there) or of
+label maps {case}.nii[.gz]. A prediction without ground truth, on another grid, or that is the truth file itself
+(a link) is listed as not evaluated; prediction_dir may not overlap the ground truth's folders.
 
-The ground truth is a folder of raw case folders (found like prepare_dataset.py finds them, the
-*_seg file of each; the modalities need not be there) or a folder of label maps {case}.nii[.gz];
-evaluate_folders compares any two such folders. A prediction without ground truth, or with another shape or
-affine, is listed as not evaluated.
-Predictions and ground truth must never be the same files: prediction_dir may not overlap the folders of
-the ground truth, and a prediction that is the ground-truth file itself (a link) is not evaluated.
-Labels are read in data_format's convention; BraTS 2024 adds the resection cavity (RC) as a fourth region.
-
-lesion_wise: True adds the lesion-wise metrics BraTS ranks on since 2023 (each connected lesion matched
-to the truth, false positive and false negative lesions counted; Dice, NSD and HD95 per lesion and per
-region), computed by the official package brats-evaluation (on BrainLesion's panoptica) with its
-configuration lesion_wise_task, as the challenge computes them. Their columns keep the package's names
-(lesionwise_dsc_mean_et, global_dsc_wt, ...); the metrics above stay ours and the default.
+lesion_wise: True adds the lesion-wise metrics BraTS ranks on since 2023, computed by the official package
+brats-evaluation (configuration lesion_wise_task) as the challenge computes them; their columns keep the
+package's names (lesionwise_dsc_mean_et, global_dsc_wt, ...), the metrics above stay the default.
 """
 import contextlib
 import csv
@@ -125,6 +112,24 @@ def load_labels(path, data_format="brats2020"):
         raise CaseError(f"{path}: {error}") from None
 
 
+def prediction_path(prediction_dir, name):
+    """The label map of case name in prediction_dir, or None; CaseError when both .nii and .nii.gz are there."""
+    problems = {}
+    path = label_maps(prediction_dir, problems).get(name)
+    if name in problems:
+        raise CaseError(problems[name])
+    return path
+
+
+def first_predicted_case(prediction_dir):
+    """The first case name of prediction_dir's label maps (rendering's default case); CaseError when there is none."""
+    problems = {}
+    names = sorted([*label_maps(prediction_dir, problems), *problems])
+    if not names:
+        raise CaseError(f"{prediction_dir}: no predictions (*.nii.gz): run predict.py or set rendering_sample_name")
+    return names[0]
+
+
 def evaluate_pair(pred_path, truth_path, data_format="brats2020", postprocess=None):
     """{region: {metric: value}} of one case (its prediction's internal labels passed through postprocess first,
     when given); CaseError naming both files when their grids differ."""
@@ -193,9 +198,8 @@ def missing_predictions(rows, pred_dir):
 
 
 def expected_cases(hp):
-    """(names, description) of the cases predict.py takes: those of predict_input_dir (its case folders, or its
-    label maps), else its default cases of prepared_dir's dataset.json (the test split) when prepared from
-    raw_data_dir; ((), None) when unknown."""
+    """(names, description) of the cases predict.py takes: predict_input_dir's (case folders or label maps), else
+    dataset.json's default cases (the test split) when prepared from raw_data_dir; ((), None) when unknown."""
     try:
         if hp.predict_input_dir is not None:
             folder = hp.predict_input_dir

@@ -30,8 +30,8 @@ import torch
 
 import hyperparameters
 from conventions import ALL_REGIONS, CONVENTIONS, file_suffix, output_names
-from model import load_model
-from predict import checkpoint_paths, onnx_path
+from model import load_model, onnx_path, trained_settings
+from predict import checkpoint_paths
 from prepare_dataset import atomic_write
 
 OPSET = 18  # ONNX Runtime 1.14 (2023) and newer run it
@@ -56,7 +56,7 @@ def metadata(checkpoint, path):
     trained, args = checkpoint.get("hyperparameters", {}), checkpoint["model_args"]
     defaults = hyperparameters.load().to_dict()  # for checkpoints that predate a setting
     setting = lambda key: trained.get(key, defaults[key])  # noqa: E731
-    target = trained.get("target", "regions" if args["out_channels"] == 3 else "labels")
+    target = trained_settings(checkpoint)["target"]
     data_format = setting("data_format")
     convention = CONVENTIONS[data_format]
     disk = convention.disk_labels

@@ -1,7 +1,9 @@
 """Safe file handling that every script shares: writes that are never half-done, output folders checked
-before the work starts, one writer per folder, and the names archivers and file browsers leave behind.
+before the work starts, one writer per folder, the names archivers and file browsers leave behind, and the
+walk over a download's folders (links followed, each real folder once).
 """
 import contextlib
+import errno
 import os
 import re
 import tempfile
@@ -12,10 +14,32 @@ from pathlib import Path
 LEFTOVERS = {"__MACOSX", "Thumbs.db", "desktop.ini", "$RECYCLE.BIN", "System Volume Information", "@eaDir"}
 TEMPORARY = re.compile(r"\.tmp\d+-.+")  # the names atomic_write gives its temporary files, and only those
 LOCK = ".lock"  # held by the run that writes into a folder (sole_writer)
+NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # a full disk or quota, a read-only disk: every later write fails
 
 
 def is_leftover(name):
     return name.startswith(".") or name in LEFTOVERS
+
+
+def nifti_stem(path):
+    """A NIfTI file's name without .nii or .nii.gz (any case), None for other files."""
+    for suffix in (".nii.gz", ".nii"):
+        if path.name.lower().endswith(suffix):
+            return path.name[: -len(suffix)]
+    return None
+
+
+def folders_with_nifti(raw_dir):
+    """Folders below raw_dir (itself included) that hold NIfTI files. Links are followed (shared data), but
+    each real folder is visited once: a link back up (a loop) or a second way to a folder is not walked."""
+    seen = set()
+    for root, folders, files in os.walk(raw_dir, followlinks=True):
+        status = os.stat(root)
+        identity = (status.st_dev, status.st_ino) if status.st_ino else os.path.realpath(root)  # FAT: no inodes
+        folders[:] = [] if identity in seen else [name for name in folders if not is_leftover(name)]
+        if identity not in seen and any(nifti_stem(Path(f)) and not is_leftover(f) for f in files):
+            yield Path(root)
+        seen.add(identity)
 
 
 def atomic_write(path, write):

@@ -1,4 +1,4 @@
-"""The configurable 3D U-Net and its checkpoints.
+"""The configurable 3D U-Net and its checkpoints (and export.py's ONNX model of one, for backend: onnxruntime).
 
 The network follows the 3D U-Net of Cicek et al. (2016): per resolution level two 3x3x3
 convolutions, each followed by a normalization and an activation; max-pooling on the way down,
@@ -11,6 +11,7 @@ Checkpoints hold plain tensors and Python values only and are read with
 `torch.load(weights_only=True)`, so loading a checkpoint from the internet cannot run code.
 """
 import glob
+import json
 import math
 import pickle
 import random
@@ -25,6 +26,10 @@ import torch.nn.functional as F
 
 import conventions
 from files import atomic_write
+
+# Settings a network was trained with: predictions follow the checkpoint's, not the current file's.
+TRAINED_SETTINGS = ("channel_names", "patch_size", "crop_margin", "target")
+ONNX_NAME = "model.onnx"  # what export.py writes beside a checkpoint, and backend: onnxruntime reads
 
 
 def make_norm(norm, channels):
@@ -285,15 +290,40 @@ def load_model(path, device="cpu", hp=None):
     return model.to(device).eval(), checkpoint
 
 
-def save_for_inference(checkpoint_path, path):
-    """A checkpoint of train.py -> a small file that predict.py reads as well: the weights, the network's
-    arguments, the epoch, the metrics and the settings, without the optimizer and random states and without
-    the folders of the machine it was trained on (settings holding an absolute path)."""
-    checkpoint = load_checkpoint(checkpoint_path)
-    settings = {key: value for key, value in checkpoint.get("hyperparameters", {}).items()
-                if not (isinstance(value, str) and Path(value).is_absolute())}
-    kept = ("model_args", "model", "epoch", "metrics")
-    save_checkpoint({**{key: checkpoint[key] for key in kept if key in checkpoint}, "hyperparameters": settings}, path)
+def trained_settings(checkpoint):
+    """The TRAINED_SETTINGS a checkpoint holds; target from its outputs where it predates the setting."""
+    trained = checkpoint.get("hyperparameters", {})
+    settings = {key: trained[key] for key in TRAINED_SETTINGS if key in trained}
+    settings.setdefault("target", "regions" if checkpoint["model_args"]["out_channels"] == 3 else "labels")
+    return settings
+
+
+def onnx_path(checkpoint):
+    """The ONNX model of a checkpoint: model.onnx in its folder, or the file itself when it is one (.onnx)."""
+    return Path(checkpoint) if Path(checkpoint).suffix == ".onnx" else Path(checkpoint).parent / ONNX_NAME
+
+
+def onnx_predictor(path, device):
+    """(export.py's ONNX model at path in ONNX Runtime as predict_case's network, a function windows -> logits
+    on CPU tensors; the settings it was trained with, from its metadata). The package is needed only here."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise ValueError("backend: onnxruntime needs the onnxruntime package: "
+                         "pip install -r requirements-onnx.txt") from None
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no ONNX model (python export.py writes it beside the checkpoint)")
+    wanted = ["CUDAExecutionProvider"] * (device.type == "cuda") + ["CPUExecutionProvider"]
+    try:
+        session = onnxruntime.InferenceSession(str(path), providers=[
+            p for p in wanted if p in onnxruntime.get_available_providers()])
+    except Exception as error:  # ONNX Runtime's own exception types, e.g. for a damaged file
+        raise ValueError(f"{path}: not a readable ONNX model ({(str(error).splitlines() or ['?'])[0]})") from None
+    metadata = session.get_modelmeta().custom_metadata_map
+
+    def logits(windows):  # (B, C, wx, wy, wz) -> (B, C_out, wx, wy, wz) float32
+        return torch.from_numpy(session.run(None, {"image": np.ascontiguousarray(windows.cpu().numpy())})[0])
+    return logits, {key: json.loads(metadata[key]) for key in TRAINED_SETTINGS if key in metadata}
 
 
 def rng_state():

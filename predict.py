@@ -4,35 +4,25 @@
     python predict.py predict_input_dir=data/BraTS2020_ValidationData tta_mirror=True
     python predict.py "checkpoint=runs/brats2020/fold_*/checkpoint_best.pt"   # an ensemble of the folds
 
-Each case goes through the preprocessing of prepare_dataset.py (the same functions: crop to the brain,
-z-score over the brain voxels), the network runs window by window (sliding_window), probabilities
-become labels (regions nest: ET inside TC inside WT), the labels go back into the full grid and are
-written as prediction_dir/{case}.nii.gz: uint8 labels of the input's convention (data_format: 0/1/2/4
-for BraTS 2020 and 2021, 0/1/2/3 for 2023, 0/1/2/3/4 for 2024) with the input's affine and header, ready
-for the BraTS portal. Modalities are found by meaning: a network trained on BraTS 2020 files (flair,
-t1, t1ce, t2) reads BraTS 2023 files (t2f, t1n, t1c, t2w). A case outside the BraTS grid (spacing,
-shape, orientation, skull) is reported and skipped unless allow_any_grid: True. Cases with a
-prediction are skipped unless overwrite: True; a bad case is reported and skipped. The network is
-rebuilt from the checkpoint, and the settings it was trained with (target, channel_names, patch_size
-as the window, crop_margin) come from the checkpoint too, not from today's hyperparameters.txt; the
-number of its outputs says whether it knows the resection cavity (BraTS 2024). Without predict_input_dir
-the cases are the test split of dataset.json.
+Each case goes through prepare_dataset.py's preprocessing (crop to the brain, z-score over the brain voxels),
+the network runs window by window (sliding_window: overlapping windows, the last one flush with the far
+border, outputs blended with Gaussian weights), probabilities become labels (ET inside TC inside WT), and the
+labels go back into the full grid as prediction_dir/{case}.nii.gz: uint8 labels of the input's convention
+(data_format: 0/1/2/4 for BraTS 2020 and 2021, 0/1/2/3 for 2023, 0/1/2/3/4 for 2024) with the input's affine and
+header, ready for the BraTS portal. Modalities are found by meaning (a network trained on BraTS 2020's flair, t1,
+t1ce, t2 reads 2023's t2f, t1n, t1c, t2w). A case outside the BraTS grid is skipped unless allow_any_grid: True;
+a bad case is reported and skipped; cases with a prediction are skipped unless overwrite: True. The network and
+the settings it was trained with (target, channel_names, patch_size as the window, crop_margin) come from the
+checkpoint, not from hyperparameters.txt.
 
 Ensembles: `checkpoint` may name several files (a comma list or a glob; empty: the best checkpoint of run_dir,
 or of every fold). Each network gives a case's probabilities (its own window, mirror TTA inside it); their mean
 becomes the labels. The networks must agree on target, channel_names and crop_margin.
 
-sliding_window() runs a network trained on patches over a whole volume: overlapping windows,
-the last one on each axis flush with the far border (the 155-slice axis of BraTS is not a multiple
-of any window), outputs blended with Gaussian weights so that the poorly informed window borders
-count less.
-
-et_min_voxels (off with 0): when a case's predicted enhancing tumor (ET) has fewer voxels than this,
-it becomes necrotic core (label 1). BraTS scores ET Dice 1 on a case without ET only when the
-prediction has none either, and 0 for a single false voxel, so a few doubtful ET voxels cost much
-more than they can gain. nnU-Net's BraTS 2020 entry used this with a threshold chosen on the
-training cases (a few hundred voxels). With et_min_voxels empty, the value crossval.py tuned is taken from
-postprocessing.json beside the checkpoints (or in the run folder above fold_K folders), if there is one.
+et_min_voxels (off with 0): a predicted enhancing tumor (ET) smaller than this becomes necrotic core (label 1),
+since BraTS scores a single false ET voxel in a case without ET as Dice 0 (nnU-Net's BraTS 2020 entry did the
+same). Empty: the value crossval.py tuned, from postprocessing.json beside the checkpoints (or in the run
+folder above fold_K folders), if there is one.
 
 save_probabilities: also prediction_dir/{case}_probabilities.npz, for averaging several models:
 "probabilities" float16 (C, x, y, z) over the crop box only (outside it lies background, where no
@@ -40,7 +30,6 @@ window ran), "crop_box" ((start, stop) per axis in the full grid), "original_sha
 (WT, TC, ET (, RC) for target regions, the label names for target labels). Average the files' probabilities,
 then loss.probabilities_to_labels and labels_in_input_grid give the ensemble's labels.
 """
-import errno
 import itertools
 import json
 import os
@@ -56,14 +45,10 @@ import dataset
 import hyperparameters
 from conventions import internal_to_brats, output_names
 from devices import resolve_device, run_settings, use_device
-from files import output_folder
+from files import NO_ROOM, output_folder
 from loss import logits_to_probabilities, probabilities_to_labels
-from model import checkpoint_files, load_model
+from model import checkpoint_files, load_model, onnx_path, onnx_predictor, trained_settings
 from prepare_dataset import CaseError, atomic_write, find_cases, load_case, preprocess, read_manifest
-
-# Settings the network was trained with: predictions follow the checkpoint's, not the current file's.
-TRAINED_SETTINGS = ("channel_names", "patch_size", "crop_margin", "target")
-ONNX_NAME = "model.onnx"  # what export.py writes beside a checkpoint, and backend: onnxruntime reads
 
 
 # ---------------------------------------------------------------- sliding window
@@ -256,34 +241,6 @@ def checkpoint_paths(hp):
     return checkpoint_files(hp.checkpoint if isinstance(hp.checkpoint, tuple) else [hp.checkpoint])
 
 
-def onnx_path(checkpoint):
-    """The ONNX model of a checkpoint: model.onnx in its folder, or the file itself when it is one (.onnx)."""
-    return Path(checkpoint) if Path(checkpoint).suffix == ".onnx" else Path(checkpoint).parent / ONNX_NAME
-
-
-def onnx_predictor(path, device):
-    """(export.py's ONNX model at path in ONNX Runtime as predict_case's network, a function windows -> logits
-    on CPU tensors; the settings it was trained with, from its metadata). The package is needed only here."""
-    try:
-        import onnxruntime
-    except ImportError:
-        raise ValueError("backend: onnxruntime needs the onnxruntime package: "
-                         "pip install -r requirements-onnx.txt") from None
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no ONNX model (python export.py writes it beside the checkpoint)")
-    wanted = ["CUDAExecutionProvider"] * (device.type == "cuda") + ["CPUExecutionProvider"]
-    try:
-        session = onnxruntime.InferenceSession(str(path), providers=[
-            p for p in wanted if p in onnxruntime.get_available_providers()])
-    except Exception as error:  # ONNX Runtime's own exception types, e.g. for a damaged file
-        raise ValueError(f"{path}: not a readable ONNX model ({(str(error).splitlines() or ['?'])[0]})") from None
-    metadata = session.get_modelmeta().custom_metadata_map
-
-    def logits(windows):  # (B, C, wx, wy, wz) -> (B, C_out, wx, wy, wz) float32
-        return torch.from_numpy(session.run(None, {"image": np.ascontiguousarray(windows.cpu().numpy())})[0])
-    return logits, {key: json.loads(metadata[key]) for key in TRAINED_SETTINGS if key in metadata}
-
-
 def load_for_inference(hp, device, path=None):
     """(network in eval mode on device, hp with the settings it was trained with) from the checkpoint at path
     (default: the one checkpoint of hp). With backend onnxruntime the network is the checkpoint's ONNX model
@@ -302,9 +259,7 @@ def load_for_inference(hp, device, path=None):
         use_device(device)
         if run_settings(hp.precision, hp.channels_last, device)[2]:
             model = model.to(memory_format=torch.channels_last_3d)
-        trained = checkpoint.get("hyperparameters", {})
-        settings = {key: trained[key] for key in TRAINED_SETTINGS if key in trained}
-        settings.setdefault("target", "regions" if checkpoint["model_args"]["out_channels"] == 3 else "labels")
+        settings = trained_settings(checkpoint)
     current = hp.to_dict()
     changed = [f"{key}={value}" for key, value in settings.items() if current[key] != value]
     if changed:
@@ -381,7 +336,7 @@ def predict_cases(hp, cases, model=None):
         try:
             written.append(predict_file(members, case, hp))
         except (CaseError, OSError) as error:
-            if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            if isinstance(error, OSError) and error.errno in NO_ROOM:
                 raise  # a full disk: every later case would fail the same way, after all its work
             failed[case.name] = str(error)
             tqdm.write(f"skipped {case.name}: {error}")

@@ -6,7 +6,6 @@ with clear errors, and the preprocessing of one case (crop to the brain, z-score
 import contextlib
 import errno
 import json
-import os
 from collections import namedtuple
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
@@ -18,7 +17,7 @@ from tqdm import tqdm
 
 import hyperparameters
 import conventions
-from files import atomic_write, is_leftover, sole_writer
+from files import NO_ROOM, atomic_write, folders_with_nifti, is_leftover, nifti_stem, sole_writer
 from synthetic import MARK
 
 MANIFEST = "dataset.json"
@@ -32,64 +31,32 @@ class CaseError(Exception):
     """A problem with one case's files; the message names the file and the problem."""
 
 
-class ConventionError(CaseError):
-    """A case's files follow another convention than the data_format setting."""
-
-
-def _nifti_stem(path):
-    for suffix in (".nii.gz", ".nii"):
-        if path.name.lower().endswith(suffix):
-            return path.name[: -len(suffix)]
-    return None
-
-
 def _match_case_files(folder, channel_names, seg_channel_name, data_format):
-    """(image paths in channel order, seg path or None) of one folder, or CaseError (ConventionError when the
-    files follow another convention)."""
+    """(image paths in channel order, seg path or None) of a folder; ValueError naming the problem otherwise
+    (conventions.ConventionMismatch for files named as in another convention)."""
     paths = sorted(path for path in folder.iterdir()
-                   if path.is_file() and _nifti_stem(path) is not None and not is_leftover(path.name))
-    stems = [_nifti_stem(path) for path in paths]  # a stem twice (.nii and .nii.gz) is refused as several files
-    try:
-        images, seg = conventions.match_case_files(stems, channel_names, seg_channel_name, data_format)
-    except conventions.ConventionMismatch as error:
-        raise ConventionError(f"{folder}: {error}") from None
-    except ValueError as error:
-        raise CaseError(f"{folder}: {error}") from None
+                   if path.is_file() and nifti_stem(path) is not None and not is_leftover(path.name))
+    stems = [nifti_stem(path) for path in paths]  # a stem twice (.nii and .nii.gz) is refused as several files
+    images, seg = conventions.match_case_files(stems, channel_names, seg_channel_name, data_format)
     return tuple(paths[stems.index(stem)] for stem in images), (paths[stems.index(seg)] if seg else None)
 
 
-def _folders_with_nifti(raw_dir):
-    """Folders below raw_dir (itself included) that hold NIfTI files. Links are followed (shared data), but
-    each real folder is visited once: a link back up (a loop) or a second way to a folder is not walked."""
-    seen = set()
-    for root, folders, files in os.walk(raw_dir, followlinks=True):
-        status = os.stat(root)
-        identity = (status.st_dev, status.st_ino) if status.st_ino else os.path.realpath(root)  # FAT: no inodes
-        folders[:] = [] if identity in seen else [name for name in folders if not is_leftover(name)]
-        if identity not in seen and any(_nifti_stem(Path(f)) and not is_leftover(f) for f in files):
-            yield Path(root)
-        seen.add(identity)
-
-
 def find_cases(raw_dir, channel_names, seg_channel_name, setting="raw_data_dir", data_format="brats2020"):
-    """Every folder below raw_dir that holds NIfTI files is a case, however deep the download nests it.
-
-    Returns (cases sorted by name, problems as (folder, reason) for folders that cannot be used).
-    setting: the hyperparameter that named raw_dir, for the messages. Folders named as in another
-    convention than data_format are one error for all, and a raw_dir that mixes conventions is refused."""
+    """(cases sorted by name, problems as (folder, reason)): every folder below raw_dir that holds NIfTI files is
+    a case, however deep the download nests it. setting: the hyperparameter that named raw_dir, for the messages.
+    Folders named as in another convention than data_format are one error; a raw_dir that mixes them is refused."""
     raw_dir = Path(raw_dir)
     if not raw_dir.is_dir():
         raise CaseError(f"{raw_dir}: {setting} {'is a file, not a folder' if raw_dir.exists() else 'does not exist'}")
-    folders = sorted(_folders_with_nifti(raw_dir))
     cases, problems, other_format, seen = [], [], [], {}
-    for folder in folders:
+    for folder in sorted(folders_with_nifti(raw_dir)):
         try:
             images, seg = _match_case_files(folder, channel_names, seg_channel_name, data_format)
-        except ConventionError as error:
-            other_format.append(str(error))
+        except conventions.ConventionMismatch as error:  # gathered into one error below
+            other_format.append(f"{folder}: {error}")
             continue
-        except CaseError as error:
-            problems.append((folder, str(error)))
+        except ValueError as error:
+            problems.append((folder, f"{folder}: {error}"))
             continue
         if folder.name in seen:
             problems.append((folder, f"{folder}: case name already used by {seen[folder.name]}"))
@@ -112,7 +79,7 @@ def find_cases(raw_dir, channel_names, seg_channel_name, setting="raw_data_dir",
 def no_segmentation(case, seg_channel_name):
     """Why a case has no segmentation, naming the NIfTI files that are neither a modality nor the segmentation."""
     others = sorted(p.name for p in case.folder.iterdir()
-                    if _nifti_stem(p) is not None and not is_leftover(p.name) and p not in case.image_paths)
+                    if nifti_stem(p) is not None and not is_leftover(p.name) and p not in case.image_paths)
     unknown = f"; not recognized: {', '.join(others)}" if others else ""
     suffix = conventions.CONVENTIONS[case.data_format].separator + seg_channel_name
     return f"{case.folder}: no segmentation (*{suffix}.nii[.gz]){unknown}"
@@ -139,10 +106,8 @@ def load_nifti(path):
 
 
 def load_case(case, allow_any_grid=False):
-    """(image (C, X, Y, Z) in the files' dtype, internal labels uint8 (X, Y, Z) or None, nibabel image of channel 0).
-
-    Intensities stay in their stored type (int16 for BraTS): preprocess() converts only the cropped brain.
-    A case outside the BraTS grid is a CaseError unless allow_any_grid."""
+    """(image (C, X, Y, Z) in the files' dtype (preprocess converts only the cropped brain), internal labels uint8
+    (X, Y, Z) or None, nibabel image of channel 0); CaseError outside the BraTS grid unless allow_any_grid."""
     channels, niftis, reference = [], [], None
     for path in case.image_paths:
         array, image = load_nifti(path)
@@ -162,9 +127,10 @@ def load_case(case, allow_any_grid=False):
     problems = [] if allow_any_grid else conventions.grid_differences(
         (image != 0).any(axis=0), nifti.header.get_zooms()[:3], nifti.affine, nifti.header["descrip"] == MARK)
     if problems:
-        raise CaseError(f"{reference[0]}: {', '.join(problems)}{_background_note(case.image_paths, channels, niftis)}"
-                        ": not in the BraTS grid (1 mm, 240 x 240 x 155, LPS, skull-stripped; README: scans that are "
-                        "not BraTS-preprocessed; allow_any_grid: True reads it anyway)")
+        note = conventions.background_note(case.image_paths, channels, niftis)
+        raise CaseError(f"{reference[0]}: {', '.join(problems)}{note}: not in the BraTS grid (1 mm, 240 x 240 x 155, "
+                        "LPS, skull-stripped; README: scans that are not BraTS-preprocessed; allow_any_grid: True "
+                        "reads it anyway)")
     labels = None
     if case.seg_path is not None:
         seg, seg_image = load_nifti(case.seg_path)
@@ -174,23 +140,6 @@ def load_case(case, allow_any_grid=False):
         except ValueError as error:
             raise CaseError(f"{case.seg_path}: {error}") from None
     return image, labels, nifti
-
-
-def _background_note(paths, arrays, niftis):
-    """'; background is not 0 in FILE (...)' for the channel whose border is most often non-zero, when more than
-    half of it is: the brain mask, the crop and the z-score take the non-zero voxels for brain, so a background
-    that is not 0 (no skull stripping, an intercept in the header, all-negative values) would enter all three."""
-    borders = [np.concatenate([face.ravel() for axis in range(3) for face in (a.take(0, axis), a.take(-1, axis))])
-               for a in arrays]
-    worst = int(np.argmax([np.count_nonzero(border) for border in borders]))
-    border, image = borders[worst], niftis[worst]
-    if np.count_nonzero(border) <= border.size // 2:
-        return ""
-    values, counts = np.unique(border, return_counts=True)
-    intercept = getattr(image.dataobj, "inter", 0.0)
-    cause = f"; the header's intercept scl_inter is {intercept:g}" if intercept and np.isfinite(intercept) else ""
-    return (f"; background is not 0 in {Path(paths[worst]).name} (the volume's border is mostly "
-            f"{values[counts.argmax()]:g}{cause})")
 
 
 def _check_same_grid(path, array, image, reference_path, reference_image):
@@ -294,12 +243,10 @@ def _run_one(case, settings, prepared_dir):
         return prepare_case(case, settings, prepared_dir), None
     except CaseError as error:
         return None, str(error)
-    except OSError as error:
-        if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+    except (OSError, ValueError, MemoryError) as error:
+        if isinstance(error, OSError) and error.errno in NO_ROOM:
             room = ", run again once there is room" if error.errno != errno.EROFS else ""
             raise CaseError(f"{error.strerror}; the cases prepared so far are kept{room}") from None
-        return None, f"{case.folder}: {type(error).__name__}: {error}"
-    except (ValueError, MemoryError) as error:
         return None, f"{case.folder}: {type(error).__name__}: {error}"
 
 

@@ -32,22 +32,21 @@ from vtkmodules.vtkRenderingCore import (vtkActor, vtkCamera, vtkPolyDataMapper,
                                          vtkTextRenderer, vtkWindowToImageFilter)
 
 import hyperparameters
-from conventions import ALL_REGIONS, CONVENTIONS, INTERNAL_LABEL_NAMES, meaning
-from evaluate import label_maps, load_labels
+from conventions import CONVENTIONS, INTERNAL_LABEL_NAMES, meaning, whole_tumor
+from evaluate import first_predicted_case, load_labels, prediction_path
 from loss import dice_per_region
 from prepare_dataset import CaseError, atomic_write, crop_box, find_cases, load_nifti
+from training_log import ERROR_COLORS, LABEL_COLORS, slice_overlay_png
 
-# Fixed colors (RGB 0..1) and opacities. The hues lie far apart and far from the neutral grey brain:
-# edema green (120 deg), necrotic/non-enhancing core red (3), enhancing tumor blue (222), false positive
-# magenta (307), false negative cyan (180). Surfaces seen through each other blend only along the hue
-# arc between their own colors: red and green together never look blue (the tests rely on it).
+# The colors of training_log.py's slice pictures (its LABEL_COLORS explains the hues), with opacities.
+# Surfaces seen through each other blend only along the hue arc between their own colors (the tests rely on it).
 LABEL_STYLE = {  # internal label: (color, opacity), outermost first
-    2: ((0.10, 0.80, 0.10), 0.30),  # edema, drawn as the envelope of the whole tumor it surrounds
-    3: ((0.15, 0.40, 1.00), 0.60),  # enhancing tumor
-    1: ((1.00, 0.12, 0.08), 1.00),  # necrotic and non-enhancing core
-    4: ((1.00, 0.75, 0.00), 0.60),  # resection cavity (BraTS 2024), apart from the tumor
+    2: (LABEL_COLORS[2], 0.30),  # edema, drawn as the envelope of the whole tumor it surrounds
+    3: (LABEL_COLORS[3], 0.60),  # enhancing tumor
+    1: (LABEL_COLORS[1], 1.00),  # necrotic and non-enhancing core
+    4: (LABEL_COLORS[4], 0.60),  # resection cavity (BraTS 2024), apart from the tumor
 }
-ERROR_STYLE = {"false positive": ((1.00, 0.15, 0.90), 0.85), "false negative": ((0.05, 0.90, 0.90), 0.85)}
+ERROR_STYLE = {name: (color, 0.85) for name, color in ERROR_COLORS.items()}
 BRAIN_COLOR, BRAIN_OPACITY = (0.85, 0.85, 0.85), 0.12
 CONTEXT_COLOR, CONTEXT_OPACITY = (1.0, 1.0, 1.0), 0.10  # the true tumor, faint, around the errors
 BACKGROUND = (0.07, 0.07, 0.07)
@@ -119,23 +118,18 @@ def surface_actor(polydata, affine, color, opacity):
     return actor
 
 
-def tumor(labels):
-    """The whole tumor (WT) of internal labels: any tumor label, not the resection cavity."""
-    return np.isin(labels, ALL_REGIONS["WT"])
-
-
 def label_actors(labels, affine):
     """One actor per tumor label present in internal labels (X, Y, Z), in LABEL_STYLE order. Edema
     surrounds the core: its surface is the whole tumor's envelope, so no second surface lies on the core's."""
-    return [surface_actor(cropped_surface(tumor(labels) if label == 2 else labels == label), affine, color, opacity)
-            for label, (color, opacity) in LABEL_STYLE.items() if (labels == label).any()]
+    return [surface_actor(cropped_surface(whole_tumor(labels) if label == 2 else labels == label), affine, color,
+                          opacity) for label, (color, opacity) in LABEL_STYLE.items() if (labels == label).any()]
 
 
 def error_actors(truth, pred, affine):
     """False positive and false negative tumor (whole tumor, any label), around a faint true tumor."""
-    masks = [(tumor(truth), CONTEXT_COLOR, CONTEXT_OPACITY),
-             (tumor(pred) & ~tumor(truth), *ERROR_STYLE["false positive"]),
-             (tumor(truth) & ~tumor(pred), *ERROR_STYLE["false negative"])]
+    true, predicted = whole_tumor(truth), whole_tumor(pred)
+    masks = [(true, CONTEXT_COLOR, CONTEXT_OPACITY), (predicted & ~true, *ERROR_STYLE["false positive"]),
+             (true & ~predicted, *ERROR_STYLE["false negative"])]
     return [surface_actor(cropped_surface(m), affine, color, opacity) for m, color, opacity in masks if m.any()]
 
 
@@ -211,7 +205,8 @@ def aim_camera(camera, brain, affine, tumor_center):
 
 def error_note(truth, pred, affine):
     ml = abs(np.linalg.det(affine[:3, :3])) / 1000  # mL per voxel
-    fp, fn = np.count_nonzero(tumor(pred) & ~tumor(truth)), np.count_nonzero(tumor(truth) & ~tumor(pred))
+    true, predicted = whole_tumor(truth), whole_tumor(pred)
+    fp, fn = np.count_nonzero(predicted & ~true), np.count_nonzero(true & ~predicted)
     return f"false positive {fp * ml:.1f} mL   false negative {fn * ml:.1f} mL"
 
 
@@ -331,70 +326,7 @@ def render_case(brain_image, truth, pred, affine=None, output_png=None, show_err
     return pixels
 
 
-# ------------------------------------------------------------------ slice overlay (matplotlib)
-def overlay_rgba(labels, styles):
-    """Labels (X, Y) -> RGBA (X, Y, 4) in the colors of the 3D view, transparent where unlabeled."""
-    rgba = np.zeros(labels.shape + (4,))
-    for value, color in styles:
-        rgba[labels == value] = (*color, 0.55)
-    return rgba
-
-
-def slice_overlay_png(image, truth, pred, path, affine=None, title=""):
-    """PNG of the axial slice with the most tumor: the image with truth | prediction | errors colored,
-    shown as radiology viewers show it (arrays turned to RAS; anterior up, patient's right on the left)."""
-    import nibabel as nib
-    from matplotlib.figure import Figure  # no pyplot: no GUI backend needed
-    orientation = nib.orientations.io_orientation(np.eye(4) if affine is None else np.asarray(affine))
-    image, truth, pred = (None if a is None else nib.orientations.apply_orientation(a, orientation)
-                          for a in (image, truth, pred))  # (R, A, S)
-    per_slice = tumor(truth if truth is not None else pred).sum(axis=(0, 1))  # tumor voxels per axial slice
-    z = int(np.argmax(per_slice if per_slice.any() else (image != 0).sum(axis=(0, 1))))  # none: the widest brain
-    (x0, x1), (y0, y1), _ = crop_box(image[:, :, z:z + 1] != 0, 0)  # the brain in this slice (all if none)
-    crop = (slice(x0, x1), slice(y0, y1), z)
-    image, truth, pred = (None if a is None else a[crop] for a in (image, truth, pred))  # (R, A)
-    label_styles = [(label, color) for label, (color, _) in LABEL_STYLE.items()]
-    panels = [(name, labels, label_styles) for name, labels in (("Target", truth), ("Prediction", pred))
-              if labels is not None]
-    if truth is not None and pred is not None:
-        errors = 1 * (tumor(pred) & ~tumor(truth)) + 2 * (tumor(truth) & ~tumor(pred))  # 1 FP, 2 FN
-        panels.append(("Errors", errors, list(enumerate((color for color, _ in ERROR_STYLE.values()), 1))))
-    bright = np.percentile(image[image > 0], 99.5) if (image > 0).any() else 1.0  # 0 black, top 0.5% white
-    figure = Figure(figsize=(4 * len(panels), 4.4), facecolor="black")
-    for i, (name, labels, styles) in enumerate(panels):
-        axes = figure.add_subplot(1, len(panels), i + 1)
-        for layer, cmap in ((image, "gray"), (overlay_rgba(labels, styles), None)):
-            # (R, A) -> picture rows anterior up (origin lower), columns from the patient's right to left
-            axes.imshow(np.flip(layer.swapaxes(0, 1), axis=1), cmap=cmap, vmin=0, vmax=bright, origin="lower",
-                        interpolation="nearest")
-        axes.set_title(name, color="white")
-        axes.text(-0.06, 0.5, "R", color="white", transform=axes.transAxes)
-        axes.text(1.02, 0.5, "L", color="white", transform=axes.transAxes)
-        axes.axis("off")
-    figure.suptitle(f"{title}  axial slice {z} (RAS)", color="white")
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100, facecolor="black",
-                                                      bbox_inches="tight"))
-
-
 # ------------------------------------------------------------------ settings -> files -> render
-def prediction_path(prediction_dir, name):
-    """The label map of case name in prediction_dir, or None; CaseError when both .nii and .nii.gz are there."""
-    problems = {}
-    path = label_maps(prediction_dir, problems).get(name)
-    if name in problems:
-        raise CaseError(problems[name])
-    return path
-
-
-def first_predicted_case(prediction_dir):
-    problems = {}
-    names = sorted([*label_maps(prediction_dir, problems), *problems])
-    if not names:
-        raise CaseError(f"{prediction_dir}: no predictions (*.nii.gz): run predict.py or set rendering_sample_name")
-    return names[0]
-
-
 def find_case(hp, name):
     """The raw case folder called `name` under raw_data_dir or predict_input_dir."""
     folders = [folder for folder in (hp.raw_data_dir, hp.predict_input_dir) if folder is not None]

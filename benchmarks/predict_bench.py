@@ -78,7 +78,7 @@ def monai_inference(net, image, hp, device):
 def onnx_row(checkpoint, volume, hp, device, reference):
     """ONNX Runtime on the exported checkpoint, through predict.predict_case (float32, on the CPU)."""
     export.export_checkpoint(checkpoint, checkpoint.with_suffix(".onnx"))
-    predictor, _ = predict.onnx_predictor(checkpoint.with_suffix(".onnx"), device)
+    predictor, _ = model.onnx_predictor(checkpoint.with_suffix(".onnx"), device)
     volume = volume.cpu()
     predict.predict_case(predictor, volume[:, :hp.patch_size[0], :hp.patch_size[1], :hp.patch_size[2]], hp, hp.target)
     seconds, output = best_time(lambda: predict.predict_case(predictor, volume, hp, hp.target), device)

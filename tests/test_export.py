@@ -130,7 +130,7 @@ def test_checkpoint_globs_export_one_model_per_folder_and_refuse_a_shared_one(tm
     hp = hyperparameters.load(overrides={"checkpoint": tmp_path / "fold_*" / "checkpoint_best.pt"})
     paths = predict.checkpoint_paths(hp)
     assert paths == [tmp_path / f"fold_{k}" / "checkpoint_best.pt" for k in range(3)]
-    assert [predict.onnx_path(p) for p in paths] == [tmp_path / f"fold_{k}" / "model.onnx" for k in range(3)]
+    assert [model.onnx_path(p) for p in paths] == [tmp_path / f"fold_{k}" / "model.onnx" for k in range(3)]
     (tmp_path / "fold_0" / "checkpoint_last.pt").touch()
     with pytest.raises(ValueError, match=r"several checkpoints would be exported to .*fold_0/model\.onnx"):
         export.export(hp.replace(checkpoint=tmp_path / "fold_0" / "*.pt"))

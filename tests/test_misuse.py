@@ -305,7 +305,7 @@ def test_both_nii_and_nii_gz_of_a_case_are_reported_not_guessed(tiny_raw, tmp_pa
     assert [row["case"] for row in rows] == [CASES[1]]
     assert f"not evaluated {CASES[0]}: {tmp_path / 'pred'}" in capsys.readouterr().out
     with pytest.raises(prepare_dataset.CaseError, match=f"both {CASES[0]}.nii and {CASES[0]}.nii.gz; remove one"):
-        rendering.prediction_path(tmp_path / "pred", CASES[0])
+        evaluate.prediction_path(tmp_path / "pred", CASES[0])
 
 
 def test_a_case_folder_name_that_is_not_utf8_is_evaluated_and_printed(tiny_raw, tmp_path, monkeypatch, capsys):
@@ -333,7 +333,7 @@ def test_slice_overlay_of_a_case_without_tumor_or_without_positive_voxels(tmp_pa
     image[4:20, 4:20, 4:12] = 100.0
     empty = np.zeros(image.shape, np.uint8)
     for name, brain in (("no_tumor", image), ("no_positive_voxel", -image), ("all_zero", 0 * image)):
-        rendering.slice_overlay_png(brain, empty, empty, tmp_path / f"{name}.png", title=name)
+        training_log.slice_overlay_png(brain, empty, empty, tmp_path / f"{name}.png", title=name)
         assert (tmp_path / f"{name}.png").stat().st_size > 1000
 
 

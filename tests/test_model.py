@@ -7,7 +7,7 @@ import torch
 
 import hyperparameters
 from model import (UNet3D, build_model, count_parameters, load_checkpoint, load_model, model_args,
-                   save_checkpoint, save_for_inference)
+                   save_checkpoint)
 
 
 def hand_count(in_channels, out_channels, features, deep_supervision=False):
@@ -178,23 +178,6 @@ def test_load_errors_name_the_file(tmp_path):
     save_checkpoint([1, 2], not_dict)
     with pytest.raises(ValueError, match=r"list\.pt: not a checkpoint"):
         load_checkpoint(not_dict)
-
-
-def test_save_for_inference_keeps_what_predict_needs(tmp_path):
-    model = UNet3D(4, 3, [4, 8])
-    state = make_state(model)
-    state["hyperparameters"] = tiny_hp(raw_data_dir=tmp_path / "raw", checkpoint=None).to_dict()
-    save_checkpoint(state, tmp_path / "train.pt")
-    save_for_inference(tmp_path / "train.pt", tmp_path / "small.pt")
-    small = load_checkpoint(tmp_path / "small.pt")
-    assert sorted(small) == ["epoch", "hyperparameters", "model", "model_args"]  # no optimizer, no random states
-    settings = small["hyperparameters"]
-    assert "raw_data_dir" not in settings and str(tmp_path) not in str(settings)  # no folders of this machine
-    assert settings["features"] == [4, 8] and settings["patch_size"] == state["hyperparameters"]["patch_size"]
-    restored, _ = load_model(tmp_path / "small.pt", "cpu")
-    x = torch.randn(1, 4, 4, 4, 4)
-    assert torch.equal(restored(x), model.eval()(x))
-    assert (tmp_path / "small.pt").stat().st_size < (tmp_path / "train.pt").stat().st_size
 
 
 def test_load_model_strips_wrapper_prefixes(tmp_path):

@@ -16,6 +16,7 @@ from scipy import ndimage
 
 import rendering
 import synthetic
+import training_log
 from conventions import brats_to_internal
 from prepare_dataset import CaseError, load_nifti
 from rendering import ERROR_STYLE, LABEL_STYLE, LEGEND_HEIGHT, VIEW_SIZE
@@ -164,7 +165,7 @@ def test_turntable_turns_once_around(tmp_path):
 
 def test_slice_overlay_shows_label_colors(tmp_path):
     image, truth, affine = generated("tumor", seed=1)
-    rendering.slice_overlay_png(image, truth, truth, tmp_path / "slices.png", affine)
+    training_log.slice_overlay_png(image, truth, truth, tmp_path / "slices.png", affine)
     counts = color_counts(np.asarray(Image.open(tmp_path / "slices.png").convert("RGB")), LABEL_COLORS)
     assert counts["edema"] > 50 and counts["enhancing"] > 10
 
