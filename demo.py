@@ -31,7 +31,8 @@ def run_demo(hp):
         return result
 
     timed("generate", lambda: synthetic.generate_dataset(hp.raw_data_dir, hp.synthetic_cases, hp.synthetic_shape,
-                                                         hp.seed, hp.synthetic_compress, True, hp.data_format))
+                                                         hp.seed, hp.synthetic_compress, True, hp.data_format,
+                                                         hp.synthetic_style))
     timed("prepare", lambda: prepare_dataset.prepare_dataset(hp))
     timed("train", lambda: train.train(hp.replace(overwrite=True)))  # a demo run starts over (or resume=True)
     # a new training run makes earlier predictions stale

@@ -161,6 +161,7 @@ SCHEMA = {
     "synthetic_cases": (_int, _positive, "> 0"),
     "synthetic_shape": (_list_of(_int, 3), lambda s: min(s) >= 16, "each side >= 16"),
     "synthetic_compress": (_bool, None, ""),
+    "synthetic_style": (_choice("phantom", "randomized"), None, ""),
     "features": (_list_of(_int), lambda f: len(f) >= 2 and _positive(f), "at least 2 levels, each > 0"),
     "norm": (_choice("instance", "batch", "group"), None, ""),
     "deep_supervision": (_bool, None, ""),

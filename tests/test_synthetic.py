@@ -1,9 +1,12 @@
 import os
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+from scipy import ndimage
 
+import hyperparameters
 import synthetic
 from synthetic import MODALITIES, brats_affine, case_kind, generate_case, generate_dataset, write_case
 
@@ -175,3 +178,117 @@ def test_main_writes_cases(tmp_path, monkeypatch):
     for name in ("BraTS20_Training_001", "BraTS20_Training_002"):
         for channel in FILE_NAMES:
             assert nib.load(tmp_path / name / f"{name}_{channel}.nii").shape == (32, 32, 24)
+
+
+# ---- the randomized style ----
+
+RANDOM_SHAPE = (96, 96, 64)  # 2.5 mm voxels: thin enough for the enhancing rim and the folds
+
+
+@pytest.fixture(scope="module")
+def randomized_cases():
+    return [generate_case(RANDOM_SHAPE, seed=(9, seed), kind="tumor", style="randomized") for seed in range(4)]
+
+
+def boundary_labels(seg, labels, brain):
+    """Labels of the brain voxels just outside the region `labels` (its outer boundary, 6-neighbours)."""
+    region = np.isin(seg, labels)
+    return seg[ndimage.binary_dilation(region) & ~region & brain]
+
+
+def test_randomized_labels_nest(randomized_cases):
+    # BraTS's nesting: necrosis inside the enhancing rim, the core inside the edema (CSF and the brain's edge cut
+    # them in places, as in real scans; in the real sample 90% of the core's boundary is edema).
+    for images, seg in randomized_cases:
+        assert set(np.unique(seg).tolist()) == {0, 1, 2, 4}
+        brain = images["t1"] != 0
+        assert np.all(brain[seg > 0])
+        assert np.mean(boundary_labels(seg, [1], brain) == 4) > 0.75
+        assert np.mean(boundary_labels(seg, [1, 4], brain) == 2) > 0.6
+
+
+def test_randomized_intensities_in_range(randomized_cases):
+    for images, seg in randomized_cases:
+        brain = images["flair"] != 0
+        for m, modality in enumerate(MODALITIES):
+            values = images[modality][brain]
+            assert images[modality].dtype == np.int16 and values.min() >= 1
+            assert np.array_equal(images[modality] != 0, brain)
+            # raw scanner units like BraTS: the healthy median within a factor 3 of white and grey matter's mean
+            # (bias field and gain vary it), no outliers far above it
+            tissue = np.mean([synthetic.INTENSITY["wm"][m], synthetic.INTENSITY["gm"][m]])
+            median = np.median(images[modality][brain & (seg == 0)])
+            assert tissue / 3 < median < 3 * tissue, modality
+            assert np.percentile(values, 99.9) < 6 * median, modality
+
+
+def test_randomized_contrasts_keep_the_tumor_signs():
+    # Contrasts vary from case to case, but edema stays bright in FLAIR and T2 and the rim enhances: in nearly every case.
+    signs = []
+    for seed in range(12):
+        images, seg = generate_case((64, 64, 48), seed=(3, seed), kind="tumor", style="randomized")
+        normal = normal_brain(images, seg)
+        median = {m: np.median(images[m][normal]) for m in MODALITIES}
+        mean = lambda m, labels: images[m][np.isin(seg, labels)].mean()
+        signs.append([mean("flair", [2]) > median["flair"], mean("t2", [2]) > median["t2"],
+                      mean("t1ce", [4]) > mean("t1ce", [1]), mean("t1ce", [4]) > median["t1ce"]])
+    assert np.mean(signs, axis=0).min() >= 10 / 12
+
+
+def test_randomized_cases_differ_in_contrast():
+    ratios = []
+    for seed in range(6):
+        images, seg = generate_case((64, 64, 48), seed=(4, seed), kind="healthy", style="randomized")
+        brain = images["t1"] != 0
+        ratios.append(np.median(images["t2"][brain]) / np.median(images["t1"][brain]))
+    assert np.std(np.log(ratios)) > 0.05  # the phantom style keeps this ratio within noise
+
+
+def test_style_ranges_off_is_the_phantom():
+    # The phantom style is the randomized one with every range at 0; unknown styles and ranges are refused.
+    phantom = generate_case((48, 48, 32), seed=3, style="phantom")
+    off = generate_case((48, 48, 32), seed=3, style=dict.fromkeys(synthetic.STYLES["randomized"], 0))
+    assert np.array_equal(phantom[1], off[1]) and all(np.array_equal(phantom[0][m], off[0][m]) for m in MODALITIES)
+    with pytest.raises(ValueError, match="unknown synthetic style"):
+        generate_case((48, 48, 32), style="realistic")
+    with pytest.raises(ValueError, match="unknown style ranges"):
+        generate_case((48, 48, 32), style={"contrasts": 0.1})
+
+
+def test_randomized_deterministic():
+    a_images, a_seg = generate_case((48, 48, 32), seed=(5, 2), style="randomized")
+    b_images, b_seg = generate_case((48, 48, 32), seed=(5, 2), style="randomized")
+    assert np.array_equal(a_seg, b_seg) and all(np.array_equal(a_images[m], b_images[m]) for m in MODALITIES)
+
+
+def test_another_style_rewrites_the_cases(tmp_path):
+    shape = (32, 32, 24)
+    generate_dataset(tmp_path, 2, shape, seed=1)
+    phantom = np.asanyarray(nib.load(tmp_path / "BraTS20_Training_001/BraTS20_Training_001_t1.nii").dataobj)
+    generate_dataset(tmp_path, 2, shape, seed=1, style="randomized")
+    randomized = np.asanyarray(nib.load(tmp_path / "BraTS20_Training_001/BraTS20_Training_001_t1.nii").dataobj)
+    assert not np.array_equal(phantom, randomized)
+    expected, _ = generate_case(shape, seed=(1, 1), style="randomized")
+    np.testing.assert_array_equal(randomized, expected["t1"])
+
+
+def test_thick_slices_interpolate_linearly():
+    ramp = np.arange(10, dtype=np.float32)[None, :, None] * np.ones((2, 1, 3), np.float32)  # (2, 10, 3)
+    out = synthetic._resample(ramp, np.array([0.0, 2.5, 8.75, 12.0]), axis=1)
+    np.testing.assert_allclose(out[0, :, 0], [0.0, 2.5, 8.75, 9.0])  # linear inside, clamped at the end
+
+
+def test_randomized_core_without_enhancement_nests():
+    # A core without enhancement (label 1 only) still lies inside its edema; no label 4 appears.
+    for seed in range(3):
+        images, seg = generate_case((64, 64, 48), seed=(6, seed), kind="no_enhancing", style="randomized")
+        brain = images["t1"] != 0
+        assert set(np.unique(seg).tolist()) == {0, 1, 2}
+        assert np.mean(boundary_labels(seg, [1], brain) == 2) > 0.6
+
+
+def test_settings_files_choose_the_style():
+    # The demo keeps the phantoms; hyperparameters_synthetic.txt is the full-size randomized recipe of the README.
+    assert hyperparameters.load().synthetic_style == "phantom"
+    hp = hyperparameters.load(Path(synthetic.ROOT) / "hyperparameters_synthetic.txt")
+    assert hp.synthetic_style == "randomized" and tuple(hp.synthetic_shape) == synthetic.FULL_SHAPE

@@ -1,0 +1,158 @@
+"""What each idea of the randomized generator does for a model on a real scan: one table.
+
+Each recipe generates its cases (synthetic.generate_dataset with STYLES["randomized"], some ranges changed or
+switched off), then runs prepare_dataset.py, train.py, predict.py and evaluate.py with
+hyperparameters_synthetic.txt plus the recipe's overrides, each as its own process, and reports
+  - Dice WT / TC / ET on the real sample ../shared/data/brats_sample (predict.py + evaluate.py),
+  - mean WT Dice on the generated validation split and on 4 full-size phantom-style cases (never trained on),
+    over the cases with a tumor (a healthy case scores 0 or 1),
+  - the CPU seconds of training (user + sys, DataLoader workers included) and its wall-clock seconds.
+The real case both chooses among the recipes and reports them: its numbers are optimistic (README).
+
+    python benchmarks/synth_to_real.py                        # every recipe (many hours on 2 cores)
+    python benchmarks/synth_to_real.py randomized no_hindbrain
+    python benchmarks/synth_to_real.py --table                # the table of the recipes run so far
+
+Outputs: data/synth_to_real/ (generated and prepared cases per style), runs/synth_to_real/RECIPE/ (run_dir,
+predictions, evaluations, result.json). Seeds are fixed: a recipe run twice gives the same numbers on a CPU
+with the same number of threads.
+"""
+import csv
+import hashlib
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import hyperparameters  # noqa: E402
+import synthetic  # noqa: E402
+
+SETTINGS = ROOT / "hyperparameters_synthetic.txt"
+SAMPLE = ROOT.parent / "shared/data/brats_sample/BraTS20_Training_TCGA-FG-6692"
+DATA, RUNS = ROOT / "data/synth_to_real", ROOT / "runs/synth_to_real"
+PHANTOM_TEST = 4  # full-size phantom-style cases, seed PHANTOM_SEED, that no recipe trains on
+PHANTOM_SEED = 2024
+
+# name -> (what it tests, the style: "phantom" or changes to STYLES["randomized"], settings overrides)
+RECIPES = {
+    "phantom": ("the demo's phantom style at full size", "phantom", []),
+    "randomized": ("STYLES['randomized'] as shipped (hyperparameters_synthetic.txt)", {}, []),
+    "no_hindbrain": ("randomized, an egg-shaped brain (no cerebellum, brainstem, temporal lobes)", {"hindbrain": 0}, []),
+    "distractors": ("randomized, with enhancing vessels, FLAIR-bright spots and a skull-strip rim", {"distractors": 1.0}, []),
+    "no_scanner": ("randomized, no thick slices, blur, noise or bias-field changes",
+                   {"slice_mm": 0, "blur_mm": 0, "noise": 0, "bias": 0}, []),
+    "no_contrast": ("randomized, the phantom's contrasts and texture", {"contrast": 0, "texture": 0}, []),
+    "nnunet_augment": ("randomized, nnU-Net's augmentation (augment.py)", {}, ["augment=nnunet"]),
+    "no_tumor_variety": ("randomized, tumors as in the phantoms (deep, no mass effect), no deformation",
+                         {"spread": 0, "mass_effect": 0, "deform_mm": 0}, []),
+    # the training side, at twice the steps of the rows above (or as many CPU seconds)
+    "longer": ("randomized, 2400 steps", {}, ["epochs=8", "steps_per_epoch=300", "val_every=4"]),
+    "wider": ("randomized, widths 16-128, as many CPU seconds as 'longer'", {},
+              ["epochs=8", "steps_per_epoch=130", "val_every=4", "features=16,32,64,128"]),
+    "patch64": ("randomized, 64^3 patches, as many CPU seconds as 'longer'", {},
+                ["epochs=8", "steps_per_epoch=130", "val_every=4", "patch_size=64,64,64"]),
+    "more_tumor_patches": ("randomized, 2400 steps, half the patches centred on tumor", {},
+                           ["epochs=8", "steps_per_epoch=300", "val_every=4", "foreground_fraction=0.5"]),
+    "more_cases": ("randomized, 2400 steps, 48 cases", {},
+                   ["epochs=8", "steps_per_epoch=300", "val_every=4", "synthetic_cases=48"]),
+}
+
+
+def style_folder(style):
+    """data/synth_to_real/<phantom | randomized>-<hash of synthetic.py and the ranges>: a folder of cases per style."""
+    ranges = style if style == "phantom" else {**synthetic.STYLES["randomized"], **style}
+    code = Path(synthetic.__file__).read_bytes()
+    digest = hashlib.sha1(code + json.dumps(ranges, sort_keys=True).encode()).hexdigest()[:8]
+    return DATA / f"{'phantom' if style == 'phantom' else 'randomized'}-{digest}"
+
+
+def run(command, log):
+    """Run a project script; returns (CPU seconds of it and its children, wall seconds). Output goes to log."""
+    before, start = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
+    with open(log, "w") as file:
+        subprocess.run([sys.executable, *command], cwd=ROOT, stdout=file, stderr=subprocess.STDOUT, check=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+    return cpu, time.perf_counter() - start
+
+
+def mean_dice(evaluation_csv):
+    """{region: mean Dice} of an evaluation.csv that evaluate.py wrote."""
+    with open(evaluation_csv) as file:
+        rows = list(csv.DictReader(file))
+    rows = [row for row in rows if float(row["volume_true_WT"]) > 0] or rows  # healthy cases score 0 or 1
+    return {region: float(np.mean([float(row[f"dice_{region}"]) for row in rows])) for region in ("WT", "TC", "ET")}
+
+
+def phantom_test_cases():
+    folder = DATA / "phantom_test"
+    synthetic.generate_dataset(folder, PHANTOM_TEST, synthetic.FULL_SHAPE, PHANTOM_SEED, compress=True)
+    return folder
+
+
+def run_recipe(name):
+    _, style, overrides = RECIPES[name]
+    out = RUNS / name
+    out.mkdir(parents=True, exist_ok=True)
+    cases = style_folder(style)
+    settings = ["--hp", str(SETTINGS), f"raw_data_dir={cases / 'raw'}", f"prepared_dir={cases / 'prepared'}",
+                f"run_dir={out}", *overrides]
+    hp = hyperparameters.load(SETTINGS, settings[2:])
+    print(f"{name}: generating {hp.synthetic_cases} cases into {cases / 'raw'}", flush=True)
+    synthetic.generate_dataset(cases / "raw", hp.synthetic_cases, hp.synthetic_shape, hp.seed, hp.synthetic_compress,
+                               style="phantom" if style == "phantom" else {**synthetic.STYLES["randomized"], **style})
+    run(["prepare_dataset.py", *settings], out / "prepare.log")
+    print(f"{name}: training (log: {out / 'train.log'})", flush=True)
+    cpu, wall = run(["train.py", *settings, "overwrite=True"], out / "train.log")  # a rerun starts over
+    real = DATA / "real"  # a folder holding only the real case (its neighbour reference_segmentations/ is no case)
+    real.mkdir(parents=True, exist_ok=True)
+    if not (real / SAMPLE.name).exists():
+        (real / SAMPLE.name).symlink_to(SAMPLE)
+    scores = {}
+    phantoms = phantom_test_cases()  # their names are those of the training cases: their own raw_data_dir
+    for test, inputs in (("real", [f"predict_input_dir={real}"]), ("generated", []),
+                         ("phantoms", [f"predict_input_dir={phantoms}", f"raw_data_dir={phantoms}"])):
+        test_settings = [*settings, f"prediction_dir={out / test}", "overwrite=True", *inputs]
+        run(["predict.py", *test_settings], out / f"predict_{test}.log")
+        run(["evaluate.py", *test_settings, f"run_dir={out / ('evaluation_' + test)}"], out / f"evaluate_{test}.log")
+        scores[test] = mean_dice(out / f"evaluation_{test}" / "evaluation.csv")
+    result = {"recipe": name, "what": RECIPES[name][0], "real": scores["real"], "generated_WT": scores["generated"]["WT"],
+              "phantoms_WT": scores["phantoms"]["WT"], "train_cpu_s": cpu, "train_wall_s": wall,
+              "threads": os.environ.get("OMP_NUM_THREADS", "default")}
+    (out / "result.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def print_table():
+    print("| recipe | what | WT real | TC real | ET real | WT generated | WT phantoms | train CPU s | train wall s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name in RECIPES:
+        path = RUNS / name / "result.json"
+        if path.is_file():
+            r = json.loads(path.read_text())
+            print(f"| {name} | {r['what']} | {r['real']['WT']:.3f} | {r['real']['TC']:.3f} | {r['real']['ET']:.3f} "
+                  f"| {r['generated_WT']:.3f} | {r['phantoms_WT']:.3f} | {r['train_cpu_s']:.0f} | {r['train_wall_s']:.0f} |")
+
+
+def main():
+    names = sys.argv[1:] or list(RECIPES)
+    if names != ["--table"]:
+        unknown = [name for name in names if name not in RECIPES]
+        if unknown:
+            raise SystemExit(f"error: unknown recipe(s) {', '.join(unknown)}; known: {', '.join(RECIPES)}")
+        if not SAMPLE.is_dir():
+            raise SystemExit(f"error: {SAMPLE}: the real sample case is needed")
+        for name in names:
+            run_recipe(name)
+    print_table()
+
+
+if __name__ == "__main__":
+    main()
