@@ -1,17 +1,14 @@
 """Generate BraTS-format cases: the project's embedded default data.
 
-A skull-stripped brain (folded cortex, white matter, deep grey nuclei, CSF) with a lumpy tumor: necrotic core (1)
-in an enhancing rim (4) in edema (2), with real scans' contrasts, a bias field and Rician noise. Style "phantom"
-(the demo) keeps anatomy, contrasts and scanner alike in every case; "randomized" draws them from STYLES' ranges
-(domain randomisation as SynthSeg's, the tumor's contrasts kept). Laid out like BraTS 2020 (int16 images, uint8
-labels, 1 mm, the BraTS affine) or another data_format of conventions.py; MARK and the style are in the header.
+A skull-stripped brain (folded cortex, white matter, deep grey nuclei, CSF) with a lumpy tumor (necrotic core 1 in
+an enhancing rim 4 in edema 2), real scans' contrasts, a bias field and Rician noise. Style "phantom" (the demo)
+keeps anatomy, contrasts and scanner alike in every case; "randomized" draws them from STYLES' ranges (domain
+randomisation as SynthSeg's). Files as data_format lays them out (BraTS 2020: int16, uint8 labels, 1 mm, its affine).
 
-    python synthetic.py                 # hp.synthetic_cases cases of hp.synthetic_shape into hp.raw_data_dir
-    python synthetic.py --comparison    # also Images/synthetic_vs_real.png (needs ../shared/data/brats_sample)
+    python synthetic.py     # hp.synthetic_cases cases of hp.synthetic_shape into hp.raw_data_dir
 """
 import gzip
 import os
-import sys
 from pathlib import Path
 from typing import NamedTuple
 
@@ -61,7 +58,6 @@ STYLES = {"randomized": {
 STYLES["phantom"] = dict.fromkeys(STYLES["randomized"], 0)
 MARK = b"BraTS-format phantom from synthetic.py"  # in each file's header: never overwrite files without it
 ROOT = Path(__file__).resolve().parent
-SAMPLE_CASE = ROOT.parent / "shared/data/brats_sample/BraTS20_Training_TCGA-FG-6692"
 
 
 def case_kind(index):
@@ -522,60 +518,13 @@ def generate_dataset(out_dir, n_cases, shape=FULL_SHAPE, seed=0, compress=False,
     return names
 
 
-# ---- picture and command line ----
-
-def save_comparison_png(path=ROOT / "Images/synthetic_vs_real.png", real_case=SAMPLE_CASE, seed=0, style="phantom"):
-    """Axial slices through the largest tumor-core section of a full-size generated case (case 1 of `seed`) and
-    of a real case: 4 modalities and the labels over FLAIR, 2 rows x 5 columns."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    real_case = Path(real_case)
-    if not real_case.is_dir():
-        raise FileNotFoundError(f"{real_case}: real BraTS case folder not found (needed for the comparison)")
-    channels = (*MODALITIES, SEG_NAME)
-    real = {c: np.asanyarray(nib.load(next(real_case.glob(f"*_{c}.nii*"))).dataobj) for c in channels}
-    images, seg = generate_case(FULL_SHAPE, seed=(seed, 1), kind="tumor", style=style)
-    rows = {f"{style_name(style).decode() or 'phantom'} case 1, seed {seed}": {**images, SEG_NAME: seg},
-            f"real {real_case.name}": real}
-    colours = np.array([[0, 0, 0, 0], [1, 0.2, 0.2, 0.6], [0.2, 0.9, 0.2, 0.45], [0, 0, 0, 0], [1, 0.9, 0, 0.6]])
-    crop = np.s_[20:230, 35:225]  # (x, y) around the brain
-    figure, axes = plt.subplots(2, 5, figsize=(20, 9.4), facecolor="black")
-    for row, (title, volume) in zip(axes, rows.items()):
-        z = int(np.argmax(np.isin(volume[SEG_NAME], (1, 4)).sum(axis=(0, 1))))
-        for ax, channel in zip(row, channels):
-            # Rows: y, front at the top; columns: x, the patient's right on the left (radiological view).
-            gray = volume["flair" if channel == SEG_NAME else channel]
-            ax.imshow(gray[crop + (z,)].T, cmap="gray", vmin=0, vmax=np.percentile(gray[gray != 0], 99.5))
-            if channel == SEG_NAME:
-                ax.imshow(colours[volume[SEG_NAME][crop + (z,)].T.astype(int)])
-            ax.set_title("labels 1 red, 2 green, 4 yellow" if channel == SEG_NAME else f"{channel}, z = {z}", color="w")
-            ax.axis("off")
-        row[0].text(-0.04, 0.5, title, transform=row[0].transAxes, rotation=90, va="center", ha="right",
-                    color="white", fontsize=12)
-    figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    figure.savefig(temporary, dpi=56, facecolor="black")  # under 300 kB
-    plt.close(figure)
-    os.replace(temporary, path)
-    return path
-
-
 def main():
-    argv = sys.argv[1:]
-    comparison = "--comparison" in argv
-    if comparison:
-        argv.remove("--comparison")
-    hp = hyperparameters.from_command_line(argv)
+    hp = hyperparameters.from_command_line()
     try:
         names = generate_dataset(hp.raw_data_dir, hp.synthetic_cases, hp.synthetic_shape, hp.seed,
                                  hp.synthetic_compress, True, hp.data_format, hp.synthetic_style)
         print(f"{len(names)} {hp.synthetic_style} cases of shape {tuple(hp.synthetic_shape)} in {hp.raw_data_dir}")
-        if comparison:
-            print(f"wrote {save_comparison_png(style=hp.synthetic_style)}")
-    except (FileExistsError, FileNotFoundError) as error:
+    except FileExistsError as error:
         raise SystemExit(f"error: {error}") from None
 
 
