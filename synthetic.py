@@ -1,17 +1,14 @@
 """Generate BraTS-format cases: the project's embedded default data.
 
-A skull-stripped brain (folded cortex, white matter, deep grey nuclei, CSF) with a lumpy tumor: necrotic core (1)
-in an enhancing rim (4) in edema (2), with real scans' contrasts, a bias field and Rician noise. Style "phantom"
-(the demo) keeps anatomy, contrasts and scanner alike in every case; "randomized" draws them from STYLES' ranges
-(domain randomisation as SynthSeg's, the tumor's contrasts kept). Laid out like BraTS 2020 (int16 images, uint8
-labels, 1 mm, the BraTS affine) or another data_format of conventions.py; MARK and the style are in the header.
+A skull-stripped brain (folded cortex, white matter, deep grey nuclei, CSF) with a lumpy tumor (necrotic core 1 in
+an enhancing rim 4 in edema 2), real scans' contrasts, a bias field and Rician noise. Style "phantom" (the demo)
+keeps anatomy, contrasts and scanner alike in every case; "randomized" draws them from STYLES' ranges (domain
+randomisation as SynthSeg's). Files as data_format lays them out (BraTS 2020: int16, uint8 labels, 1 mm, its affine).
 
-    python synthetic.py                 # hp.synthetic_cases cases of hp.synthetic_shape into hp.raw_data_dir
-    python synthetic.py --comparison    # also Images/synthetic_vs_real.png (needs ../shared/data/brats_sample)
+    python synthetic.py     # hp.synthetic_cases cases of hp.synthetic_shape into hp.raw_data_dir
 """
 import gzip
 import os
-import sys
 from pathlib import Path
 from typing import NamedTuple
 
@@ -61,7 +58,6 @@ STYLES = {"randomized": {
 STYLES["phantom"] = dict.fromkeys(STYLES["randomized"], 0)
 MARK = b"BraTS-format phantom from synthetic.py"  # in each file's header: never overwrite files without it
 ROOT = Path(__file__).resolve().parent
-SAMPLE_CASE = ROOT.parent / "shared/data/brats_sample/BraTS20_Training_TCGA-FG-6692"
 
 
 def case_kind(index):
@@ -72,6 +68,8 @@ def case_kind(index):
 def brats_affine(shape):
     """The BraTS 2020 orientation: x and y flipped, 1 mm voxels, y offset to the last row (as in real files)."""
     return np.array([[-1.0, 0, 0, 0], [0, -1.0, 0, shape[1] - 1], [0, 0, 1.0, 0], [0, 0, 0, 1]])
+
+
 # ---- smooth random fields: sums of separable Gaussian bumps (smooth, no interpolation kinks, fast) ----
 
 def _bumps(n, cell_mm, spacing_mm, width_mm, margin_mm):
@@ -98,8 +96,7 @@ def smooth_noise(rng, shape, cell_mm, spacing_mm):
 
 
 def labyrinth_at(rng, points, width_mm, voxel_mm):
-    """Band-pass field (a difference of Gaussians) and its gradient magnitude at points (3, N) mm: its zero set is a
-    labyrinth of evenly spaced sheets, |field| / slope about the mm to the nearest one."""
+    """Band-pass field and its gradient magnitude at points (3, N) mm: |field| / slope ~ mm to the nearest sheet."""
     lo = points.min(axis=1, keepdims=True)
     cell, spacing = max(width_mm / 2, voxel_mm), width_mm / 1.5
     shape = np.ceil((points.max(axis=1) - lo[:, 0]) / cell).astype(int) + 2
@@ -151,8 +148,7 @@ def _blob(x, y, z, centre, semi_axes):
 
 
 def _warp(rng, x, y, z, vox, deform_mm, push):
-    """(X, Y, Z) coordinates moved by a smooth displacement (std deform_mm) and a push (centre, mm): the anatomy
-    moved away as if a ball of that radius had grown there."""
+    """Coordinates moved smoothly (std deform_mm) and pushed away from push's centre as by a ball of its radius."""
     shape = np.broadcast_shapes(x.shape, y.shape, z.shape)
     x, y, z = (np.broadcast_to(g, shape) + deform_mm * smooth_noise(rng, shape, vox, 40.0) for g in (x, y, z))
     if push is not None:
@@ -165,15 +161,15 @@ def _warp(rng, x, y, z, vox, deform_mm, push):
 
 
 def _hindbrain(rng, x, y, z, axes, step, bumps):
-    """(cerebellum radius, brainstem radius (< 1 inside), base of the cerebrum in mm (low at the temporal lobes,
-    high on the tentorium), the tentorium's CSF sheet over the cerebellum)."""
+    """(cerebellum radius, brainstem radius (< 1 inside), base of the cerebrum in mm, the tentorium's CSF sheet)."""
     ax, ay, az = (float(a) for a in axes * rng.uniform(0.92, 1.08, 3))
     tentorium = -az * (0.2 + 0.25 * np.maximum(y, 0) / ay + 0.12 * np.abs(x) / ax)
     footprint = soft((1 - np.sqrt((x / (0.72 * ax)) ** 2 + ((y - 0.52 * ay) / (0.37 * ay)) ** 2)) * 30.0, 4.0)
-    # rising to the front (orbits), low at the sides (temporal lobes)
-    sides = -az * (0.4 + 0.25 * np.minimum(y, 0) / ay + 0.34 * soft(np.abs(x) - 0.4 * ax, 10.0) * soft(y + 0.55 * ay, 10.0))
-    cerebellum = np.maximum(_blob(x, y, np.minimum(z + 0.58 * az, 0), (0, 0.52 * ay, 0), (0.72 * ax, 0.37 * ay, 0.4 * az)),
-                            1 + (z - tentorium) / 25.0)
+    # The base rises to the front (orbits), low at the sides (temporal lobes), high on the tentorium.
+    temporal = soft(np.abs(x) - 0.4 * ax, 10.0) * soft(y + 0.55 * ay, 10.0)
+    sides = -az * (0.4 + 0.25 * np.minimum(y, 0) / ay + 0.34 * temporal)
+    cerebellum = _blob(x, y, np.minimum(z + 0.58 * az, 0), (0, 0.52 * ay, 0), (0.72 * ax, 0.37 * ay, 0.4 * az))
+    cerebellum = np.maximum(cerebellum, 1 + (z - tentorium) / 25.0)
     stem = np.sqrt((x / (0.16 * ax)) ** 2 + ((y - 0.06 * ay + 0.15 * z) / (0.15 * ay)) ** 2)
     stem = np.maximum(stem, 1 + np.maximum(-0.98 * az - z, z + 0.2 * az) / 10.0)  # from the midbrain down
     sheet = soft(0.8 - np.abs(z - tentorium), step) * footprint
@@ -181,8 +177,7 @@ def _hindbrain(rng, x, y, z, axes, step, bumps):
 
 
 def brain_tissues(rng, shape, ranges, push=None):
-    """A random brain: fractions of white and grey matter, deep grey nuclei and CSF at each voxel (and, with
-    distractors, of vessels, spots and a rim). push: (centre, mm) of a tumor's mass effect, or None."""
+    """A random brain: each tissue's fraction at each voxel. push: (centre, mm) of a tumor's mass effect, or None."""
     vox = np.array(FULL_SHAPE) / np.array(shape)  # mm per voxel in the virtual full-size head
     center = np.array(BRAIN_CENTER) + rng.normal(0, 2.0, 3)
     axes = (np.array(BRAIN_AXES) * rng.uniform(0.97, 1.07) * (1 + rng.normal(0, 0.02, 3))).astype(np.float32)
@@ -251,8 +246,8 @@ def brain_tissues(rng, shape, ranges, push=None):
 
     csf = np.maximum(np.maximum(sulcus, surface_csf), np.maximum(fissure, ventricles))
     if ranges["hindbrain"]:  # Sylvian fissures over the temporal lobes; folia of the cerebellum; the brainstem
-        csf = np.maximum(csf, soft(1.2 - np.abs(z + 0.12 * axes[2] - 0.1 * y), step) * soft(np.abs(x) - 0.45 * axes[0], 6.0)
-                         * soft(0.1 * axes[1] - y, 8.0) * soft(y + 0.45 * axes[1], 8.0))
+        sylvian = soft(1.2 - np.abs(z + 0.12 * axes[2] - 0.1 * y), step) * soft(np.abs(x) - 0.45 * axes[0], 6.0)
+        csf = np.maximum(csf, sylvian * soft(0.1 * axes[1] - y, 8.0) * soft(y + 0.45 * axes[1], 8.0))
         csf = np.maximum(csf, tentorium)
         part = np.argmin(parts, axis=0)  # 0 cerebrum, 1 cerebellum, 2 brainstem
         small = part == 1
@@ -278,12 +273,12 @@ def brain_tissues(rng, shape, ranges, push=None):
 
 
 def tumor_plan(rng, kind, ranges, vox):
-    """(centre mm, core radius mm, blobs [(centre, semi-axes)]): 1-4 blobs well inside the brain (with spread:
-    anywhere in the cerebrum, smaller or larger, sometimes a satellite)."""
+    """(centre mm, core radius mm, blobs [(centre, semi-axes)]): 1-4 blobs (with spread: anywhere, a satellite)."""
     spread = ranges["spread"]
     while True:
         centre = np.array([rng.choice([-1, 1]) * rng.uniform(12 - 9 * spread, 45 + 15 * spread),
-                           rng.uniform(-50 - 20 * spread, 45 + 20 * spread), rng.uniform(-12 - 6 * spread, 38 + 8 * spread)])
+                           rng.uniform(-50 - 20 * spread, 45 + 20 * spread),
+                           rng.uniform(-12 - 6 * spread, 38 + 8 * spread)])
         if np.sum((centre / BRAIN_AXES) ** 2) < 0.45 + 0.35 * spread:
             break
     radius = rng.uniform(8 - 3 * spread, (20 if kind == "tumor" else 16) + 2 * spread)
@@ -328,8 +323,7 @@ def tumor_fractions(rng, brain, kind, plan, ranges):
 # ---- the scanner: contrasts, bias field, resolution and noise ----
 
 def intensity_table(rng, ranges):
-    """Mean intensity per tissue in MODALITIES order: INTENSITY, or with contrast a random power of the ratio to
-    white matter (as another echo or inversion time), jittered; necrosis fluid-like to solid, enhancement varied."""
+    """Mean intensity per tissue: INTENSITY, or (contrast) its ratio to white matter to a random power, jittered."""
     table = {name: np.array(value, np.float64) for name, value in INTENSITY.items()}
     if ranges["contrast"]:
         table["necrosis"] += rng.uniform(0, 1) * (table["nonenhancing"] - table["necrosis"])
@@ -352,8 +346,7 @@ def _resample(array, positions, axis):
 
 
 def acquire(rng, values, brain, ranges):
-    """Brain values (N,) after a random blur and, in 70% of scans, thick slices along one axis (mostly axial)
-    read back linearly onto the grid, as a 2D scan resampled to 1 mm."""
+    """Brain values (N,) blurred and, in 70% of scans, as thick slices along one axis resampled to 1 mm."""
     blur = rng.uniform(0, ranges["blur_mm"])
     thick = rng.uniform(1, max(ranges["slice_mm"], 1)) if rng.random() < 0.7 else 1.0
     axis = 2 if rng.random() < 0.7 else int(rng.integers(2))
@@ -398,8 +391,7 @@ def style_ranges(style):
 
 
 def generate_case(shape=FULL_SHAPE, seed=0, kind="tumor", style="phantom"):
-    """One case: ({modality: int16 (X, Y, Z)}, seg uint8 (X, Y, Z), BraTS labels {0, 1, 2, 4}). kind: "tumor",
-    "no_enhancing" (no label 4) or "healthy"; style: see style_ranges; the same arguments give identical arrays."""
+    """({modality: int16 (X, Y, Z)}, seg uint8 (X, Y, Z) labels 0/1/2/4); the same arguments, the same arrays."""
     shape = tuple(int(n) for n in shape)
     if len(shape) != 3 or min(shape) < 16:
         raise ValueError(f"case shape {shape}: expected 3 sizes of at least 16 voxels")
@@ -487,8 +479,7 @@ def _our_file(path):
 
 
 def write_case(out_dir, name, images, seg, compress=False, data_format="brats2020", style=b""):
-    """Write the case's five files as data_format names them -> the folder; never replaces a file it did not write
-    (real BraTS cases have the same names)."""
+    """Write the case's five files -> its folder; never replaces a file it did not write (as real cases' files)."""
     paths = case_paths(out_dir, name, compress, data_format)
     for path in (*paths.values(), *case_paths(out_dir, name, not compress, data_format).values()):
         if path.exists() and _our_file(path) is None:
@@ -502,80 +493,29 @@ def write_case(out_dir, name, images, seg, compress=False, data_format="brats202
     return paths[SEG_NAME].parent
 
 
-def case_is_complete(out_dir, name, shape, compress=False, data_format="brats2020", style=b""):
-    """True when all five files of the case exist with the expected shape and style (they are written atomically)."""
-    paths = case_paths(out_dir, name, compress, data_format).values()
-    return all(_our_file(path) == (tuple(shape), style) for path in paths)
-
-
 def generate_dataset(out_dir, n_cases, shape=FULL_SHAPE, seed=0, compress=False, progress=False,
                      data_format="brats2020", style="phantom"):
-    """Write cases 1..n_cases (kinds from case_kind) into out_dir, skipping complete ones -> their names. Case i
-    depends only on (seed, i, style); cases of another shape or style are written again."""
+    """Cases 1..n_cases into out_dir (complete ones skipped) -> names; case i depends only on (seed, i, style)."""
     style_ranges(style)  # an unknown style fails before any file is written
     names = [conventions.CONVENTIONS[data_format].case_name.format(index) for index in range(1, n_cases + 1)]
+    mark = style_name(style)
     for index, name in enumerate(tqdm(names, desc="synthetic cases", disable=not progress), start=1):
-        if not case_is_complete(out_dir, name, shape, compress, data_format, style_name(style)):
+        # Files are written atomically: a case is complete when all five are ours, of this shape and style.
+        paths = case_paths(out_dir, name, compress, data_format).values()
+        if not all(_our_file(path) == (tuple(shape), mark) for path in paths):
             images, seg = generate_case(shape, seed=(seed, index), kind=case_kind(index), style=style)
             seg = conventions.internal_to_brats(conventions.brats_to_internal(seg), data_format)  # (X, Y, Z)
-            write_case(out_dir, name, images, seg, compress, data_format, style_name(style))
+            write_case(out_dir, name, images, seg, compress, data_format, mark)
     return names
 
 
-# ---- picture and command line ----
-
-def save_comparison_png(path=ROOT / "Images/synthetic_vs_real.png", real_case=SAMPLE_CASE, seed=0, style="phantom"):
-    """Axial slices through the largest tumor-core section of a full-size generated case (case 1 of `seed`) and
-    of a real case: 4 modalities and the labels over FLAIR, 2 rows x 5 columns."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    real_case = Path(real_case)
-    if not real_case.is_dir():
-        raise FileNotFoundError(f"{real_case}: real BraTS case folder not found (needed for the comparison)")
-    channels = (*MODALITIES, SEG_NAME)
-    real = {c: np.asanyarray(nib.load(next(real_case.glob(f"*_{c}.nii*"))).dataobj) for c in channels}
-    images, seg = generate_case(FULL_SHAPE, seed=(seed, 1), kind="tumor", style=style)
-    rows = {f"{style_name(style).decode() or 'phantom'} case 1, seed {seed}": {**images, SEG_NAME: seg},
-            f"real {real_case.name}": real}
-    colours = np.array([[0, 0, 0, 0], [1, 0.2, 0.2, 0.6], [0.2, 0.9, 0.2, 0.45], [0, 0, 0, 0], [1, 0.9, 0, 0.6]])
-    crop = np.s_[20:230, 35:225]  # (x, y) around the brain
-    figure, axes = plt.subplots(2, 5, figsize=(20, 9.4), facecolor="black")
-    for row, (title, volume) in zip(axes, rows.items()):
-        z = int(np.argmax(np.isin(volume[SEG_NAME], (1, 4)).sum(axis=(0, 1))))
-        for ax, channel in zip(row, channels):
-            # Rows: y, front at the top; columns: x, the patient's right on the left (radiological view).
-            gray = volume["flair" if channel == SEG_NAME else channel]
-            ax.imshow(gray[crop + (z,)].T, cmap="gray", vmin=0, vmax=np.percentile(gray[gray != 0], 99.5))
-            if channel == SEG_NAME:
-                ax.imshow(colours[volume[SEG_NAME][crop + (z,)].T.astype(int)])
-            ax.set_title("labels 1 red, 2 green, 4 yellow" if channel == SEG_NAME else f"{channel}, z = {z}", color="w")
-            ax.axis("off")
-        row[0].text(-0.04, 0.5, title, transform=row[0].transAxes, rotation=90, va="center", ha="right",
-                    color="white", fontsize=12)
-    figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    figure.savefig(temporary, dpi=56, facecolor="black")  # under 300 kB
-    plt.close(figure)
-    os.replace(temporary, path)
-    return path
-
-
 def main():
-    argv = sys.argv[1:]
-    comparison = "--comparison" in argv
-    if comparison:
-        argv.remove("--comparison")
-    hp = hyperparameters.from_command_line(argv)
+    hp = hyperparameters.from_command_line()
     try:
         names = generate_dataset(hp.raw_data_dir, hp.synthetic_cases, hp.synthetic_shape, hp.seed,
                                  hp.synthetic_compress, True, hp.data_format, hp.synthetic_style)
         print(f"{len(names)} {hp.synthetic_style} cases of shape {tuple(hp.synthetic_shape)} in {hp.raw_data_dir}")
-        if comparison:
-            print(f"wrote {save_comparison_png(style=hp.synthetic_style)}")
-    except (FileExistsError, FileNotFoundError) as error:
+    except FileExistsError as error:
         raise SystemExit(f"error: {error}") from None
 
 

@@ -12,6 +12,7 @@ The real case both chooses among the recipes and reports them: its numbers are o
     python benchmarks/synth_to_real.py                        # every recipe (many hours on 2 cores)
     python benchmarks/synth_to_real.py randomized no_hindbrain
     python benchmarks/synth_to_real.py --table                # the table of the recipes run so far
+    python benchmarks/synth_to_real.py --comparison [STYLE]   # Images/synthetic_vs_real.png (default randomized)
 
 Outputs: data/synth_to_real/ (generated and prepared cases per style), runs/synth_to_real/RECIPE/ (run_dir,
 predictions, evaluations, result.json). Seeds are fixed: a recipe run twice gives the same numbers on a CPU
@@ -130,6 +131,46 @@ def run_recipe(name):
     return result
 
 
+def save_comparison_png(path=ROOT / "Images/synthetic_vs_real.png", real_case=SAMPLE, seed=0, style="randomized"):
+    """Axial slices through the largest tumor-core section of a full-size generated case (case 1 of `seed`) and
+    of a real case: 4 modalities and the labels over FLAIR, 2 rows x 5 columns."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import nibabel as nib
+    real_case = Path(real_case)
+    if not real_case.is_dir():
+        raise FileNotFoundError(f"{real_case}: real BraTS case folder not found (needed for the comparison)")
+    channels = (*synthetic.MODALITIES, "seg")
+    real = {c: np.asanyarray(nib.load(next(real_case.glob(f"*_{c}.nii*"))).dataobj) for c in channels}
+    images, seg = synthetic.generate_case(synthetic.FULL_SHAPE, seed=(seed, 1), kind="tumor", style=style)
+    rows = {f"{synthetic.style_name(style).decode() or 'phantom'} case 1, seed {seed}": {**images, "seg": seg},
+            f"real {real_case.name}": real}
+    colours = np.array([[0, 0, 0, 0], [1, 0.2, 0.2, 0.6], [0.2, 0.9, 0.2, 0.45], [0, 0, 0, 0], [1, 0.9, 0, 0.6]])
+    crop = np.s_[20:230, 35:225]  # (x, y) around the brain
+    figure, axes = plt.subplots(2, 5, figsize=(20, 9.4), facecolor="black")
+    for row, (title, volume) in zip(axes, rows.items()):
+        z = int(np.argmax(np.isin(volume["seg"], (1, 4)).sum(axis=(0, 1))))
+        for ax, channel in zip(row, channels):
+            # Rows: y, front at the top; columns: x, the patient's right on the left (radiological view).
+            gray = volume["flair" if channel == "seg" else channel]
+            ax.imshow(gray[crop + (z,)].T, cmap="gray", vmin=0, vmax=np.percentile(gray[gray != 0], 99.5))
+            if channel == "seg":
+                ax.imshow(colours[volume["seg"][crop + (z,)].T.astype(int)])
+            ax.set_title("labels 1 red, 2 green, 4 yellow" if channel == "seg" else f"{channel}, z = {z}", color="w")
+            ax.axis("off")
+        row[0].text(-0.04, 0.5, title, transform=row[0].transAxes, rotation=90, va="center", ha="right",
+                    color="white", fontsize=12)
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
+    figure.savefig(temporary, dpi=56, facecolor="black")  # under 300 kB
+    plt.close(figure)
+    os.replace(temporary, path)
+    return path
+
+
 def print_table():
     print("| recipe | what | WT real | TC real | ET real | WT generated | WT phantoms | train CPU s | train wall s |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -143,6 +184,12 @@ def print_table():
 
 def main():
     names = sys.argv[1:] or list(RECIPES)
+    if names[0] == "--comparison":
+        try:
+            print(f"wrote {save_comparison_png(style=names[1] if len(names) > 1 else 'randomized')}")
+        except (FileNotFoundError, ValueError) as error:
+            raise SystemExit(f"error: {error}") from None
+        return
     if names != ["--table"]:
         unknown = [name for name in names if name not in RECIPES]
         if unknown:
