@@ -127,7 +127,8 @@ def validate(net, volumes, hp, device, rank=0, world_size=1):
         labels = loss.probabilities_to_labels(probabilities, hp.target).cpu().numpy()  # (x, y, z)
         dice = loss.dice_per_region(labels, truth.numpy())
         first = labels if index == 0 else first
-        results.append((index, [dice[region] for region in conventions.REGION_NAMES], loss.accuracy(labels, truth.numpy())))
+        results.append((index, [dice[region] for region in conventions.REGION_NAMES],
+                        loss.accuracy(labels, truth.numpy())))
     net.train()
     if world_size > 1:
         gathered = [None] * world_size

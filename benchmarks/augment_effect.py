@@ -21,7 +21,7 @@ from conventions import REGION_NAMES  # noqa: E402
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "brats_sample" / "BraTS20_Training_TCGA-FG-6692"
 SHAPE = (128, 128, 80)  # the phantoms' full-size head in 1.9 mm voxels: the real sample's brain looks 1.9x larger
 SETTINGS = {"synthetic_cases": 32, "synthetic_shape": SHAPE, "val_fraction": 0.15, "patch_size": (48, 48, 48),
-            "epochs": 4, "steps_per_epoch": 25, "val_every": 4, "num_workers": 2, "seed": 42}
+            "epochs": 20, "steps_per_epoch": 50, "val_every": 5, "num_workers": 2, "seed": 42}
 
 
 def scores(hp, input_dir, name):
@@ -52,7 +52,8 @@ def main(work, modes=("light", "nnunet")):
         results[mode, "generated test phantoms"] = scores(run, work / "test", "test")
         if SAMPLE.is_dir():
             results[mode, "real sample"] = scores(run, real, "real")
-    print(f"\n{SETTINGS['epochs']} epochs x {SETTINGS['steps_per_epoch']} steps, patch 64^3, batch 2, "
+    print(f"\n{SETTINGS['epochs']} epochs x {SETTINGS['steps_per_epoch']} steps, "
+          f"patch {SETTINGS['patch_size'][0]}^3, batch 2, "
           f"{SETTINGS['synthetic_cases']} phantoms of {SHAPE}; mean over the cases\n")
     print("| augment | evaluated on | cases | Dice WT | Dice TC | Dice ET | HD95 WT | HD95 TC | HD95 ET |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
