@@ -8,7 +8,6 @@ randomisation as SynthSeg's). Files as data_format lays them out (BraTS 2020: in
     python synthetic.py     # hp.synthetic_cases cases of hp.synthetic_shape into hp.raw_data_dir
 """
 import gzip
-import os
 from pathlib import Path
 from typing import NamedTuple
 
@@ -19,6 +18,7 @@ from tqdm import tqdm
 
 import conventions
 import hyperparameters
+from files import atomic_write
 
 MODALITIES = ("flair", "t1", "t1ce", "t2")
 SEG_NAME = "seg"
@@ -454,12 +454,7 @@ def save_nifti(array, path, affine, style=b""):
     data = image.to_bytes()
     if path.name.endswith(".gz"):
         data = gzip.compress(data, compresslevel=1, mtime=0)  # mtime=0: the same bytes on every run
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # hidden: no case finder sees it
-    try:
-        temporary.write_bytes(data)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))  # a hidden name first: no case finder sees it
 
 
 def case_paths(out_dir, name, compress=False, data_format="brats2020"):

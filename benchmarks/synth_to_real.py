@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import hyperparameters  # noqa: E402
 import synthetic  # noqa: E402
+from files import atomic_write  # noqa: E402
 
 SETTINGS = ROOT / "hyperparameters_synthetic.txt"
 SAMPLE = ROOT.parent / "shared/data/brats_sample/BraTS20_Training_TCGA-FG-6692"
@@ -164,10 +165,8 @@ def save_comparison_png(path=ROOT / "Images/synthetic_vs_real.png", real_case=SA
     figure.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    figure.savefig(temporary, dpi=56, facecolor="black")  # under 300 kB
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=56, facecolor="black"))  # under 300 kB
     plt.close(figure)
-    os.replace(temporary, path)
     return path
 
 
