@@ -4,6 +4,9 @@ process group under torchrun.
 train.py and predict.py (and the benchmarks) share these; they import no project file. The CUDA
 decisions read their facts (capability, device count, NCCL) from torch at call time, so tests fake them.
 """
+import os
+import sys
+
 import torch
 import torch.distributed as dist
 
@@ -116,3 +119,14 @@ def start_process_group(device, timeout):
     (device_id), so NCCL connects at once instead of guessing the GPU at the first collective."""
     dist.init_process_group(process_group_backend(device), timeout=timeout,
                             device_id=device if device.type == "cuda" else None)
+
+
+def end_torchrun_process(code):
+    """Exit a torchrun process now, without the interpreter's shutdown. Gloo's worker threads free the
+    tensors of a collective a moment after it returns, which takes the interpreter lock; when that moment
+    falls into the shutdown the thread is killed inside a C++ destructor and the process aborts (SIGABRT),
+    so torchrun reports a finished run as failed. On an error, exiting at once also lets torchrun stop the
+    other processes, which would otherwise wait in their next collective until the timeout."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

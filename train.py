@@ -34,7 +34,7 @@ import model
 import predict
 import prepare_dataset
 import training_log
-from devices import resolve_device, run_settings, start_process_group, use_device
+from devices import end_torchrun_process, resolve_device, run_settings, start_process_group, use_device
 from files import output_folder
 
 RUN_FILES = ("checkpoint_last.pt", "checkpoint_best.pt", "metrics.csv", "curves.png")  # what a run writes
@@ -297,19 +297,19 @@ def train(hp):
 
 def main():
     hp = hyperparameters.from_command_line()
+    under_torchrun = int(os.environ.get("WORLD_SIZE", 1)) > 1
     try:
         train(hp)
     except Exception as error:
-        if int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        if not under_torchrun:
             if isinstance(error, (OSError, ValueError)):  # missing or bad files, a full disk: one line, no traceback
                 raise SystemExit(f"error: {error}") from None
             raise
-        # under torchrun: name the failed process and exit now; torchrun then stops the others, which
-        # would otherwise wait in their next collective until PROCESS_GROUP_TIMEOUT
-        traceback.print_exc()
+        traceback.print_exc()  # name the failed process; torchrun then stops the others
         print(f"rank {os.environ.get('RANK')} failed: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        os._exit(1)
+        end_torchrun_process(1)
+    if under_torchrun:
+        end_torchrun_process(0)
 
 
 if __name__ == "__main__":
