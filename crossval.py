@@ -13,9 +13,10 @@ Which cases do what (the split is written once into dataset.json by prepare_data
   (run_dir/postprocessing.json, and postprocessing.png: the mean ET Dice of every threshold tried);
 - the test split plays no part here: predict.py (the ensemble of the folds) and evaluate.py report it.
 
-The folds run one after another in this process. Each can also run on its own (`python train.py fold=K`, on
-another machine or under torchrun): this script then trains only what is missing. A stopped fold resumes; a fold
-that has reached `epochs` is only checked against dataset.json and its missing validation predictions made.
+The folds run one after another in this process (under torchrun: in one process group, rank 0 evaluating). Each
+can also run on its own (`python train.py fold=K`, on another machine or under torchrun): this script then trains
+only what is missing. A stopped fold resumes; a fold that has reached `epochs` is only checked against
+dataset.json and its missing validation predictions made.
 
 The threshold: nnU-Net's BraTS 2020 entry turned a predicted enhancing tumor smaller than a threshold into
 necrosis (predict.postprocess_et) and chose the threshold on its cross-validation. Here every et_min_voxels from 0
@@ -29,6 +30,7 @@ import time
 import numpy as np
 
 import dataset
+import devices
 import evaluate
 import hyperparameters
 import predict
@@ -42,7 +44,8 @@ def train_folds(hp):
     """Train every fold that has not reached hp.epochs, one after another -> {fold: (train()'s result, seconds)}."""
     results = {}
     for fold in range(hp.num_folds):
-        print(f"\n==== fold {fold} of {hp.num_folds} ====")
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"\n==== fold {fold} of {hp.num_folds} ====")
         start = time.perf_counter()
         resume = (dataset.fold_dir(hp, fold) / "checkpoint_last.pt").is_file()
         result = train.train(hp.replace(fold=fold, resume=resume))
@@ -163,6 +166,8 @@ def crossval(hp):
 
 def main():
     hp = hyperparameters.from_command_line()
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        devices.run_torchrun_process(crossval, hp)  # ends the process
     try:
         crossval(hp)
     except (CaseError, OSError, ValueError) as error:

@@ -6,6 +6,7 @@ decisions read their facts (capability, device count, NCCL) from torch at call t
 """
 import os
 import sys
+import traceback
 
 import torch
 import torch.distributed as dist
@@ -125,8 +126,20 @@ def end_torchrun_process(code):
     """Exit a torchrun process now, without the interpreter's shutdown. Gloo's worker threads free the
     tensors of a collective a moment after it returns, which takes the interpreter lock; when that moment
     falls into the shutdown the thread is killed inside a C++ destructor and the process aborts (SIGABRT),
-    so torchrun reports a finished run as failed. On an error, exiting at once also lets torchrun stop the
-    other processes, which would otherwise wait in their next collective until the timeout."""
+    so torchrun reports a finished run as failed."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def run_torchrun_process(job, hp):
+    """job(hp) in a torchrun process, then the process ends (this never returns): 0 when job returns; on an
+    error its traceback and rank, and 1 at once, so that torchrun stops the other processes, which would
+    otherwise wait in their next collective until the timeout."""
+    try:
+        job(hp)
+    except Exception as error:
+        traceback.print_exc()
+        print(f"rank {os.environ.get('RANK')} failed: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+        end_torchrun_process(1)
+    end_torchrun_process(0)

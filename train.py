@@ -15,9 +15,7 @@ import datetime
 import math
 import os
 import random
-import sys
 import time
-import traceback
 
 import numpy as np
 import torch
@@ -34,7 +32,7 @@ import model
 import predict
 import prepare_dataset
 import training_log
-from devices import end_torchrun_process, resolve_device, run_settings, start_process_group, use_device
+from devices import resolve_device, run_settings, run_torchrun_process, start_process_group, use_device
 from files import output_folder
 
 RUN_FILES = ("checkpoint_last.pt", "checkpoint_best.pt", "metrics.csv", "curves.png")  # what a run writes
@@ -215,7 +213,7 @@ def train(hp):
     main_process = rank == 0
     device = resolve_device(hp.device, int(os.environ.get("LOCAL_RANK", 0)), world_size)
     use_device(device)
-    if world_size > 1:
+    if world_size > 1 and not dist.is_initialized():  # one group per process: crossval.py's folds share it
         start_process_group(device, PROCESS_GROUP_TIMEOUT)
     dtype, use_scaler, channels_last = run_settings(hp.precision, hp.channels_last, device)
 
@@ -287,8 +285,6 @@ def train(hp):
             log.write(rows, improved and volumes is not None, device)
     if main_process:
         log.close()
-    if world_size > 1:
-        dist.destroy_process_group()
     if main_process and val_names:  # the out-of-fold predictions; redone when this call trained
         predict.predict_validation(hp, val_names, overwrite=done < hp.epochs)
     best_epochs = [row["epoch"] for row in rows if row["dice_mean"] is not None and row["dice_mean"] == best_score]
@@ -297,19 +293,12 @@ def train(hp):
 
 def main():
     hp = hyperparameters.from_command_line()
-    under_torchrun = int(os.environ.get("WORLD_SIZE", 1)) > 1
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        run_torchrun_process(train, hp)  # ends the process
     try:
         train(hp)
-    except Exception as error:
-        if not under_torchrun:
-            if isinstance(error, (OSError, ValueError)):  # missing or bad files, a full disk: one line, no traceback
-                raise SystemExit(f"error: {error}") from None
-            raise
-        traceback.print_exc()  # name the failed process; torchrun then stops the others
-        print(f"rank {os.environ.get('RANK')} failed: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
-        end_torchrun_process(1)
-    if under_torchrun:
-        end_torchrun_process(0)
+    except (OSError, ValueError) as error:  # missing or bad files, a full disk: one line, no traceback
+        raise SystemExit(f"error: {error}") from None
 
 
 if __name__ == "__main__":

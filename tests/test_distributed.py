@@ -15,7 +15,9 @@ import torch
 import torch.distributed as dist
 
 import dataset
+import hyperparameters
 import model
+import prepare_dataset
 import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -191,6 +193,23 @@ def test_killed_run_resumes_under_torchrun_with_another_process_count(tmp_path, 
     single, _ = train.validate(net, volumes, hp, torch.device("cpu"))
     for key, value in single.items():
         assert resumed["metrics"][-1][key] == pytest.approx(value, abs=1e-6), key
+
+
+def test_crossval_runs_its_folds_in_one_process_group_under_torchrun(tmp_path, tiny_raw):
+    """Each fold once started a new process group after destroying the last; under torchrun's store the
+    second fold's group then hung until the 10-minute timeout."""
+    settings = write_settings(tmp_path / "hp.txt", tmp_path / "prepared", tmp_path / "run", batch_size=1,
+                              raw_data_dir=tiny_raw, num_folds=2, test_fraction=0)
+    prepare_dataset.prepare_dataset(hyperparameters.load(settings))
+    done = run([REPO / "crossval.py", "--hp", settings], processes=2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for fold in (0, 1):
+        assert done.stdout.count(f"==== fold {fold} of 2 ====") == 1  # printed by rank 0 only
+        checkpoint = torch.load(tmp_path / "run" / f"fold_{fold}" / "checkpoint_last.pt", weights_only=True)
+        assert checkpoint["world_size"] == 2 and checkpoint["epoch"] == 2
+    with open(tmp_path / "run" / "crossval.csv") as file:
+        assert len(file.read().splitlines()) == 1 + 5  # every labelled case, out of fold
+    assert json.loads((tmp_path / "run" / "postprocessing.json").read_text())["num_folds"] == 2
 
 
 def test_a_failing_process_stops_the_others(tmp_path, prepared):
