@@ -19,7 +19,7 @@ only what is missing. A stopped fold resumes; a fold that has reached `epochs` i
 dataset.json and its missing validation predictions made.
 
 The threshold: nnU-Net's BraTS 2020 entry turned a predicted enhancing tumor smaller than a threshold into
-necrosis (predict.postprocess_et) and chose the threshold on its cross-validation. Here every et_min_voxels from 0
+necrosis (inference.postprocess_et) and chose the threshold on its cross-validation. Here every et_min_voxels from 0
 to et_search_max is tried on the out-of-fold label maps; the smallest with the best mean ET Dice is written (0,
 off, unless it helps). It moves voxels from ET to the tumor core only, so WT and TC do not change.
 """
@@ -29,15 +29,13 @@ import time
 
 import numpy as np
 
-import dataset
-import devices
-import evaluate
-import hyperparameters
-import predict
-import prepare_dataset
+from bratsunet import cases, conventions, devices, evaluation, hyperparameters, inference
+from bratsunet.cases import CaseError
+from bratsunet.conventions import CONVENTIONS
+from bratsunet.files import atomic_write
+from bratsunet.manifest import fold_cases, fold_dir, read_manifest, split_cases
+
 import train
-from conventions import CONVENTIONS
-from prepare_dataset import CaseError, atomic_write
 
 
 def train_folds(hp):
@@ -47,7 +45,7 @@ def train_folds(hp):
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"\n==== fold {fold} of {hp.num_folds} ====")
         start = time.perf_counter()
-        resume = (dataset.fold_dir(hp, fold) / "checkpoint_last.pt").is_file()
+        resume = (fold_dir(hp, fold) / "checkpoint_last.pt").is_file()
         result = train.train(hp.replace(fold=fold, resume=resume))
         results[fold] = result, time.perf_counter() - start
     return results
@@ -58,15 +56,15 @@ def out_of_fold_rows(hp, manifest):
     column, {case: reason} of predictions not evaluated, cases without a prediction, scored as failures)."""
     rows, not_evaluated, missing = [], {}, []
     for fold in range(hp.num_folds):
-        folder = dataset.fold_dir(hp, fold) / "validation"
-        names = dataset.split_cases(manifest, fold)[1]
+        folder = fold_dir(hp, fold) / "validation"
+        names = split_cases(manifest, fold)[1]
         if not names:  # num_folds 1 with val_fraction 0
             continue
-        fold_rows, problems = evaluate.evaluate_folders(folder, [hp.raw_data_dir], hp.channel_names,
+        fold_rows, problems = evaluation.evaluate_folders(folder, [hp.raw_data_dir], hp.channel_names,
                                                         hp.seg_channel_name, hp.data_format, expected=names)
         rows += [{"fold": fold, **row} for row in fold_rows]
         not_evaluated.update(problems)
-        missing += evaluate.missing_predictions(fold_rows, folder)
+        missing += evaluation.missing_predictions(fold_rows, folder)
     return rows, not_evaluated, missing
 
 
@@ -82,19 +80,19 @@ def search_et_threshold(voxels, dice_kept, dice_removed, max_voxels):
 def tune_et_threshold(hp, rows):
     """The ET threshold on the out-of-fold label maps -> (et_min_voxels, mean ET Dice of every threshold tried,
     the rows with it applied)."""
-    truth = evaluate.find_ground_truth([hp.raw_data_dir], hp.channel_names, hp.seg_channel_name,
+    truth = cases.find_ground_truth([hp.raw_data_dir], hp.channel_names, hp.seg_channel_name,
                                        data_format=hp.data_format)
     voxels, removed_rows = np.zeros(len(rows), np.int64), {}
     for index, row in enumerate(rows):
-        path = dataset.fold_dir(hp, row["fold"]) / "validation" / f"{row['case']}.nii.gz"
+        path = fold_dir(hp, row["fold"]) / "validation" / f"{row['case']}.nii.gz"
         if not path.is_file():  # a failure: nothing predicted, nothing to remove
             continue
-        voxels[index] = np.count_nonzero(evaluate.load_labels(path, hp.data_format)[0] == 3)
+        voxels[index] = np.count_nonzero(cases.load_labels(path, hp.data_format)[0] == 3)
         if 0 < voxels[index] < hp.et_search_max:  # the cases a threshold in the search can change
-            metrics = evaluate.evaluate_pair(path, truth[row["case"]], hp.data_format,
-                                             lambda labels: predict.postprocess_et(labels, voxels[index] + 1))
+            metrics = evaluation.evaluate_pair(path, truth[row["case"]], hp.data_format,
+                                             lambda labels: inference.postprocess_et(labels, voxels[index] + 1))
             removed_rows[index] = {**row, **{f"{metric}_{region}": metrics[region][metric]
-                                             for metric in evaluate.METRICS for region in metrics}}
+                                             for metric in evaluation.METRICS for region in metrics}}
     kept = np.array([row["dice_ET"] for row in rows])
     removed = np.array([removed_rows.get(i, row)["dice_ET"] for i, row in enumerate(rows)])
     best, means = search_et_threshold(voxels, kept, removed, hp.et_search_max)
@@ -120,7 +118,7 @@ def summary_table(rows, rows_with, et_min_voxels):
     """Markdown rows: Dice and HD95 (mean, median) per region as predicted, and ET with et_min_voxels."""
     lines = ["| region | Dice mean | Dice median | HD95 mean (mm) | HD95 median (mm) |",
              "| --- | --- | --- | --- | --- |"]
-    for label, region, table in [(r, r, rows) for r in evaluate.REGION_NAMES] + [
+    for label, region, table in [(r, r, rows) for r in conventions.REGION_NAMES] + [
             (f"ET, et_min_voxels {et_min_voxels}", "ET", rows_with)]:
         dice, hd95 = (np.array([row[f"{metric}_{region}"] for row in table]) for metric in ("dice", "hd95"))
         lines.append(f"| {label} | {dice.mean():.3f} | {np.median(dice):.3f} | {hd95.mean():.2f} | "
@@ -131,8 +129,8 @@ def summary_table(rows, rows_with, et_min_voxels):
 def crossval(hp):
     """Train the missing folds, then the cross-validation result and the ET threshold over the out-of-fold
     predictions: writes run_dir/crossval.csv and run_dir/postprocessing.json -> the postprocessing record."""
-    manifest = prepare_dataset.read_manifest(hp.prepared_dir, hp.data_format)
-    dataset.fold_cases(manifest, hp)  # dataset.json must hold hp.num_folds folds: say so before any training
+    manifest = read_manifest(hp.prepared_dir, hp.data_format)
+    fold_cases(manifest, hp)  # dataset.json must hold hp.num_folds folds: say so before any training
     results = train_folds(hp)
     if int(os.environ.get("RANK", 0)) != 0:  # under torchrun: the evaluation once, in the main process
         return None
@@ -142,8 +140,8 @@ def crossval(hp):
         raise CaseError(f"{hp.run_dir}: no out-of-fold prediction could be evaluated ({reasons[:300]})")
     best, means, rows_with = tune_et_threshold(hp, rows)
     regions = CONVENTIONS[hp.data_format].regions
-    evaluate.write_csv(rows, hp.run_dir / "crossval.csv", ("case", "fold") + evaluate.columns(regions)[1:])
-    evaluate.plot_boxes(rows, hp.run_dir / "crossval_boxplot.png", regions)
+    evaluation.write_csv(rows, hp.run_dir / "crossval.csv", ("case", "fold") + evaluation.columns(regions)[1:])
+    evaluation.plot_boxes(rows, hp.run_dir / "crossval_boxplot.png", regions)
     plot_threshold(means, best, hp.run_dir / "postprocessing.png")
     record = {"et_min_voxels": best, "mean_dice_ET": {"without": float(means[0]), "with": float(means[best])},
               "searched": f"0 .. {hp.et_search_max} voxels", "cases": len(rows), "num_folds": hp.num_folds,

@@ -9,14 +9,14 @@ import time
 
 import numpy as np
 
+from bratsunet import generator, hyperparameters
+from bratsunet.conventions import REGION_NAMES
+
 import evaluate
-import hyperparameters
 import predict
 import prepare_dataset
 import rendering
-import synthetic
 import train
-from conventions import REGION_NAMES
 
 
 def run_demo(hp):
@@ -30,7 +30,7 @@ def run_demo(hp):
         seconds[step] = time.perf_counter() - start
         return result
 
-    timed("generate", lambda: synthetic.generate_dataset(hp.raw_data_dir, hp.synthetic_cases, hp.synthetic_shape,
+    timed("generate", lambda: generator.generate_dataset(hp.raw_data_dir, hp.synthetic_cases, hp.synthetic_shape,
                                                          hp.seed, hp.synthetic_compress, True, hp.data_format,
                                                          hp.synthetic_style))
     timed("prepare", lambda: prepare_dataset.prepare_dataset(hp))

@@ -28,11 +28,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import hyperparameters
-from conventions import ALL_REGIONS, CONVENTIONS, file_suffix, output_names
-from model import load_model, onnx_path, trained_settings
-from predict import checkpoint_paths
-from prepare_dataset import atomic_write
+from bratsunet import hyperparameters
+from bratsunet.checkpoints import load_model, onnx_path, trained_settings
+from bratsunet.conventions import ALL_REGIONS, CONVENTIONS, file_suffix, output_names
+from bratsunet.files import atomic_write
+from bratsunet.inference import checkpoint_paths
 
 OPSET = 18  # ONNX Runtime 1.14 (2023) and newer run it
 NORMALIZATION = ("channels in channel_names order, float32, axes (x, y, z) as stored in the NIfTI; crop to the "
@@ -42,7 +42,7 @@ NORMALIZATION = ("channels in channel_names order, float32, axes (x, y, z) as st
 
 
 def labels_rule(target, disk_labels):
-    """How the outputs become the label values on disk (loss.probabilities_to_labels), in words."""
+    """How the outputs become the label values on disk (losses.probabilities_to_labels), in words."""
     if target == "labels":
         return "softmax; the argmax channel k is label brats_labels[k] on disk"
     d = disk_labels

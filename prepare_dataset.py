@@ -6,180 +6,18 @@ with clear errors, and the preprocessing of one case (crop to the brain, z-score
 import contextlib
 import errno
 import json
-from collections import namedtuple
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
-import hyperparameters
-import conventions
-from files import NO_ROOM, atomic_write, folders_with_nifti, is_leftover, nifti_stem, sole_writer
-from synthetic import MARK
-
-MANIFEST = "dataset.json"
-FORMAT_VERSION = 1  # bump when the prepared arrays change meaning, so old ones are redone
-
-# data_format: the convention the files follow, and the one predictions of the case are written in
-Case = namedtuple("Case", "name folder image_paths seg_path data_format", defaults=("brats2020",))
-
-
-class CaseError(Exception):
-    """A problem with one case's files; the message names the file and the problem."""
-
-
-def _match_case_files(folder, channel_names, seg_channel_name, data_format):
-    """(image paths in channel order, seg path or None) of a folder; ValueError naming the problem otherwise
-    (conventions.ConventionMismatch for files named as in another convention)."""
-    paths = sorted(path for path in folder.iterdir()
-                   if path.is_file() and nifti_stem(path) is not None and not is_leftover(path.name))
-    stems = [nifti_stem(path) for path in paths]  # a stem twice (.nii and .nii.gz) is refused as several files
-    images, seg = conventions.match_case_files(stems, channel_names, seg_channel_name, data_format)
-    return tuple(paths[stems.index(stem)] for stem in images), (paths[stems.index(seg)] if seg else None)
-
-
-def find_cases(raw_dir, channel_names, seg_channel_name, setting="raw_data_dir", data_format="brats2020"):
-    """(cases sorted by name, problems as (folder, reason)): every folder below raw_dir that holds NIfTI files is
-    a case, however deep the download nests it. setting: the hyperparameter that named raw_dir, for the messages.
-    Folders named as in another convention than data_format are one error; a raw_dir that mixes them is refused."""
-    raw_dir = Path(raw_dir)
-    if not raw_dir.is_dir():
-        raise CaseError(f"{raw_dir}: {setting} {'is a file, not a folder' if raw_dir.exists() else 'does not exist'}")
-    cases, problems, other_format, seen = [], [], [], {}
-    for folder in sorted(folders_with_nifti(raw_dir)):
-        try:
-            images, seg = _match_case_files(folder, channel_names, seg_channel_name, data_format)
-        except conventions.ConventionMismatch as error:  # gathered into one error below
-            other_format.append(f"{folder}: {error}")
-            continue
-        except ValueError as error:
-            problems.append((folder, f"{folder}: {error}"))
-            continue
-        if folder.name in seen:
-            problems.append((folder, f"{folder}: case name already used by {seen[folder.name]}"))
-            continue
-        seen[folder.name] = folder
-        cases.append(Case(folder.name, folder, images, seg, data_format))
-    if other_format and cases:
-        raise CaseError(f"{raw_dir}: mixes conventions: {len(cases)} case folder(s) named as data_format "
-                        f"{data_format} expects, {len(other_format)} otherwise ({other_format[0]}); "
-                        "keep one convention per folder")
-    if other_format:
-        raise CaseError(f"{other_format[0]} ({len(other_format)} case folder(s) of {setting} alike)")
-    if not cases and not problems:
-        example = channel_names[0] if channel_names else seg_channel_name
-        raise CaseError(f"{raw_dir}: no case folders with NIfTI files "
-                        f"(*{conventions.file_suffix(example, data_format)}.nii[.gz]) found")
-    return cases, problems
-
-
-def no_segmentation(case, seg_channel_name):
-    """Why a case has no segmentation, naming the NIfTI files that are neither a modality nor the segmentation."""
-    others = sorted(p.name for p in case.folder.iterdir()
-                    if nifti_stem(p) is not None and not is_leftover(p.name) and p not in case.image_paths)
-    unknown = f"; not recognized: {', '.join(others)}" if others else ""
-    suffix = conventions.CONVENTIONS[case.data_format].separator + seg_channel_name
-    return f"{case.folder}: no segmentation (*{suffix}.nii[.gz]){unknown}"
-
-
-def load_nifti(path):
-    """(array, nibabel image) of a 3D NIfTI file; CaseError naming the file otherwise."""
-    path = Path(path)
-    if not path.is_file():
-        raise CaseError(f"{path}: file not found")
-    if path.stat().st_size == 0:
-        raise CaseError(f"{path}: empty file (0 bytes)")
-    try:
-        image = nib.load(str(path))
-        array = np.asanyarray(image.dataobj)
-    except Exception as error:  # nibabel, gzip and zlib raise many types for broken files
-        detail = " ".join(str(error).split())  # some span several lines: the message stays one line
-        raise CaseError(f"{path}: not a readable NIfTI file ({type(error).__name__}: {detail})") from None
-    if array.ndim == 4 and array.shape[3] == 1:
-        array = array[..., 0]
-    if array.ndim != 3:
-        raise CaseError(f"{path}: expected a 3D volume, got shape {array.shape}")
-    return array, image
-
-
-def load_case(case, allow_any_grid=False):
-    """(image (C, X, Y, Z) in the files' dtype (preprocess converts only the cropped brain), internal labels uint8
-    (X, Y, Z) or None, nibabel image of channel 0); CaseError outside the BraTS grid unless allow_any_grid."""
-    channels, niftis, reference = [], [], None
-    for path in case.image_paths:
-        array, image = load_nifti(path)
-        if reference is None:
-            reference = (path, image)
-        _check_same_grid(path, array, image, *reference)
-        if array.dtype.kind not in "iuf":
-            raise CaseError(f"{path}: unsupported data type {array.dtype}")
-        if array.dtype.kind == "f" and not np.isfinite(array).all():
-            raise CaseError(f"{path}: NaN or Inf intensities")
-        if not array.any():
-            raise CaseError(f"{path}: image is all zero")
-        channels.append(array)
-        niftis.append(image)
-    image, nifti = np.stack(channels), reference[1]  # (C, X, Y, Z)
-    # phantoms of synthetic.py (MARK in their header) may be smaller than the BraTS grid
-    problems = [] if allow_any_grid else conventions.grid_differences(
-        (image != 0).any(axis=0), nifti.header.get_zooms()[:3], nifti.affine, nifti.header["descrip"] == MARK)
-    if problems:
-        note = conventions.background_note(case.image_paths, channels, niftis)
-        raise CaseError(f"{reference[0]}: {', '.join(problems)}{note}: not in the BraTS grid (1 mm, 240 x 240 x 155, "
-                        "LPS, skull-stripped; README: scans that are not BraTS-preprocessed; allow_any_grid: True "
-                        "reads it anyway)")
-    labels = None
-    if case.seg_path is not None:
-        seg, seg_image = load_nifti(case.seg_path)
-        _check_same_grid(case.seg_path, seg, seg_image, *reference)
-        try:
-            labels = conventions.brats_to_internal(seg, case.data_format)
-        except ValueError as error:
-            raise CaseError(f"{case.seg_path}: {error}") from None
-    return image, labels, nifti
-
-
-def _check_same_grid(path, array, image, reference_path, reference_image):
-    if array.shape != reference_image.shape[:3]:
-        raise CaseError(f"{path}: shape {array.shape} differs from {Path(reference_path).name} "
-                        f"{reference_image.shape[:3]}")
-    if not np.allclose(image.affine, reference_image.affine, atol=1e-3):
-        raise CaseError(f"{path}: affine differs from {Path(reference_path).name}")
-
-
-def crop_box(mask, margin):
-    """Bounding box ((start, stop) per axis) of a boolean mask, widened by margin voxels."""
-    box = []
-    for axis in range(3):
-        others = tuple(a for a in range(3) if a != axis)
-        hits = np.flatnonzero(mask.any(axis=others))
-        start, stop = (hits[0], hits[-1] + 1) if hits.size else (0, mask.shape[axis])
-        box.append((max(0, int(start) - margin), min(mask.shape[axis], int(stop) + margin)))
-    return tuple(box)
-
-
-def zscore_brain(image):
-    """Per channel z-score over the brain voxels of the whole volume (any channel non-zero); background stays 0."""
-    brain = (image != 0).any(axis=0)  # (X, Y, Z)
-    out = np.zeros(image.shape, dtype=np.float32)
-    for c, channel in enumerate(image):
-        values = channel[brain]
-        if values.dtype.kind == "f" and values.size:  # float64 beyond float32's range, or squares that overflow:
-            values = values / (np.abs(values).max() or 1.0)  # scaled to [-1, 1], as z-scores ignore the scale
-        values = values.astype(np.float32)
-        std = values.std()
-        out[c][brain] = (values - values.mean()) / (std if std > 0 else 1.0)  # |z| < sqrt(voxels): fits float16
-    return out
-
-
-def preprocess(image, margin, mask=None):
-    """Crop to the brain (or to mask) plus margin, then z-score: the one preprocessing of prepare and predict."""
-    box = crop_box((image != 0).any(axis=0) if mask is None else mask, margin)
-    slices = tuple(slice(start, stop) for start, stop in box)
-    return zscore_brain(image[(slice(None),) + slices]), box
+from bratsunet import hyperparameters
+from bratsunet.cases import CaseError, find_cases, load_case, no_segmentation
+from bratsunet.files import NO_ROOM, atomic_write, sole_writer
+from bratsunet.manifest import FORMAT_VERSION, MANIFEST, SPLIT_SETTINGS, assign_splits, read_manifest
+from bratsunet.preprocessing import preprocess
 
 
 def _settings(hp):
@@ -275,23 +113,6 @@ def _prepare_all(cases, settings, prepared_dir, num_workers):
     return results
 
 
-SPLIT_SETTINGS = ("seed", "test_fraction", "num_folds", "val_fraction")
-
-
-def assign_splits(names, hp):
-    """Labelled names -> {name: [split, fold]} from one seeded permutation: test_fraction of them "test"; the
-    rest "val" of fold i % num_folds, or with num_folds 1 val_fraction of them "val" of fold 0, the others "train"."""
-    share = lambda fraction, n: min(max(round(fraction * n), 1), n - 1) if fraction > 0 and n >= 2 else 0
-    order = [sorted(names)[i] for i in np.random.default_rng(hp.seed).permutation(len(names))]
-    n_test = share(hp.test_fraction, len(order))
-    rest = order[n_test:]
-    if hp.num_folds > 1 and len(rest) < hp.num_folds:
-        raise CaseError(f"num_folds {hp.num_folds}: only {len(rest)} labelled case(s) outside the test split")
-    n_val = share(hp.val_fraction, len(rest)) if hp.num_folds == 1 else len(rest)
-    return {**{name: ["test", None] for name in order[:n_test]},
-            **{name: ["val", i % hp.num_folds] if i < n_val else ["train", None] for i, name in enumerate(rest)}}
-
-
 def check_resplit(prepared_dir, splits, hp):
     """A split unlike dataset.json's: CaseError when run_dir holds a run, trained on the old one; else said."""
     try:
@@ -367,24 +188,6 @@ def print_summary(manifest, prepared_dir):
     for title in ("filtered", "skipped", "unlabeled"):
         for name, reason in manifest.get(title, {}).items():
             print(f"  {title} {name}: {reason}")
-
-
-def read_manifest(prepared_dir, data_format=None):
-    """The manifest of a prepared folder, or a clear error saying which script to run first.
-    data_format: the labels the caller expects; a folder prepared with another label table is refused."""
-    path = Path(prepared_dir) / MANIFEST
-    if not path.is_file():
-        raise FileNotFoundError(f"no {MANIFEST} in {prepared_dir}: run prepare_dataset.py first")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path}: unreadable manifest ({error}); run prepare_dataset.py again") from None
-    prepared = manifest.get("settings", {}).get("data_format", "brats2020")  # older manifests: BraTS 2020
-    labels = lambda name: len(conventions.CONVENTIONS[name].disk_labels)
-    if data_format is not None and labels(prepared) != labels(data_format):
-        raise ValueError(f"{path}: prepared with data_format {prepared}, whose labels differ from data_format "
-                         f"{data_format}; set data_format: {prepared} or run prepare_dataset.py again")
-    return manifest
 
 
 def main():

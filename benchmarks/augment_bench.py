@@ -1,4 +1,4 @@
-"""Seconds per augmented batch: ours (augment.py) against nnU-Net's own library, batchgeneratorsv2, with the
+"""Seconds per augmented batch: ours (bratsunet/augmentation.py) against nnU-Net's own library, batchgeneratorsv2, with the
 same transforms, probabilities and ranges, from the same memory-mapped volume to a (B, C, px, py, pz) batch.
 
 Each batch counts the crop from the volume (for batchgeneratorsv2 the larger box that nnU-Net's loader cuts
@@ -20,13 +20,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import augment  # noqa: E402
-import dataset  # noqa: E402
-import devices  # noqa: E402
-import hyperparameters  # noqa: E402
-import loss  # noqa: E402
-import model  # noqa: E402
-import train  # noqa: E402
+from bratsunet import augmentation, devices, hyperparameters, loader, losses, network, training
 
 BATCH, CHANNELS, PATCH = 2, 4, (128, 128, 128)
 VOLUME = (145, 171, 130)  # the real sample's brain box after prepare_dataset's crop
@@ -44,7 +38,7 @@ def brain_volume(seed=0):
     return image, labels
 
 
-def nnunet_box(patch, rotation=augment.ROTATION, smallest_scale=0.85):
+def nnunet_box(patch, rotation=augmentation.ROTATION, smallest_scale=0.85):
     """nnU-Net's larger box (get_patch_size): the patch's size vector rotated by the largest angle about each
     axis (either way), the largest extent per axis kept, divided by its smallest scale (0.85, a leftover of nnU-Net v1)."""
     patch = np.asarray(patch, dtype=float)
@@ -59,7 +53,7 @@ def nnunet_box(patch, rotation=augment.ROTATION, smallest_scale=0.85):
 
 def library_pipeline(p, seg_mode):
     """nnU-Net's training transforms (nnUNetTrainer.get_training_transforms, 3D, no cascade) in
-    batchgeneratorsv2, with the probabilities p (augment.PROBABILITIES or all 1)."""
+    batchgeneratorsv2, with the probabilities p (augmentation.PROBABILITIES or all 1)."""
     from batchgeneratorsv2.transforms.intensity.brightness import MultiplicativeBrightnessTransform
     from batchgeneratorsv2.transforms.intensity.contrast import BGContrast, ContrastTransform
     from batchgeneratorsv2.transforms.intensity.gamma import GammaTransform
@@ -70,28 +64,28 @@ def library_pipeline(p, seg_mode):
     from batchgeneratorsv2.transforms.spatial.spatial import SpatialTransform
     from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
     from batchgeneratorsv2.transforms.utils.random import RandomTransform
-    angle = (-augment.ROTATION, augment.ROTATION)
+    angle = (-augmentation.ROTATION, augmentation.ROTATION)
     return ComposeTransforms([
         SpatialTransform(PATCH, patch_center_dist_from_border=0, random_crop=False, p_elastic_deform=0,
-                         p_rotation=p["rotation"], rotation=angle, p_scaling=p["scaling"], scaling=augment.SCALING,
+                         p_rotation=p["rotation"], rotation=angle, p_scaling=p["scaling"], scaling=augmentation.SCALING,
                          p_synchronize_scaling_across_axes=1, bg_style_seg_sampling=False, mode_seg=seg_mode),
-        RandomTransform(GaussianNoiseTransform(noise_variance=augment.NOISE_STD, p_per_channel=1,
+        RandomTransform(GaussianNoiseTransform(noise_variance=augmentation.NOISE_STD, p_per_channel=1,
                                                synchronize_channels=True), apply_probability=p["noise"]),
-        RandomTransform(GaussianBlurTransform(blur_sigma=augment.BLUR_SIGMA, synchronize_channels=False,
+        RandomTransform(GaussianBlurTransform(blur_sigma=augmentation.BLUR_SIGMA, synchronize_channels=False,
                                               synchronize_axes=False, p_per_channel=p["blur_channel"],
                                               benchmark=True), apply_probability=p["blur"]),
-        RandomTransform(MultiplicativeBrightnessTransform(multiplier_range=BGContrast(augment.BRIGHTNESS),
+        RandomTransform(MultiplicativeBrightnessTransform(multiplier_range=BGContrast(augmentation.BRIGHTNESS),
                                                           synchronize_channels=False, p_per_channel=1),
                         apply_probability=p["brightness"]),
-        RandomTransform(ContrastTransform(contrast_range=BGContrast(augment.CONTRAST), preserve_range=True,
+        RandomTransform(ContrastTransform(contrast_range=BGContrast(augmentation.CONTRAST), preserve_range=True,
                                           synchronize_channels=False, p_per_channel=1), apply_probability=p["contrast"]),
-        RandomTransform(SimulateLowResolutionTransform(scale=augment.LOW_RESOLUTION, synchronize_channels=False,
+        RandomTransform(SimulateLowResolutionTransform(scale=augmentation.LOW_RESOLUTION, synchronize_channels=False,
                                                        synchronize_axes=True, ignore_axes=None, allowed_channels=None,
                                                        p_per_channel=p["low_resolution_channel"]),
                         apply_probability=p["low_resolution"]),
-        RandomTransform(GammaTransform(gamma=BGContrast(augment.GAMMA), p_invert_image=1, synchronize_channels=False,
+        RandomTransform(GammaTransform(gamma=BGContrast(augmentation.GAMMA), p_invert_image=1, synchronize_channels=False,
                                        p_per_channel=1, p_retain_stats=1), apply_probability=p["gamma_inverted"]),
-        RandomTransform(GammaTransform(gamma=BGContrast(augment.GAMMA), p_invert_image=0, synchronize_channels=False,
+        RandomTransform(GammaTransform(gamma=BGContrast(augmentation.GAMMA), p_invert_image=0, synchronize_channels=False,
                                        p_per_channel=1, p_retain_stats=1), apply_probability=p["gamma"]),
         MirrorTransform(allowed_axes=(0, 1, 2)),
     ])
@@ -103,22 +97,22 @@ def library_batch(pipeline, image, labels, starts):
     images, segs = [], []
     for start in starts:
         corner = [s + p // 2 - b // 2 for s, p, b in zip(start, PATCH, box)]
-        out = pipeline(image=torch.from_numpy(dataset.crop_padded(image, corner, box, np.float32)),
-                       segmentation=torch.from_numpy(dataset.crop_padded(labels, corner, box, np.int16))[None])
+        out = pipeline(image=torch.from_numpy(loader.crop_padded(image, corner, box, np.float32)),
+                       segmentation=torch.from_numpy(loader.crop_padded(labels, corner, box, np.int16))[None])
         images.append(out["image"])
         segs.append(out["segmentation"])
     return torch.stack(images), torch.stack(segs)
 
 
 def our_items(image, labels, starts, rngs, p, on_device):
-    """What dataset.PatchDataset does in a worker: draw, crop the box, and (per patch) finish the patch."""
+    """What loader.PatchDataset does in a worker: draw, crop the box, and (per patch) finish the patch."""
     items = []
     for start, rng in zip(starts, rngs):
-        params = augment.draw_nnunet(rng, CHANNELS, p)
-        corner, size, params["centre"] = augment.source_box(params, start, PATCH, labels.shape)
-        box = torch.from_numpy(dataset.crop_padded(image, corner, size, np.float16))
-        box_labels = torch.from_numpy(dataset.crop_padded(labels, corner, size, np.uint8))
-        items.append((box, box_labels, params) if on_device else augment.augment_patch(box, box_labels, params, PATCH))
+        params = augmentation.draw_nnunet(rng, CHANNELS, p)
+        corner, size, params["centre"] = augmentation.source_box(params, start, PATCH, labels.shape)
+        box = torch.from_numpy(loader.crop_padded(image, corner, size, np.float16))
+        box_labels = torch.from_numpy(loader.crop_padded(labels, corner, size, np.uint8))
+        items.append((box, box_labels, params) if on_device else augmentation.augment_patch(box, box_labels, params, PATCH))
     return items
 
 
@@ -126,7 +120,7 @@ def our_batch(image, labels, starts, rngs, p, device):
     """device None: per patch, as in loader workers; else batched on that device after the loader."""
     if device is None:
         return torch.utils.data.default_collate(our_items(image, labels, starts, rngs, p, False))
-    batch = augment.to_device(augment.collate(our_items(image, labels, starts, rngs, p, True)), device, PATCH)
+    batch = augmentation.to_device(augmentation.collate(our_items(image, labels, starts, rngs, p, True)), device, PATCH)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return batch
@@ -135,8 +129,8 @@ def our_batch(image, labels, starts, rngs, p, device):
 def step_seconds(device, steps=5):
     """Median seconds of one training step of the GPU settings' network on a 2 x 4 x 128^3 batch."""
     hp = hyperparameters.load(Path(__file__).resolve().parents[1] / "hyperparameters_brats2020_gpu.txt")
-    net = model.build_model(hp).to(device).to(memory_format=torch.channels_last_3d)
-    optimizer, loss_fn = train.make_optimizer(net, hp), loss.make_loss(hp)
+    net = network.build_model(hp).to(device).to(memory_format=torch.channels_last_3d)
+    optimizer, loss_fn = training.make_optimizer(net, hp), losses.make_loss(hp)
     dtype, _ = devices.autocast_settings(hp.precision, device.type, devices.bf16_supported(device))
     image = torch.randn(BATCH, CHANNELS, *PATCH, device=device).contiguous(memory_format=torch.channels_last_3d)
     labels = torch.randint(0, 4, (BATCH, *PATCH), device=device)
@@ -199,8 +193,8 @@ def main(argv):
         np.save(Path(folder) / "labels.npy", labels)
         image, labels = np.load(Path(folder) / "image.npy", mmap_mode="r"), np.load(Path(folder) / "labels.npy", mmap_mode="r")
         ours = None
-        for setting, p, summary in (("nnU-Net's probabilities", augment.PROBABILITIES, np.mean),
-                                    ("every transform drawn", dict.fromkeys(augment.PROBABILITIES, 1.0), np.median)):
+        for setting, p, summary in (("nnU-Net's probabilities", augmentation.PROBABILITIES, np.mean),
+                                    ("every transform drawn", dict.fromkeys(augmentation.PROBABILITIES, 1.0), np.median)):
             seconds = time_rows(rows_for(p, device), image, labels, batches, seed=1)
             values = {name: float(summary(times)) for name, times in seconds.items()}
             ours = values[list(values)[-1]] if ours is None else ours

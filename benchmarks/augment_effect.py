@@ -10,13 +10,12 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import evaluate  # noqa: E402
-import hyperparameters  # noqa: E402
-import predict  # noqa: E402
-import prepare_dataset  # noqa: E402
-import synthetic  # noqa: E402
-import train  # noqa: E402
-from conventions import REGION_NAMES  # noqa: E402
+import evaluate
+import predict
+import prepare_dataset
+import train
+from bratsunet import generator, hyperparameters
+from bratsunet.conventions import REGION_NAMES
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "brats_sample" / "BraTS20_Training_TCGA-FG-6692"
 SHAPE = (128, 128, 80)  # the phantoms' full-size head in 1.9 mm voxels: the real sample's brain looks 1.9x larger
@@ -37,8 +36,8 @@ def scores(hp, input_dir, name):
 def main(work, modes=("light", "nnunet")):
     work = Path(work)
     hp = hyperparameters.load(overrides={**SETTINGS, "raw_data_dir": work / "raw", "prepared_dir": work / "prepared"})
-    synthetic.generate_dataset(hp.raw_data_dir, hp.synthetic_cases, SHAPE, hp.seed, progress=True)
-    synthetic.generate_dataset(work / "test", 8, SHAPE, seed=1000, progress=True)  # never trained or selected on
+    generator.generate_dataset(hp.raw_data_dir, hp.synthetic_cases, SHAPE, hp.seed, progress=True)
+    generator.generate_dataset(work / "test", 8, SHAPE, seed=1000, progress=True)  # never trained or selected on
     prepare_dataset.prepare_dataset(hp)
     real = work / "real"
     real.mkdir(exist_ok=True)

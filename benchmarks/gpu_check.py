@@ -23,15 +23,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import augment  # noqa: E402
-import dataset  # noqa: E402
-import devices  # noqa: E402
-import hyperparameters  # noqa: E402
-import loss  # noqa: E402
-import model  # noqa: E402
-import predict  # noqa: E402
-import prepare_dataset  # noqa: E402
-import train  # noqa: E402
+from bratsunet.cases import find_cases, load_case
+from bratsunet.loader import EpochSampler, PatchDataset, start_loader
+from bratsunet import augmentation, checkpoints, devices, hyperparameters, inference, losses, manifest, network, training
 
 WARMUP_STEPS = 3  # cuDNN's kernel search (cudnn.benchmark) and the caching allocator settle in these
 CHOSEN = " (train.py's choice)"  # marks the setting that train.py takes for hyperparameters_brats2020_gpu.txt
@@ -61,14 +55,14 @@ def synchronize(device):
 # ---------------------------------------------------------------- measurements
 
 def time_steps(hp, device, steps):
-    """(optimizer steps per second, peak memory text) of train.train_epoch on one random batch of
+    """(optimizer steps per second, peak memory text) of training.train_epoch on one random batch of
     hp.patch_size patches, held in pinned CPU memory as the DataLoader delivers it."""
     dtype, use_scaler, _ = devices.run_settings(hp.precision, hp.channels_last, device)
-    net, train_model = train.build_model(hp, device, 1, False)
-    optimizer = train.make_optimizer(net, hp)
+    net, train_model = training.build_for_training(hp, device, 1, False)
+    optimizer = training.make_optimizer(net, hp)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
-    loss_fn = loss.make_loss(hp)
+    loss_fn = losses.make_loss(hp)
     image = torch.randn(hp.batch_size, len(hp.channel_names), *hp.patch_size)  # (B, C, px, py, pz)
     labels = torch.randint(0, 4, (hp.batch_size, *hp.patch_size))  # (B, px, py, pz)
     if device.type == "cuda":
@@ -76,7 +70,7 @@ def time_steps(hp, device, steps):
         torch.cuda.reset_peak_memory_stats(device)
 
     def run(steps):
-        train.train_epoch(train_model, [(image, labels)] * steps, optimizer, scheduler, scaler, loss_fn,
+        training.train_epoch(train_model, [(image, labels)] * steps, optimizer, scheduler, scaler, loss_fn,
                           hp.replace(steps_per_epoch=steps), device, dtype, 1, 1, False)
 
     run(min(WARMUP_STEPS, steps))
@@ -95,7 +89,7 @@ def measure_steps(hp, device, results, steps):
     """Rows: steps/s and peak memory for bf16 / fp16 / fp32 x channels_last off / on; the row with train.py's
     choice for hp (precision and channels_last as set) is marked and keeps its patches/s for `loader`."""
     chosen = devices.run_settings(hp.precision, hp.channels_last, device)
-    check = f"training step, {model.count_parameters(model.build_model(hp)):,} parameters, " \
+    check = f"training step, {network.count_parameters(network.build_model(hp)):,} parameters, " \
             f"patch {'x'.join(map(str, hp.patch_size))}, batch {hp.batch_size}"
     for precision in ("bf16", "fp16", "fp32"):
         for channels_last in (False, True):
@@ -117,14 +111,14 @@ def measure_steps(hp, device, results, steps):
 def measure_loader(hp, device, results):
     """Rows: patches/s of training's DataLoader (hp.num_workers workers) against the GPU's patches/s, and
     where train.py augments the batch on the device (augment nnunet), the seconds that takes per batch."""
-    train_names, _ = dataset.split_cases(prepare_dataset.read_manifest(hp.prepared_dir, hp.data_format))
+    train_names, _ = manifest.split_cases(manifest.read_manifest(hp.prepared_dir, hp.data_format))
     batches = 10 * max(hp.num_workers, 2)  # well past what the workers prefetch while the first batch loads
-    on_device = augment.runs_on_device(hp.augment, hp.augment_on, device)  # as train.py decides
-    patches = dataset.PatchDataset(hp.prepared_dir, train_names, hp.patch_size, hp.foreground_fraction,
+    on_device = augmentation.runs_on_device(hp.augment, hp.augment_on, device)  # as train.py decides
+    patches = PatchDataset(hp.prepared_dir, train_names, hp.patch_size, hp.foreground_fraction,
                                    hp.augment, hp.seed, (batches + 1) * hp.batch_size, on_device)
-    sampler = dataset.EpochSampler(batches + 1, hp.batch_size, 0, 1)
+    sampler = EpochSampler(batches + 1, hp.batch_size, 0, 1)
     sampler.set_epoch(1)
-    loader = iter(dataset.start_loader(patches, sampler, hp.batch_size, hp.num_workers, device))
+    loader = iter(start_loader(patches, sampler, hp.batch_size, hp.num_workers, device))
     first = next(loader)  # workers started
     start = time.perf_counter()
     for _ in loader:
@@ -144,12 +138,12 @@ def measure_loader(hp, device, results):
 
 
 def measure_device_augmentation(hp, device, results, batch, gpu):
-    """Row: seconds per batch of augment.to_device (nnunet, all patches at once) and its share of a step."""
-    augment.to_device(batch, device, hp.patch_size)  # warm-up: kernels chosen, memory cached
+    """Row: seconds per batch of augmentation.to_device (nnunet, all patches at once) and its share of a step."""
+    augmentation.to_device(batch, device, hp.patch_size)  # warm-up: kernels chosen, memory cached
     synchronize(device)
     start, done = time.perf_counter(), 0
     while done < 10 and time.perf_counter() - start < TIMED_SECONDS:
-        augment.to_device(batch, device, hp.patch_size)
+        augmentation.to_device(batch, device, hp.patch_size)
         synchronize(device)
         done += 1
     seconds = (time.perf_counter() - start) / done
@@ -159,24 +153,24 @@ def measure_device_augmentation(hp, device, results, batch, gpu):
 
 
 def measure_predict(hp, device, results):
-    """Rows: seconds of predict.predict_cases for one whole raw case, without and with mirror TTA (the
+    """Rows: seconds of inference.predict_cases for one whole raw case, without and with mirror TTA (the
     network seeded and untrained: the time does not depend on the weights)."""
-    cases, _ = prepare_dataset.find_cases(hp.raw_data_dir, hp.channel_names, hp.seg_channel_name,
+    cases, _ = find_cases(hp.raw_data_dir, hp.channel_names, hp.seg_channel_name,
                                           data_format=hp.data_format)
     torch.manual_seed(hp.seed)
-    net = model.build_model(hp)
+    net = network.build_model(hp)
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = Path(tmp) / "checkpoint.pt"
-        model.save_checkpoint({"model_args": model.model_args(hp), "model": net.state_dict(),
+        checkpoints.save_checkpoint({"model_args": network.model_args(hp), "model": net.state_dict(),
                                "hyperparameters": hp.to_dict()}, checkpoint)
         settings = hp.replace(checkpoint=checkpoint, prediction_dir=Path(tmp), overwrite=True)
-        net, settings = predict.load_for_inference(settings, device)
-        shape = "x".join(map(str, prepare_dataset.load_case(cases[0])[0].shape[1:]))
+        net, settings = inference.load_for_inference(settings, device)
+        shape = "x".join(map(str, load_case(cases[0])[0].shape[1:]))
         check = f"predict one whole case ({shape}: read, infer, write), sw_batch_size {hp.sw_batch_size}"
         for tta, setting in ((False, None), (False, "no TTA"), (True, "mirror TTA (8 passes)")):  # 1st: warm-up
             synchronize(device)
             start = time.perf_counter()
-            predict.predict_cases(settings.replace(tta_mirror=tta), cases[:1], net)
+            inference.predict_cases(settings.replace(tta_mirror=tta), cases[:1], net)
             synchronize(device)
             if setting:
                 add_row(results, check, setting, f"{time.perf_counter() - start:.1f} s")

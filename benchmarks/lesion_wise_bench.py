@@ -3,8 +3,8 @@
     .venv/bin/python benchmarks/lesion_wise_bench.py      (needs ../shared/data/brats_sample and brats-evaluation)
 
 Each of the five algorithms' segmentations in reference_segmentations/ is scored against the sample's fused
-segmentation, full grid (240 x 240 x 155): Dice and HD95 of WT, TC and ET from evaluate.evaluate_pair (ours)
-and the package's global Dice and HD95 (evaluate.lesion_wise_metrics, configuration gli), seconds per case.
+segmentation, full grid (240 x 240 x 155): Dice and HD95 of WT, TC and ET from evaluation.evaluate_pair (ours)
+and the package's global Dice and HD95 (evaluation.lesion_wise_metrics, configuration gli), seconds per case.
 """
 import sys
 import time
@@ -13,7 +13,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import evaluate  # noqa: E402
+from bratsunet import evaluation
 
 SAMPLE = ROOT.parent / "shared/data/brats_sample"
 
@@ -25,9 +25,9 @@ def main():
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for pred in sorted((SAMPLE / "reference_segmentations").glob("*.nii.gz")):
         start = time.perf_counter()
-        ours = evaluate.evaluate_pair(pred, truth)
+        ours = evaluation.evaluate_pair(pred, truth)
         middle = time.perf_counter()
-        official = evaluate.lesion_wise_metrics({"case": (pred, truth)}, [], "gli")["case"]
+        official = evaluation.lesion_wise_metrics({"case": (pred, truth)}, [], "gli")["case"]
         end = time.perf_counter()
         name = pred.name.split("_")[-1][:-len(".nii.gz")]
         for region in ("WT", "TC", "ET"):

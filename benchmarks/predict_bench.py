@@ -21,14 +21,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import devices  # noqa: E402
+from bratsunet.cases import find_cases, load_case
+from bratsunet import checkpoints, devices, generator, hyperparameters, inference, losses, network, preprocessing
 import export  # noqa: E402
-import hyperparameters  # noqa: E402
-import loss  # noqa: E402
-import model  # noqa: E402
-import predict  # noqa: E402
-import prepare_dataset  # noqa: E402
-import synthetic  # noqa: E402
 
 REPEATS = 3
 SAMPLE_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "brats_sample"
@@ -37,12 +32,12 @@ SAMPLE_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "brats_sa
 def find_case(hp, tmp):
     """The real sample case, or a generated full-size one written to tmp."""
     if SAMPLE_DIR.is_dir():
-        cases, _ = prepare_dataset.find_cases(SAMPLE_DIR, hp.channel_names, hp.seg_channel_name)
+        cases, _ = find_cases(SAMPLE_DIR, hp.channel_names, hp.seg_channel_name)
         if cases:
             return cases[0], "real BraTS sample"
-    images, seg = synthetic.generate_case(synthetic.FULL_SHAPE, seed=0)
-    synthetic.write_case(tmp, "BraTS20_Training_001", images, seg, compress=True)
-    return prepare_dataset.find_cases(tmp, hp.channel_names, hp.seg_channel_name)[0][0], "generated case"
+    images, seg = generator.generate_case(generator.FULL_SHAPE, seed=0)
+    generator.write_case(tmp, "BraTS20_Training_001", images, seg, compress=True)
+    return find_cases(tmp, hp.channel_names, hp.seg_channel_name)[0][0], "generated case"
 
 
 def best_time(run, device):
@@ -68,7 +63,7 @@ def monai_inference(net, image, hp, device):
         if channels_last:
             windows = windows.contiguous(memory_format=torch.channels_last_3d)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            return loss.logits_to_probabilities(net(windows).float(), hp.target)
+            return losses.logits_to_probabilities(net(windows).float(), hp.target)
 
     with torch.no_grad():
         return sliding_window_inference(image[None], hp.patch_size, hp.sw_batch_size, predictor, hp.sw_overlap,
@@ -76,13 +71,13 @@ def monai_inference(net, image, hp, device):
 
 
 def onnx_row(checkpoint, volume, hp, device, reference):
-    """ONNX Runtime on the exported checkpoint, through predict.predict_case (float32, on the CPU)."""
+    """ONNX Runtime on the exported checkpoint, through inference.predict_case (float32, on the CPU)."""
     export.export_checkpoint(checkpoint, checkpoint.with_suffix(".onnx"))
-    predictor, _ = model.onnx_predictor(checkpoint.with_suffix(".onnx"), device)
+    predictor, _ = checkpoints.onnx_predictor(checkpoint.with_suffix(".onnx"), device)
     volume = volume.cpu()
-    predict.predict_case(predictor, volume[:, :hp.patch_size[0], :hp.patch_size[1], :hp.patch_size[2]], hp, hp.target)
-    seconds, output = best_time(lambda: predict.predict_case(predictor, volume, hp, hp.target), device)
-    return ("ONNX Runtime: export.py's model through predict.predict_case", "fp32", False, seconds,
+    inference.predict_case(predictor, volume[:, :hp.patch_size[0], :hp.patch_size[1], :hp.patch_size[2]], hp, hp.target)
+    seconds, output = best_time(lambda: inference.predict_case(predictor, volume, hp, hp.target), device)
+    return ("ONNX Runtime: export.py's model through inference.predict_case", "fp32", False, seconds,
             (output.float() - reference.cpu()).abs().max().item())
 
 
@@ -93,18 +88,18 @@ def main():
     default = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[dtype]
     with tempfile.TemporaryDirectory() as tmp:
         case, source = find_case(hp, Path(tmp))
-        image, _, _ = prepare_dataset.load_case(case)
-        normalized, box = prepare_dataset.preprocess(image, hp.crop_margin)
+        image, _, _ = load_case(case)
+        normalized, box = preprocessing.preprocess(image, hp.crop_margin)
         volume = torch.from_numpy(normalized).to(device)  # (C, x, y, z)
         torch.manual_seed(hp.seed)
-        net = model.build_model(hp).to(device).eval()
+        net = network.build_model(hp).to(device).eval()
         print(f"{source} {case.name}: crop {tuple(volume.shape[1:])} of {image.shape[1:]}, {device}, "
               f"{torch.get_num_threads()} CPU threads, model {list(hp.features)}, window {hp.patch_size}, "
               f"overlap {hp.sw_overlap}, {hp.sw_batch_size} windows per batch")
         devices.use_device(device)  # as predict.py: cuDNN times its kernels once for the one window size
 
         checkpoint = Path(tmp) / "checkpoint.pt"
-        model.save_checkpoint({"model_args": model.model_args(hp), "model": net.state_dict(),
+        checkpoints.save_checkpoint({"model_args": network.model_args(hp), "model": net.state_dict(),
                                "hyperparameters": hp.to_dict()}, checkpoint)
         rows, reference = [], None
         for precision in ("fp32", default):
@@ -114,8 +109,8 @@ def main():
             channels_last = devices.run_settings(precision, settings.channels_last, device)[2]
             net = net.to(memory_format=torch.channels_last_3d if channels_last else torch.contiguous_format)
             corner = volume[:, :hp.patch_size[0], :hp.patch_size[1], :hp.patch_size[2]]
-            predict.predict_case(net, corner, settings, hp.target)  # warm-up: kernels chosen for this precision
-            runs = (("ours: predict.predict_case", lambda: predict.predict_case(net, volume, settings, hp.target)),
+            inference.predict_case(net, corner, settings, hp.target)  # warm-up: kernels chosen for this precision
+            runs = (("ours: inference.predict_case", lambda: inference.predict_case(net, volume, settings, hp.target)),
                     ("MONAI sliding_window_inference", lambda: monai_inference(net, volume, settings, device)))
             for path, run in runs:
                 seconds, output = best_time(run, device)
@@ -126,7 +121,7 @@ def main():
                 rows.append(onnx_row(checkpoint, volume, settings, device, reference))
 
         whole = hp.replace(checkpoint=checkpoint, prediction_dir=Path(tmp) / "predictions", overwrite=True)
-        seconds, _ = best_time(lambda: predict.predict_cases(whole, [case]), device)
+        seconds, _ = best_time(lambda: inference.predict_cases(whole, [case]), device)
         rows.append(("ours: whole case (read, preprocess, infer, write)", default, channels_last, seconds, None))
 
     print(f"\n| path | precision | channels_last | seconds | max abs probability difference vs ours fp32 |\n|---|---|---|---|---|")

@@ -18,9 +18,9 @@ import nibabel as nib
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import hyperparameters  # noqa: E402
-import prepare_dataset  # noqa: E402
-import synthetic  # noqa: E402
+import prepare_dataset
+from bratsunet.cases import find_cases
+from bratsunet import generator, hyperparameters
 
 
 def prepare_naive(case, out_dir):
@@ -37,7 +37,7 @@ def prepare_ours(case, out_dir):
 
 def run_approach(name, raw_dir, out_dir):
     """Child process: prepare every case, print seconds per case, peak RSS and bytes written."""
-    cases, _ = prepare_dataset.find_cases(raw_dir, ("flair", "t1", "t1ce", "t2"), "seg")
+    cases, _ = find_cases(raw_dir, ("flair", "t1", "t1ce", "t2"), "seg")
     prepare = {"ours": prepare_ours, "naive": prepare_naive}[name]
     start = time.perf_counter()
     for case in cases:
@@ -51,7 +51,7 @@ def run_approach(name, raw_dir, out_dir):
 def main(n_cases=4):
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "raw"
-        synthetic.generate_dataset(raw, n_cases=n_cases, shape=(240, 240, 155), seed=0)
+        generator.generate_dataset(raw, n_cases=n_cases, shape=(240, 240, 155), seed=0)
         # healthy cases have nothing to crop around tumor-wise but are prepared the same way
         raw_bytes = sum(p.stat().st_size for p in raw.rglob("*.nii"))
         results = {}

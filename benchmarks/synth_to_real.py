@@ -1,6 +1,6 @@
 """What each idea of the randomized generator does for a model on a real scan: one table.
 
-Each recipe generates its cases (synthetic.generate_dataset with STYLES["randomized"], some ranges changed or
+Each recipe generates its cases (generator.generate_dataset with STYLES["randomized"], some ranges changed or
 switched off), then runs prepare_dataset.py, train.py, predict.py and evaluate.py with
 hyperparameters_synthetic.txt plus the recipe's overrides, each as its own process, and reports
   - Dice WT / TC / ET on the real sample ../shared/data/brats_sample (predict.py + evaluate.py),
@@ -32,9 +32,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import hyperparameters  # noqa: E402
-import synthetic  # noqa: E402
-from files import atomic_write  # noqa: E402
+from bratsunet import generator, hyperparameters
+from bratsunet.files import atomic_write
 
 SETTINGS = ROOT / "hyperparameters_synthetic.txt"
 SAMPLE = ROOT.parent / "shared/data/brats_sample/BraTS20_Training_TCGA-FG-6692"
@@ -51,7 +50,7 @@ RECIPES = {
     "no_scanner": ("randomized, no thick slices, blur, noise or bias-field changes",
                    {"slice_mm": 0, "blur_mm": 0, "noise": 0, "bias": 0}, []),
     "no_contrast": ("randomized, the phantom's contrasts and texture", {"contrast": 0, "texture": 0}, []),
-    "nnunet_augment": ("randomized, nnU-Net's augmentation (augment.py)", {}, ["augment=nnunet"]),
+    "nnunet_augment": ("randomized, nnU-Net's augmentation (bratsunet/augmentation.py)", {}, ["augment=nnunet"]),
     "no_tumor_variety": ("randomized, tumors as in the phantoms (deep, no mass effect), no deformation",
                          {"spread": 0, "mass_effect": 0, "deform_mm": 0}, []),
     # the training side, at twice the steps of the rows above (or as many CPU seconds)
@@ -68,9 +67,9 @@ RECIPES = {
 
 
 def style_folder(style):
-    """data/synth_to_real/<phantom | randomized>-<hash of synthetic.py and the ranges>: a folder of cases per style."""
-    ranges = style if style == "phantom" else {**synthetic.STYLES["randomized"], **style}
-    code = Path(synthetic.__file__).read_bytes()
+    """data/synth_to_real/<phantom | randomized>-<hash of the generator and the ranges>: a folder of cases per style."""
+    ranges = style if style == "phantom" else {**generator.STYLES["randomized"], **style}
+    code = Path(generator.__file__).read_bytes()
     digest = hashlib.sha1(code + json.dumps(ranges, sort_keys=True).encode()).hexdigest()[:8]
     return DATA / f"{'phantom' if style == 'phantom' else 'randomized'}-{digest}"
 
@@ -95,7 +94,7 @@ def mean_dice(evaluation_csv):
 
 def phantom_test_cases():
     folder = DATA / "phantom_test"
-    synthetic.generate_dataset(folder, PHANTOM_TEST, synthetic.FULL_SHAPE, PHANTOM_SEED, compress=True)
+    generator.generate_dataset(folder, PHANTOM_TEST, generator.FULL_SHAPE, PHANTOM_SEED, compress=True)
     return folder
 
 
@@ -108,8 +107,8 @@ def run_recipe(name):
                 f"run_dir={out}", *overrides]
     hp = hyperparameters.load(SETTINGS, settings[2:])
     print(f"{name}: generating {hp.synthetic_cases} cases into {cases / 'raw'}", flush=True)
-    synthetic.generate_dataset(cases / "raw", hp.synthetic_cases, hp.synthetic_shape, hp.seed, hp.synthetic_compress,
-                               style="phantom" if style == "phantom" else {**synthetic.STYLES["randomized"], **style})
+    generator.generate_dataset(cases / "raw", hp.synthetic_cases, hp.synthetic_shape, hp.seed, hp.synthetic_compress,
+                               style="phantom" if style == "phantom" else {**generator.STYLES["randomized"], **style})
     run(["prepare_dataset.py", *settings], out / "prepare.log")
     print(f"{name}: training (log: {out / 'train.log'})", flush=True)
     cpu, wall = run(["train.py", *settings, "overwrite=True"], out / "train.log")  # a rerun starts over
@@ -142,10 +141,10 @@ def save_comparison_png(path=ROOT / "Images/synthetic_vs_real.png", real_case=SA
     real_case = Path(real_case)
     if not real_case.is_dir():
         raise FileNotFoundError(f"{real_case}: real BraTS case folder not found (needed for the comparison)")
-    channels = (*synthetic.MODALITIES, "seg")
+    channels = (*generator.MODALITIES, "seg")
     real = {c: np.asanyarray(nib.load(next(real_case.glob(f"*_{c}.nii*"))).dataobj) for c in channels}
-    images, seg = synthetic.generate_case(synthetic.FULL_SHAPE, seed=(seed, 1), kind="tumor", style=style)
-    rows = {f"{synthetic.style_name(style).decode() or 'phantom'} case 1, seed {seed}": {**images, "seg": seg},
+    images, seg = generator.generate_case(generator.FULL_SHAPE, seed=(seed, 1), kind="tumor", style=style)
+    rows = {f"{generator.style_name(style).decode() or 'phantom'} case 1, seed {seed}": {**images, "seg": seg},
             f"real {real_case.name}": real}
     colours = np.array([[0, 0, 0, 0], [1, 0.2, 0.2, 0.6], [0.2, 0.9, 0.2, 0.45], [0, 0, 0, 0], [1, 0.9, 0, 0.6]])
     crop = np.s_[20:230, 35:225]  # (x, y) around the brain

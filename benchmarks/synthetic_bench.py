@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import synthetic  # noqa: E402
+from bratsunet import generator
 
 
 def main():
@@ -22,7 +22,7 @@ def main():
         cpu, wall = [], []
         for index in range(1, cases + 1):
             start_cpu, start = time.process_time(), time.perf_counter()
-            synthetic.generate_case(seed=(0, index), kind=synthetic.case_kind(index), style=style)
+            generator.generate_case(seed=(0, index), kind=generator.case_kind(index), style=style)
             cpu.append(time.process_time() - start_cpu)
             wall.append(time.perf_counter() - start)
         print(f"| {style} | {cases} | {np.median(cpu):.2f} | {np.median(wall):.2f} |")

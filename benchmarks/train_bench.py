@@ -15,11 +15,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import devices  # noqa: E402
-import hyperparameters  # noqa: E402
-import loss  # noqa: E402
-import model  # noqa: E402
-import predict  # noqa: E402
+from bratsunet import devices, hyperparameters, losses, network
 
 # "default": the precision and memory format of hyperparameters.txt; "contiguous": its precision without
 # channels_last; "float32": plain float32, contiguous
@@ -29,7 +25,7 @@ ROWS = ("ours, default", "ours, default precision, contiguous", "ours, float32",
 
 def build(row, hp):
     if row.startswith("ours"):
-        return model.build_model(hp)
+        return network.build_model(hp)
     from monai.networks.nets import BasicUNet
     # BasicUNet has 5 levels + a top; widths scaled to about our parameter count
     return BasicUNet(spatial_dims=3, in_channels=len(hp.channel_names), out_channels=3,
@@ -45,7 +41,7 @@ def time_steps(row, patch, batch, steps):
     dtype, _, channels_last = devices.run_settings("fp32" if "float32" in row else hp.precision, layout,
                                                    torch.device("cpu"))
     optimizer = torch.optim.AdamW(net.parameters(), lr=hp.learning_rate)
-    loss_fn = loss.make_loss(hp)
+    loss_fn = losses.make_loss(hp)
     image = torch.randn(batch, len(hp.channel_names), *patch)
     if channels_last:
         net, image = net.to(memory_format=torch.channels_last_3d), image.contiguous(memory_format=torch.channels_last_3d)
@@ -61,7 +57,7 @@ def time_steps(row, patch, batch, steps):
         optimizer.step()
         times.append(time.perf_counter() - start)
     times = sorted(times[2:])
-    print(json.dumps({"seconds": times[len(times) // 2], "parameters": model.count_parameters(net),
+    print(json.dumps({"seconds": times[len(times) // 2], "parameters": network.count_parameters(net),
                       "dtype": str(dtype or torch.float32),
                       "channels_last": image.is_contiguous(memory_format=torch.channels_last_3d), "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 

@@ -20,16 +20,16 @@ def sample_case():
 @pytest.fixture(scope="session")
 def tiny_raw(tmp_path_factory):
     """Six small generated BraTS-format cases (healthy, no-ET and full tumor cases among them). Read-only."""
-    import synthetic
+    from bratsunet import generator
     folder = tmp_path_factory.mktemp("raw")
-    synthetic.generate_dataset(folder, n_cases=6, shape=(40, 40, 32), seed=7)
+    generator.generate_dataset(folder, n_cases=6, shape=(40, 40, 32), seed=7)
     return folder
 
 
 @pytest.fixture
 def tiny_hp(tmp_path, tiny_raw):
     """Settings for tiny, fast runs: outputs in tmp_path, a tiny model and patch."""
-    import hyperparameters
+    from bratsunet import hyperparameters
     return hyperparameters.load(overrides={
         "raw_data_dir": tiny_raw, "prepared_dir": tmp_path / "prepared", "run_dir": tmp_path / "run",
         "prediction_dir": tmp_path / "predictions", "num_workers": 0, "features": "4, 8, 16",
@@ -40,8 +40,8 @@ def tiny_hp(tmp_path, tiny_raw):
 @pytest.fixture(scope="session")
 def tiny_prepared(tmp_path_factory, tiny_raw):
     """tiny_raw prepared once per session (read-only), one train/validation split: returns the prepared folder."""
-    import hyperparameters
     import prepare_dataset
+    from bratsunet import hyperparameters
     folder = tmp_path_factory.mktemp("prepared")
     hp = hyperparameters.load(overrides={"raw_data_dir": tiny_raw, "prepared_dir": folder, "num_workers": 0,
                                          "val_fraction": 0.34, "test_fraction": 0})  # 3 train, 2 validation cases
@@ -56,7 +56,7 @@ def monai_scores(pred, truth, spacing):
     import torch
     from monai.metrics import DiceMetric, HausdorffDistanceMetric
 
-    from conventions import REGION_NAMES, labels_to_regions
+    from bratsunet.conventions import REGION_NAMES, labels_to_regions
     p = torch.from_numpy(labels_to_regions(pred))[None].float()  # (1, 3, X, Y, Z)
     t = torch.from_numpy(labels_to_regions(truth))[None].float()
     # the channels are WT, TC, ET, none of them background: include_background=True keeps all three

@@ -1,4 +1,4 @@
-"""augment.py: nnU-Net's transforms, their probabilities and ranges, hand-computed geometry, batchgeneratorsv2
+"""bratsunet/augmentation.py: nnU-Net's transforms, their probabilities and ranges, hand-computed geometry, batchgeneratorsv2
 (nnU-Net's own library) as the reference for the intensity transforms, and determinism."""
 import math
 
@@ -6,13 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-import augment
-import hyperparameters
-from dataset import PatchDataset, crop_padded
+from bratsunet import augmentation, hyperparameters
+from bratsunet.loader import PatchDataset, crop_padded
 from test_dataset import write_prepared
 
-ALL_ON = dict.fromkeys(augment.PROBABILITIES, 1.0)
-ONLY_SPATIAL = {**dict.fromkeys(augment.PROBABILITIES, 0.0), "rotation": 1.0, "scaling": 1.0}
+ALL_ON = dict.fromkeys(augmentation.PROBABILITIES, 1.0)
+ONLY_SPATIAL = {**dict.fromkeys(augmentation.PROBABILITIES, 0.0), "rotation": 1.0, "scaling": 1.0}
 
 
 def labelled_volume(shape=(40, 36, 30), seed=0):
@@ -27,7 +26,7 @@ def labelled_volume(shape=(40, 36, 30), seed=0):
 
 
 def make_patch(image, labels, start, patch, params):
-    corner, size, params["centre"] = augment.source_box(params, start, patch, labels.shape)
+    corner, size, params["centre"] = augmentation.source_box(params, start, patch, labels.shape)
     box = torch.from_numpy(crop_padded(image, corner, size, np.float16))
     box_labels = torch.from_numpy(crop_padded(labels, corner, size, np.uint8))
     return box, box_labels, params
@@ -37,8 +36,8 @@ def make_patch(image, labels, start, patch, params):
 def test_every_transform_keeps_shape_dtype_and_label_values(seed):
     image, labels = labelled_volume()
     patch = (16, 24, 16)
-    params = augment.draw_nnunet(np.random.default_rng(seed), 3, ALL_ON)
-    out, out_labels = augment.augment_patch(*make_patch(image, labels, [8, 6, 6], patch, params), patch)
+    params = augmentation.draw_nnunet(np.random.default_rng(seed), 3, ALL_ON)
+    out, out_labels = augmentation.augment_patch(*make_patch(image, labels, [8, 6, 6], patch, params), patch)
     assert out.shape == (3, *patch) and out.dtype == torch.float32 and torch.isfinite(out).all()
     assert out_labels.shape == patch and out_labels.dtype == torch.int64
     assert set(out_labels.unique().tolist()) <= {0, 1, 3} and (out_labels > 0).any()
@@ -48,11 +47,11 @@ def test_every_transform_keeps_shape_dtype_and_label_values(seed):
 
 def test_identity_rotation_and_scale_give_the_crop_back():
     image, labels = labelled_volume()
-    params = augment.draw_nnunet(np.random.default_rng(0), 3, dict.fromkeys(augment.PROBABILITIES, 0.0))
+    params = augmentation.draw_nnunet(np.random.default_rng(0), 3, dict.fromkeys(augmentation.PROBABILITIES, 0.0))
     params.update(spatial=True, affine=np.eye(3, dtype=np.float32))  # resampled, through the identity
     box, box_labels, params = make_patch(image, labels, [5, 7, 3], (16, 16, 16), params)
     assert list(box.shape[1:]) != [16, 16, 16]  # the larger region was cut, the patch read from inside it
-    out, out_labels = augment.augment_patch(box, box_labels, params, (16, 16, 16))
+    out, out_labels = augmentation.augment_patch(box, box_labels, params, (16, 16, 16))
     crop = crop_padded(image, [5, 7, 3], (16, 16, 16), np.float32)
     np.testing.assert_allclose(out.numpy(), crop, atol=1e-5)
     np.testing.assert_array_equal(out_labels.numpy(), crop_padded(labels, [5, 7, 3], (16, 16, 16), np.int64))
@@ -64,9 +63,9 @@ def test_90_degree_rotation_lands_where_computed_by_hand():
     volume = np.zeros((1, 9, 9, 9), dtype=np.float16)
     volume[0, 6, 4, 4] = 5  # centre (4, 4, 4) + (2, 0, 0)
     labels = (volume[0] > 0).astype(np.uint8) * 2
-    params = augment.draw_nnunet(np.random.default_rng(0), 1, dict.fromkeys(augment.PROBABILITIES, 0.0))
-    params.update(spatial=True, affine=augment.rotation_matrix([0, 0, math.pi / 2]).astype(np.float32))
-    out, out_labels = augment.augment_patch(*make_patch(volume, labels, [0, 0, 0], (9, 9, 9), params), (9, 9, 9))
+    params = augmentation.draw_nnunet(np.random.default_rng(0), 1, dict.fromkeys(augmentation.PROBABILITIES, 0.0))
+    params.update(spatial=True, affine=augmentation.rotation_matrix([0, 0, math.pi / 2]).astype(np.float32))
+    out, out_labels = augmentation.augment_patch(*make_patch(volume, labels, [0, 0, 0], (9, 9, 9), params), (9, 9, 9))
     expected = np.zeros((9, 9, 9))
     expected[4, 2, 4] = 5
     np.testing.assert_allclose(out[0].numpy(), expected, atol=1e-5)
@@ -77,15 +76,15 @@ def test_rotated_and_scaled_patches_have_no_empty_corners_inside_the_volume():
     image = np.ones((1, 80, 80, 80), dtype=np.float16)
     labels = np.ones((80, 80, 80), dtype=np.uint8)
     for seed in range(6):
-        params = augment.draw_nnunet(np.random.default_rng(seed), 1, ONLY_SPATIAL)
-        out, out_labels = augment.augment_patch(*make_patch(image, labels, [24, 24, 24], (32, 32, 32), params),
+        params = augmentation.draw_nnunet(np.random.default_rng(seed), 1, ONLY_SPATIAL)
+        out, out_labels = augmentation.augment_patch(*make_patch(image, labels, [24, 24, 24], (32, 32, 32), params),
                                                 (32, 32, 32))
         assert out.min() > 0.999 and out_labels.min() == 1  # a patch-sized crop would leave zero corners
 
 
 def test_probabilities_and_ranges_are_nnunets():
-    draws = [augment.draw_nnunet(np.random.default_rng([5, i]), 4) for i in range(4000)]
-    p = augment.PROBABILITIES
+    draws = [augmentation.draw_nnunet(np.random.default_rng([5, i]), 4) for i in range(4000)]
+    p = augmentation.PROBABILITIES
 
     def share(hits, expected, n=len(draws)):
         assert abs(np.mean(hits) - expected) <= 4 * math.sqrt(expected * (1 - expected) / n) + 1e-9
@@ -128,7 +127,7 @@ def test_brightness_contrast_gamma_and_low_resolution_agree_with_batchgenerators
     from batchgeneratorsv2.transforms.spatial.low_resolution import SimulateLowResolutionTransform
     image = torch.randn(1, 3, 20, 18, 16, generator=torch.Generator().manual_seed(1)).double()
     brightness, contrast = torch.tensor([[0.8, 1.2, 1.0]]), torch.tensor([[1.25, 0.9, 1.0]])
-    ours = augment.brightness_contrast(image.clone(), brightness, contrast)[0]
+    ours = augmentation.brightness_contrast(image.clone(), brightness, contrast)[0]
     everything = torch.arange(3)
     theirs = MultiplicativeBrightnessTransform(1, False)._apply_to_image(
         image[0].clone(), apply_to_channel=everything, multipliers=brightness[0].double())
@@ -137,13 +136,13 @@ def test_brightness_contrast_gamma_and_low_resolution_agree_with_batchgenerators
     torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)  # the factors are float32
     for invert in (False, True):
         gammas = torch.tensor([[0.7, 1.0, 1.5]])
-        ours = augment.gamma(image.clone(), gammas, invert)[0]
+        ours = augmentation.gamma(image.clone(), gammas, invert)[0]
         theirs = GammaTransform(1, float(invert), False, 1, 1)._apply_to_image(
             image[0].clone(), apply_to_channel=torch.tensor([0, 2]), retain_stats=torch.tensor([True, True]),
             invert_image=torch.tensor([invert, invert]), gamma=gammas[0, [0, 2]].double())
         torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)  # the factors are float32
     factors = torch.tensor([[0.5, 1.0, 0.77]])
-    ours = augment.simulate_low_resolution(image.clone(), factors)[0]
+    ours = augmentation.simulate_low_resolution(image.clone(), factors)[0]
     theirs = SimulateLowResolutionTransform(1, False, True, None)._apply_to_image(
         image[0].clone(), apply_to_channel=[0, 2], scales=torch.tensor([[0.5] * 3, [0.77] * 3]))
     torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)  # the factors are float32
@@ -155,7 +154,7 @@ def test_blur_matches_a_float64_gaussian_filter_inside():
     from scipy import ndimage
     image = torch.randn(1, 2, 24, 20, 22, generator=torch.Generator().manual_seed(2))
     sigma = torch.tensor([[[0.5, 0.8, 1.0], [0.0, 0.0, 0.0]]])
-    out = augment.gaussian_blur(image.clone(), sigma)[0]
+    out = augmentation.gaussian_blur(image.clone(), sigma)[0]
     reference = ndimage.gaussian_filter(image[0, 0].double().numpy(), [0.5, 0.8, 1.0], truncate=3 / 0.5)
     inner = (slice(4, -4),) * 3
     np.testing.assert_allclose(out[0].numpy()[inner], reference[inner], atol=2e-3)
@@ -164,9 +163,9 @@ def test_blur_matches_a_float64_gaussian_filter_inside():
 
 def test_noise_has_the_drawn_std_and_follows_its_seed():
     image = torch.zeros(2, 2, 32, 32, 32)
-    out = augment.add_noise(image.clone(), torch.tensor([0.05, 0.0]), torch.tensor([7, 8]))
+    out = augmentation.add_noise(image.clone(), torch.tensor([0.05, 0.0]), torch.tensor([7, 8]))
     assert out[0].std().item() == pytest.approx(0.05, rel=0.02) and not out[1].any()
-    assert torch.equal(out, augment.add_noise(image.clone(), torch.tensor([0.05, 0.0]), torch.tensor([7, 8])))
+    assert torch.equal(out, augmentation.add_noise(image.clone(), torch.tensor([0.05, 0.0]), torch.tensor([7, 8])))
 
 
 def test_patches_are_the_same_per_patch_and_batched_and_follow_the_seed(tmp_path):
@@ -176,7 +175,7 @@ def test_patches_are_the_same_per_patch_and_batched_and_follow_the_seed(tmp_path
     workers = PatchDataset(tmp_path, ["a", "b"], seed=3, **settings)
     device = PatchDataset(tmp_path, ["a", "b"], seed=3, on_device=True, **settings)
     again, other = PatchDataset(tmp_path, ["a", "b"], seed=3, **settings), PatchDataset(tmp_path, ["a", "b"], seed=4, **settings)
-    batch = augment.to_device(augment.collate([device[(2, i)] for i in range(8)]), torch.device("cpu"), (16,) * 3)
+    batch = augmentation.to_device(augmentation.collate([device[(2, i)] for i in range(8)]), torch.device("cpu"), (16,) * 3)
     for i in range(8):
         patch, patch_labels = workers[(2, i)]
         torch.testing.assert_close(batch[0][i], patch, rtol=1e-5, atol=1e-5)

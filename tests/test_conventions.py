@@ -5,21 +5,21 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
-import conventions
 import prepare_dataset
-import synthetic
-from conventions import brats_to_internal, internal_to_brats
-from prepare_dataset import CaseError, find_cases
+from bratsunet import checkpoints, conventions, generator, inference, network
+from bratsunet.cases import CaseError, find_cases, load_case
+from bratsunet.conventions import brats_to_internal, internal_to_brats
 
 CHANNELS = ("flair", "t1", "t1ce", "t2")
 
 
 def write_convention_case(folder, name, data_format, seed=1, shape=(40, 40, 32)):
     """A phantom case named and labelled as data_format; returns its internal labels."""
-    images, seg = synthetic.generate_case(shape, seed, "tumor")
+    images, seg = generator.generate_case(shape, seed, "tumor")
     internal = brats_to_internal(seg)
-    synthetic.write_case(folder, name, images, internal_to_brats(internal, data_format), data_format=data_format)
+    generator.write_case(folder, name, images, internal_to_brats(internal, data_format), data_format=data_format)
     return internal
 
 
@@ -57,7 +57,7 @@ def test_2021_case_is_found_and_read_as_2020(tmp_path):
     internal = write_convention_case(tmp_path / "raw", "BraTS2021_00000", "brats2020")
     case = find_cases(tmp_path / "raw", CHANNELS, "seg")[0][0]
     assert [p.name for p in case.image_paths] == [f"BraTS2021_00000_{c}.nii" for c in CHANNELS]
-    image, labels, _ = prepare_dataset.load_case(case)
+    image, labels, _ = load_case(case)
     assert np.array_equal(labels, internal) and image.shape == (4, 40, 40, 32)
 
 
@@ -78,7 +78,7 @@ def test_2023_named_copy_of_the_real_sample_is_found_and_read(sample_case, tmp_p
     assert not problems and cases[0].name == name and cases[0].data_format == "brats2023"
     assert [p.name[len(name):] for p in cases[0].image_paths] == ["-t2f.nii.gz", "-t1n.nii.gz", "-t1c.nii.gz",
                                                                   "-t2w.nii.gz"]  # flair, t1, t1ce, t2
-    image, labels, _ = prepare_dataset.load_case(cases[0])  # in the BraTS grid: no allow_any_grid needed
+    image, labels, _ = load_case(cases[0])  # in the BraTS grid: no allow_any_grid needed
     assert np.array_equal(labels, truth) and (labels == 3).sum() == (np.asanyarray(seg_image.dataobj) == 4).sum()
     assert image.shape == (4, 240, 240, 155)
 
@@ -112,12 +112,12 @@ def save_scan(folder, name, volumes, affine, descrip=b""):
 def off_grid_cases(folder):
     """{case name: expected message part} of cases that differ from the BraTS grid in one way each (a phantom
     resampled, reoriented, or with a head around it), and one phantom that is in the grid."""
-    images, seg = synthetic.generate_case((40, 40, 32), 5, "tumor")
+    images, seg = generator.generate_case((40, 40, 32), 5, "tumor")
     volumes = {**images, "seg": seg}
-    brats = synthetic.brats_affine((40, 40, 32))
+    brats = generator.brats_affine((40, 40, 32))
     cases = {}
 
-    def add(name, message, volumes=volumes, affine=brats, descrip=synthetic.MARK):
+    def add(name, message, volumes=volumes, affine=brats, descrip=generator.MARK):
         save_scan(folder, name, volumes, affine, descrip)
         cases[name] = message
 
@@ -153,7 +153,7 @@ def test_each_off_grid_case_gets_its_message_is_skipped_and_listed(tmp_path, tin
 
 def test_the_real_sample_is_in_the_grid_and_a_padded_copy_is_not(sample_case):
     case = find_cases(sample_case.parent, CHANNELS, "seg")[0][0]
-    image, _, nifti = prepare_dataset.load_case(case)
+    image, _, nifti = load_case(case)
     head = (image != 0).any(axis=0)
     assert conventions.grid_differences(head, nifti.header.get_zooms(), nifti.affine) == []
     padded = np.pad(head, ((0, 0), (0, 0), (0, 10)))
@@ -164,27 +164,26 @@ def test_the_real_sample_is_in_the_grid_and_a_padded_copy_is_not(sample_case):
 
 def add_cavity(folder, name, data_format="brats2024"):
     """Give a written phantom a resection cavity (label 4): a fluid-filled ball in healthy brain, off the tumor."""
-    paths = synthetic.case_paths(folder, name, data_format=data_format)
-    images = {m: np.asanyarray(nib.load(paths[m]).dataobj) for m in synthetic.MODALITIES}
+    paths = generator.case_paths(folder, name, data_format=data_format)
+    images = {m: np.asanyarray(nib.load(paths[m]).dataobj) for m in generator.MODALITIES}
     seg = np.asanyarray(nib.load(paths["seg"]).dataobj).copy()
     healthy = (images["flair"] > 0) & (seg == 0)
     distance = np.linalg.norm(np.indices(seg.shape) - np.argwhere(healthy).mean(0)[:, None, None, None], axis=0)
     ball = healthy & (distance < 4)
     seg[ball] = 4
-    for m, modality in enumerate(synthetic.MODALITIES):
-        images[modality] = np.where(ball, synthetic.INTENSITY["csf"][m], images[modality]).astype(np.int16)
-    synthetic.write_case(folder, name, images, seg, data_format=data_format)
+    for m, modality in enumerate(generator.MODALITIES):
+        images[modality] = np.where(ball, generator.INTENSITY["csf"][m], images[modality]).astype(np.int16)
+    generator.write_case(folder, name, images, seg, data_format=data_format)
     return int(ball.sum())
 
 
 @pytest.mark.parametrize("data_format", ["brats2024"])  # 2024 has 2023's names; 2020: test_train, test_predict
 def test_generated_cases_of_each_convention_run_through_every_script(tmp_path, tiny_hp, data_format):
     import evaluate
-    import model
     import predict
     import train
     raw = tmp_path / "raw"
-    names = synthetic.generate_dataset(raw, 3, (32, 32, 24), seed=3, data_format=data_format)
+    names = generator.generate_dataset(raw, 3, (32, 32, 24), seed=3, data_format=data_format)
     assert names[0] == conventions.CONVENTIONS[data_format].case_name.format(1)
     if data_format == "brats2024":
         assert all(add_cavity(raw, name) > 20 for name in names)
@@ -195,7 +194,7 @@ def test_generated_cases_of_each_convention_run_through_every_script(tmp_path, t
     assert len(manifest["cases"]) == (3 if data_format == "brats2024" else 2)
     assert manifest["settings"]["data_format"] == data_format
     train.train(hp)
-    checkpoint = model.load_checkpoint(hp.run_dir / "checkpoint_best.pt")
+    checkpoint = checkpoints.load_checkpoint(hp.run_dir / "checkpoint_best.pt")
     assert checkpoint["model_args"]["out_channels"] == (4 if data_format == "brats2024" else 3)
     written = predict.predict(hp)
     disk_labels = conventions.CONVENTIONS[data_format].disk_labels
@@ -216,6 +215,7 @@ def test_a_2020_model_predicts_2023_files_in_their_convention(tmp_path, tiny_hp)
     from test_predict import ChannelSigns, write_encoded_case
 
     import predict
+    from bratsunet import inference
     write_encoded_case(tmp_path / "2020", "BraTS20_Training_001")
     old = tmp_path / "2020" / "BraTS20_Training_001"
     new = tmp_path / "2023" / "BraTS-GLI-00001-000"
@@ -228,27 +228,26 @@ def test_a_2020_model_predicts_2023_files_in_their_convention(tmp_path, tiny_hp)
         hp = tiny_hp.replace(data_format=data_format, predict_input_dir=folder, prediction_dir=tmp_path / data_format)
         cases = predict.cases_to_predict(hp)
         assert [c.data_format for c in cases] == [data_format]
-        outputs[data_format] = np.asanyarray(nib.load(predict.predict_cases(hp, cases, network)[0]).dataobj)
+        outputs[data_format] = np.asanyarray(nib.load(inference.predict_cases(hp, cases, network)[0]).dataobj)
     assert set(np.unique(outputs["brats2020"])) == {0, 1, 2, 4} and set(np.unique(outputs["brats2023"])) == {0, 1, 2, 3}
     assert np.array_equal(outputs["brats2023"], internal_to_brats(brats_to_internal(outputs["brats2020"]), "brats2023"))
     assert (tmp_path / "brats2023" / "BraTS-GLI-00001-000.nii.gz").is_file()  # named as the input case
 
 
 def test_a_checkpoint_from_before_the_conventions_still_loads_and_predicts(tmp_path, tiny_hp):
-    import model
     import predict
     write_convention_case(tmp_path / "raw", "BraTS20_Training_001", "brats2020")
     old_settings = {k: v for k, v in tiny_hp.to_dict().items()
                     if k not in ("data_format", "allow_any_grid", "lesion_wise", "lesion_wise_task")}
-    net = model.build_model(tiny_hp)
-    model.save_checkpoint({"model_args": model.model_args(tiny_hp), "model": net.state_dict(),
+    net = network.build_model(tiny_hp)
+    checkpoints.save_checkpoint({"model_args": network.model_args(tiny_hp), "model": net.state_dict(),
                            "hyperparameters": old_settings}, tmp_path / "old.pt")
     for data_format in ("brats2020", "brats2024"):  # a 3-region network writes a 2024 case without a cavity
         hp = tiny_hp.replace(checkpoint=tmp_path / "old.pt", predict_input_dir=tmp_path / "raw",
                              data_format=data_format, prediction_dir=tmp_path / data_format, sw_overlap=0)
         if data_format == "brats2024":
-            synthetic.generate_dataset(tmp_path / "raw2024", 1, (40, 40, 32), seed=1, data_format=data_format)
+            generator.generate_dataset(tmp_path / "raw2024", 1, (40, 40, 32), seed=1, data_format=data_format)
             hp = hp.replace(predict_input_dir=tmp_path / "raw2024")
-        loaded, trained = predict.load_for_inference(hp, model.torch.device("cpu"))
+        loaded, trained = inference.load_for_inference(hp, torch.device("cpu"))
         assert trained.target == "regions" and trained.data_format == data_format
-        assert len(predict.predict_cases(trained, predict.cases_to_predict(trained), loaded)) == 1
+        assert len(inference.predict_cases(trained, predict.cases_to_predict(trained), loaded)) == 1

@@ -13,18 +13,16 @@ import pytest
 import torch
 
 import crossval
-import dataset
 import evaluate
-import hyperparameters
-import loss
-import model
 import predict
 import prepare_dataset
 import train
+from bratsunet import cases, checkpoints, evaluation, hyperparameters, inference, loader, losses, network, preprocessing
+from bratsunet.manifest import assign_splits, fold_cases, holdout_cases, read_manifest, split_cases
+from bratsunet.conventions import REGION_NAMES, brats_to_internal, internal_to_brats, labels_to_regions
+from bratsunet.metrics import HD95_EMPTY
 from conftest import REPO
 from test_train import without_seconds
-from conventions import REGION_NAMES, brats_to_internal, internal_to_brats, labels_to_regions
-from loss import HD95_EMPTY
 
 # 2 folds of 4 cases, 2 test cases; tiny network and training, whole volumes in few windows
 SETTINGS = {"num_workers": 0, "features": "4, 8, 16", "patch_size": "16, 16, 16", "batch_size": 2, "epochs": 2,
@@ -67,9 +65,10 @@ def cv_run(tmp_path_factory, cv_raw):
         return record
 
     with pytest.MonkeyPatch.context() as monkeypatch:  # training patches and validation volumes, raw cases, label maps
-        monkeypatch.setattr(dataset, "open_case", recording(dataset.open_case, lambda _, entry: case_of(entry["image"])))
-        monkeypatch.setattr(predict, "load_case", recording(predict.load_case, lambda case, *_: case.name))
-        monkeypatch.setattr(evaluate, "load_labels", recording(evaluate.load_labels, lambda path, *_: case_of(path)))
+        monkeypatch.setattr(loader, "open_case", recording(loader.open_case, lambda _, entry: case_of(entry["image"])))
+        monkeypatch.setattr(inference, "load_case", recording(cases.load_case, lambda case, *_: case.name))
+        for module in (cases, evaluation):
+            monkeypatch.setattr(module, "load_labels", recording(cases.load_labels, lambda path, *_: case_of(path)))
         record = crossval.crossval(hp)
     return hp, manifest, read, record
 
@@ -77,7 +76,7 @@ def cv_run(tmp_path_factory, cv_raw):
 def test_splits_are_seeded_disjoint_and_cover_the_labelled_cases():
     names = [f"case{i:02d}" for i in range(23)]
     hp = hyperparameters.load(overrides={"seed": 1, "test_fraction": 0.2, "num_folds": 5})
-    splits = prepare_dataset.assign_splits(names, hp)
+    splits = assign_splits(names, hp)
     test = sorted(n for n, (split, _) in splits.items() if split == "test")
     folds = [sorted(n for n, (split, fold) in splits.items() if split == "val" and fold == k) for k in range(5)]
     assert len(test) == 5 and sorted(len(f) for f in folds) == [3, 3, 4, 4, 4]  # 18 cases in 5 folds
@@ -85,22 +84,22 @@ def test_splits_are_seeded_disjoint_and_cover_the_labelled_cases():
     manifest = {"cases": {n: {"seg": f"{n}_seg.npy", "split": s, "fold": f} for n, (s, f) in splits.items()}}
     manifest["cases"]["unlabelled"] = {"seg": None, "split": "unlabeled", "fold": None}
     for k, fold in enumerate(folds):
-        train_names, val_names = dataset.split_cases(manifest, k)
+        train_names, val_names = split_cases(manifest, k)
         assert val_names == fold and not set(train_names) & set(val_names)
         assert sorted(train_names + val_names) == sorted(set(names) - set(test))  # never a test case
-    assert dataset.holdout_cases(manifest) == test
-    assert prepare_dataset.assign_splits(list(reversed(names)), hp) == splits  # seeded, by case
-    other = prepare_dataset.assign_splits(names, hp.replace(seed=2))
+    assert holdout_cases(manifest) == test
+    assert assign_splits(list(reversed(names)), hp) == splits  # seeded, by case
+    other = assign_splits(names, hp.replace(seed=2))
     assert sorted(n for n, (s, _) in other.items() if s == "test") != test
     # the test split does not depend on the folds; one fold keeps the single split of val_fraction
-    single = prepare_dataset.assign_splits(names, hp.replace(num_folds=1, val_fraction=0.3))
+    single = assign_splits(names, hp.replace(num_folds=1, val_fraction=0.3))
     assert sorted(n for n, (s, _) in single.items() if s == "test") == test
     val = sorted(n for n, (s, f) in single.items() if s == "val" and f == 0)
     assert len(val) == 5 and [s for s, _ in single.values()].count("train") == 13
     single_manifest = {"cases": {n: {"seg": 1, "split": s, "fold": f} for n, (s, f) in single.items()}}
-    assert dataset.split_cases(single_manifest, 0) == (sorted(set(names) - set(test) - set(val)), val)
-    with pytest.raises(prepare_dataset.CaseError, match="num_folds 5: only 3 labelled case"):
-        prepare_dataset.assign_splits(names[:4], hp)
+    assert split_cases(single_manifest, 0) == (sorted(set(names) - set(test) - set(val)), val)
+    with pytest.raises(cases.CaseError, match="num_folds 5: only 3 labelled case"):
+        assign_splits(names[:4], hp)
 
 
 def test_prepare_refuses_to_split_again_under_a_trained_run_and_says_how_to_start_over(cv_raw, tmp_path, capsys):
@@ -119,7 +118,7 @@ def test_prepare_refuses_to_split_again_under_a_trained_run_and_says_how_to_star
     before = (prepared / "dataset.json").read_bytes()
     for changes, said in (({"seed": 1}, "seed 42 -> 1"), ({"num_folds": 3}, "num_folds 2 -> 3"),
                           ({"test_fraction": 0.5}, "test_fraction 0.2 -> 0.5")):
-        with pytest.raises(prepare_dataset.CaseError, match="would change") as error:
+        with pytest.raises(cases.CaseError, match="would change") as error:
             prepare_dataset.prepare_dataset(hp.replace(**changes))
         message = str(error.value)
         assert said in message and "fold_1/checkpoint_last.pt" in message and "\n" not in message
@@ -127,17 +126,17 @@ def test_prepare_refuses_to_split_again_under_a_trained_run_and_says_how_to_star
         assert (prepared / "dataset.json").read_bytes() == before  # untouched
     (prepared / "dataset.json").unlink()  # the explicit way to split anew
     assert prepare_dataset.prepare_dataset(hp.replace(seed=1))["settings"]["seed"] == 1
-    manifest = prepare_dataset.read_manifest(prepared)
+    manifest = read_manifest(prepared)
     with pytest.raises(ValueError, match="split into 2 fold.*num_folds is 3"):
-        dataset.fold_cases(manifest, hp.replace(num_folds=3))
+        fold_cases(manifest, hp.replace(num_folds=3))
     with pytest.raises(ValueError, match="fold 2: the folds of .* are 0 .. 1"):
-        dataset.fold_cases(manifest, hp.replace(fold=2))
+        fold_cases(manifest, hp.replace(fold=2))
 
 
 def test_the_test_split_never_reaches_training_selection_or_tuning(cv_run):
     hp, manifest, read, record = cv_run
-    test = dataset.holdout_cases(manifest)
-    folds = [dataset.split_cases(manifest, k)[1] for k in range(2)]
+    test = holdout_cases(manifest)
+    folds = [split_cases(manifest, k)[1] for k in range(2)]
     assert len(test) == 2 and [len(f) for f in folds] == [4, 4] and not set(folds[0]) & set(folds[1])
     assert read and not read & set(test)  # no step of training, selection, prediction or tuning read them
     assert read == set(folds[0] + folds[1])
@@ -151,7 +150,7 @@ def test_the_test_split_never_reaches_training_selection_or_tuning(cv_run):
             f"{n}{suffix}" for n in fold for suffix in (".nii.gz", "_probabilities.npz"))
     with open(hp.run_dir / "crossval.csv", newline="") as file:
         rows = list(csv.DictReader(file))
-    assert tuple(rows[0]) == ("case", "fold") + evaluate.COLUMNS[1:]
+    assert tuple(rows[0]) == ("case", "fold") + evaluation.COLUMNS[1:]
     assert sorted((row["case"], int(row["fold"])) for row in rows) == sorted(
         (n, k) for k, fold in enumerate(folds) for n in fold)
     assert json.loads((hp.run_dir / "postprocessing.json").read_text()) == record
@@ -163,7 +162,7 @@ def test_the_test_split_never_reaches_training_selection_or_tuning(cv_run):
 
 def test_predict_takes_the_test_split_with_the_fold_ensemble_and_evaluate_expects_it(cv_run, capsys):
     hp, manifest, _, record = cv_run
-    test = dataset.holdout_cases(manifest)
+    test = holdout_cases(manifest)
     written = predict.predict(hp)
     assert written == [hp.prediction_dir / f"{name}.nii.gz" for name in test]
     out = capsys.readouterr().out
@@ -191,17 +190,17 @@ def test_a_resumed_fold_continues_where_it_stopped(cv_run, tmp_path, monkeypatch
     prepared = tmp_path / "prepared"
     shutil.copytree(hp.prepared_dir, prepared)
     fold = hp.replace(prepared_dir=prepared, run_dir=tmp_path / "run", fold=1)
-    save = model.save_checkpoint
+    save = checkpoints.save_checkpoint
 
     def stop_once_epoch_1_is_saved(state, path):
         save(state, path)
         if state["epoch"] == 1:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(model, "save_checkpoint", stop_once_epoch_1_is_saved)
+    monkeypatch.setattr(checkpoints, "save_checkpoint", stop_once_epoch_1_is_saved)
     with pytest.raises(KeyboardInterrupt):
         train.train(fold)
-    monkeypatch.setattr(model, "save_checkpoint", save)
+    monkeypatch.setattr(checkpoints, "save_checkpoint", save)
     assert not (tmp_path / "run" / "fold_0").exists()
     train.train(fold.replace(resume=True))
     assert f"resuming {tmp_path / 'run' / 'fold_1' / 'checkpoint_last.pt'} after epoch 1" in capsys.readouterr().out
@@ -244,7 +243,7 @@ def test_two_folds_trained_in_parallel_processes_do_not_disturb_each_other(cv_ru
 def save_random_checkpoint(path, seed, target="regions", hp=None):
     hp = hp or hyperparameters.load(overrides={"features": "4, 8, 16", "patch_size": "16, 16, 16", "target": target})
     torch.manual_seed(seed)
-    model.save_checkpoint({"model_args": model.model_args(hp), "model": model.build_model(hp).state_dict(),
+    checkpoints.save_checkpoint({"model_args": network.model_args(hp), "model": network.build_model(hp).state_dict(),
                            "hyperparameters": hp.to_dict()}, path)
     return path
 
@@ -266,14 +265,14 @@ def test_ensembles_average_the_probabilities_of_their_checkpoints(tiny_raw, tmp_
         with np.load(out.prediction_dir / f"{case}_probabilities.npz") as saved:
             return np.asanyarray(nib.load(written).dataobj), saved["probabilities"], saved["crop_box"]
 
-    image, _, _ = prepare_dataset.load_case(predict.cases_to_predict(hp)[0])
-    normalized, box = prepare_dataset.preprocess(image, hp.crop_margin)
-    members = [predict.load_for_inference(hp, torch.device("cpu"), path) for path in paths]
-    probabilities = [predict.predict_case(net, normalized, member, member.target) for net, member in members]
+    image, _, _ = cases.load_case(predict.cases_to_predict(hp)[0])
+    normalized, box = preprocessing.preprocess(image, hp.crop_margin)
+    members = [inference.load_for_inference(hp, torch.device("cpu"), path) for path in paths]
+    probabilities = [inference.predict_case(net, normalized, member, member.target) for net, member in members]
 
     def expected_labels(probs):  # probabilities over the crop box -> disk labels in the input grid
-        labels = loss.probabilities_to_labels(probs, "regions").numpy()
-        return internal_to_brats(predict.labels_in_input_grid(labels, box, image.shape[1:]))
+        labels = losses.probabilities_to_labels(probs, "regions").numpy()
+        return internal_to_brats(inference.labels_in_input_grid(labels, box, image.shape[1:]))
 
     # an ensemble of one checkpoint is that checkpoint
     labels, probs, crop = run(paths[0])
@@ -321,14 +320,14 @@ def test_the_threshold_search_picks_the_best_et_min_voxels(tmp_path):
         probabilities[0, 1:11, 1:11, 1:11] = 0.9
         probabilities[1][torch.from_numpy(core)] = 0.8
         probabilities[2].view(-1)[np.flatnonzero(core)[:voxels]] = 0.7  # the first voxels of the core
-        labels = loss.probabilities_to_labels(probabilities, "regions").numpy()
+        labels = losses.probabilities_to_labels(probabilities, "regions").numpy()
         assert np.count_nonzero(labels == 3) == voxels
         write_labels(tmp_path / "run" / "validation" / f"{name}.nii.gz", internal_to_brats(labels))
         truth = labels if true_et else np.where(labels == 3, 1, labels)  # a false ET: the truth has necrosis there
         write_labels(tmp_path / "truth" / f"{name}.nii.gz", internal_to_brats(truth))
     hp = hyperparameters.load(overrides={"run_dir": tmp_path / "run", "raw_data_dir": tmp_path / "truth",
                                          "et_search_max": 300})
-    rows, _ = evaluate.evaluate_folders(hp.run_dir / "validation", hp.raw_data_dir, (), "seg")
+    rows, _ = evaluation.evaluate_folders(hp.run_dir / "validation", hp.raw_data_dir, (), "seg")
     rows = [{"fold": 0, **row} for row in rows]
     best, means, rows_with = crossval.tune_et_threshold(hp, rows)
     assert best == 31 and len(means) == 301
@@ -358,7 +357,7 @@ def test_a_missing_prediction_is_scored_as_a_failure(tiny_raw, tmp_path, capsys)
         seg = nib.load(tiny_raw / name / f"{name}_seg.nii")
         voxel = float(np.prod(seg.header.get_zooms()))
         for region, mask in zip(REGION_NAMES, labels_to_regions(brats_to_internal(np.asanyarray(seg.dataobj)))):
-            assert [rows[name][f"{m}_{region}"] for m in evaluate.METRICS] == pytest.approx(
+            assert [rows[name][f"{m}_{region}"] for m in evaluation.METRICS] == pytest.approx(
                 [0, HD95_EMPTY, 0, 0, 0, mask.sum() * voxel])
     out = capsys.readouterr().out
     assert "3 case(s) evaluated" in out and f"the cases expected: the cases of {tmp_path / 'input'}" in out
@@ -381,13 +380,13 @@ def test_out_of_fold_predictions_land_in_the_raw_grid_of_the_real_sample(sample_
         assert image.shape == (4, *seg.shape) and image.dtype == np.float32
         return torch.from_numpy(labels_to_regions(seg).astype(np.float32))  # (3, x, y, z) WT, TC, ET
 
-    monkeypatch.setattr(predict, "ensemble_probabilities", truth_as_probabilities)
-    assert predict.predict_validation(hp, [sample_case.name]) == [sample_case.name]
+    monkeypatch.setattr(inference, "ensemble_probabilities", truth_as_probabilities)
+    assert inference.predict_validation(hp, [sample_case.name]) == [sample_case.name]
     out_of_fold = nib.load(hp.run_dir / "validation" / f"{sample_case.name}.nii.gz")
     truth = nib.load(sample_case / f"{sample_case.name}_seg.nii.gz")
     assert np.array_equal(np.asanyarray(out_of_fold.dataobj), np.asanyarray(truth.dataobj))  # every voxel in place
     assert np.allclose(out_of_fold.affine, truth.affine) and out_of_fold.header.get_zooms() == truth.header.get_zooms()
-    metrics = evaluate.evaluate_pair(hp.run_dir / "validation" / f"{sample_case.name}.nii.gz", sample_case /
+    metrics = evaluation.evaluate_pair(hp.run_dir / "validation" / f"{sample_case.name}.nii.gz", sample_case /
                                      f"{sample_case.name}_seg.nii.gz")
     assert all(metrics[region]["dice"] == 1 for region in REGION_NAMES)
 

@@ -13,13 +13,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-import devices
-import hyperparameters
-import loss
-import model
-import predict
-import prepare_dataset
 import train
+from bratsunet import cases, devices, hyperparameters, inference, losses, network, preprocessing, training
 from test_train import tiny_settings
 
 DEVICE = os.environ.get("CUDA_TESTS_DEVICE", "cuda")
@@ -29,14 +24,14 @@ pytestmark = [pytest.mark.cuda,
 
 def watch_output_dtypes(monkeypatch):
     """-> the set that collects the dtype of every output of the networks train.py builds."""
-    dtypes, build_model = set(), model.build_model
+    dtypes, build_model = set(), network.build_model
 
     def build_and_watch(hp):
         net = build_model(hp)
         net.heads[0].register_forward_hook(lambda module, inputs, output: dtypes.add(output.dtype))
         return net
 
-    monkeypatch.setattr(model, "build_model", build_and_watch)
+    monkeypatch.setattr(network, "build_model", build_and_watch)
     return dtypes
 
 
@@ -67,14 +62,14 @@ def test_predict_on_the_gpu_equals_predict_on_the_cpu(tiny_prepared, tiny_raw, t
     hp = tiny_settings(tiny_prepared, tmp_path / "run", device="cpu", precision="fp32", raw_data_dir=tiny_raw,
                        epochs=2)
     train.train(hp)  # a trained network: untrained probabilities sit near 0.5, where any rounding flips a label
-    case = prepare_dataset.find_cases(tiny_raw, hp.channel_names, hp.seg_channel_name)[0][0]
-    image, _ = prepare_dataset.preprocess(prepare_dataset.load_case(case)[0], hp.crop_margin)  # (C, x, y, z)
+    case = cases.find_cases(tiny_raw, hp.channel_names, hp.seg_channel_name)[0][0]
+    image, _ = preprocessing.preprocess(cases.load_case(case)[0], hp.crop_margin)  # (C, x, y, z)
     probabilities, labels = {}, {}
     for run, (device, precision) in enumerate((("cpu", "fp32"), (DEVICE, "fp32"), (DEVICE, "auto"))):
         settings = hp.replace(device=device, precision=precision, prediction_dir=tmp_path / f"predictions_{run}")
-        net, settings = predict.load_for_inference(settings, devices.resolve_device(device))
-        probabilities[device, precision] = predict.predict_case(net, image, settings, settings.target).cpu()
-        path, = predict.predict_cases(settings, [case], net)
+        net, settings = inference.load_for_inference(settings, devices.resolve_device(device))
+        probabilities[device, precision] = inference.predict_case(net, image, settings, settings.target).cpu()
+        path, = inference.predict_cases(settings, [case], net)
         labels[device, precision] = np.asarray(nib.load(path).dataobj)
     cpu = probabilities["cpu", "fp32"]
     # float32 on a GPU convolves in TF32 (10-bit mantissa) by default; bf16 keeps 8 bits, float16 11. On the
@@ -108,7 +103,7 @@ def test_channels_last_on_and_off_give_the_same_outputs(precision):
     for channels_last in (False, True):
         settings = hp.replace(channels_last=channels_last)
         dtype, _, layout = devices.run_settings(precision, channels_last, device)
-        net, _ = train.build_model(settings, device, 1, True)  # the same seeded weights for both
+        net, _ = training.build_for_training(settings, device, 1, True)  # the same seeded weights for both
         weight = net.encoders[0][0].weight
         assert layout == channels_last == weight.is_contiguous(memory_format=torch.channels_last_3d)
         x = image.to(device)
@@ -117,7 +112,7 @@ def test_channels_last_on_and_off_give_the_same_outputs(precision):
             output = net(x)  # (B, 3, X, Y, Z)
         output.float().square().mean().backward()
         outputs[channels_last], gradients[channels_last] = output.float().cpu(), weight.grad.float().cpu()
-        probabilities[channels_last] = predict.predict_case(net.eval(), volume, settings, settings.target).cpu()
+        probabilities[channels_last] = inference.predict_case(net.eval(), volume, settings, settings.target).cpu()
     tolerance = 1e-2 if precision == "fp32" else 5e-2  # other convolution algorithms per layout; TF32 in fp32
     torch.testing.assert_close(outputs[True], outputs[False], atol=tolerance, rtol=tolerance)
     torch.testing.assert_close(gradients[True], gradients[False], atol=tolerance, rtol=tolerance)
@@ -148,14 +143,14 @@ def test_the_process_group_of_a_gpu_run_takes_its_collectives(tmp_path, monkeypa
     devices.start_process_group(device, datetime.timedelta(minutes=2))
     try:
         hp = tiny_settings(tmp_path, tmp_path, device=DEVICE, patch_size="16, 16, 16", steps_per_epoch=2)
-        net, ddp = train.build_model(hp, device, world_size=2, main_process=True)  # wrapped as under torchrun
+        net, ddp = training.build_for_training(hp, device, world_size=2, main_process=True)  # wrapped as under torchrun
         assert isinstance(ddp, torch.nn.parallel.DistributedDataParallel)
         dtype, use_scaler, _ = devices.run_settings(hp.precision, hp.channels_last, device)
         optimizer = torch.optim.AdamW(net.parameters(), lr=hp.learning_rate)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
         batch = torch.randn(2, 4, 16, 16, 16), torch.randint(0, 4, (2, 16, 16, 16))
-        mean, skipped = train.train_epoch(ddp, [batch] * 2, optimizer, scheduler, torch.amp.GradScaler(
-            device.type, enabled=use_scaler), loss.make_loss(hp), hp, device, dtype, 1, 2, True)
+        mean, skipped = training.train_epoch(ddp, [batch] * 2, optimizer, scheduler, torch.amp.GradScaler(
+            device.type, enabled=use_scaler), losses.make_loss(hp), hp, device, dtype, 1, 2, True)
         assert math.isfinite(mean) and skipped == 0
         gathered = [None]
         dist.all_gather_object(gathered, [(0, [0.5, 0.5, 0.5], 0.9)])

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from dataset import PatchDataset, VolumeDataset, split_cases
-from prepare_dataset import read_manifest
+from bratsunet.loader import PatchDataset, VolumeDataset
+from bratsunet.manifest import split_cases, read_manifest
 
 
 def write_prepared(folder, cases):
@@ -161,7 +161,7 @@ def test_augmentation_flips_image_and_labels_together(tmp_path):
 
 
 def test_tumor_subset_of_large_tumors_still_centres_patches_on_tumor(tmp_path, monkeypatch):
-    monkeypatch.setattr("dataset.MAX_FOREGROUND_VOXELS", 3)  # the 8 cube voxels -> every 3rd one
+    monkeypatch.setattr("bratsunet.loader.MAX_FOREGROUND_VOXELS", 3)  # the 8 cube voxels -> every 3rd one
     data = tumor_cube_dataset(tmp_path, 1.0, samples=50)
     assert all(data[i][1].any() for i in range(len(data)))
     assert len(data.foreground[0]) == 3

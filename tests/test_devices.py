@@ -7,11 +7,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-import dataset
-import devices
-import loss
-import model
 import train
+from bratsunet import checkpoints, devices, loader, losses, manifest, network, training
 from test_train import NaNGradient, tiny_settings
 
 BF16, FP16 = torch.bfloat16, torch.float16
@@ -92,9 +89,9 @@ def test_without_cuda_auto_falls_back_to_mps(monkeypatch, tiny_prepared):
     assert devices.run_settings("auto", "auto", mps) == (None, False, False)  # float32, contiguous
     with pytest.raises(ValueError, match="device: mps under torchrun: no process-group backend"):
         devices.process_group_backend(mps)
-    names = dataset.split_cases(dataset.read_manifest(tiny_prepared))[0]
-    patches = dataset.PatchDataset(tiny_prepared, names, (16, 16, 16), 0.5, False, 0, 2)
-    assert not dataset.start_loader(patches, dataset.EpochSampler(1, 2, 0, 1), 2, 0, mps).pin_memory
+    names = manifest.split_cases(manifest.read_manifest(tiny_prepared))[0]
+    patches = loader.PatchDataset(tiny_prepared, names, (16, 16, 16), 0.5, False, 0, 2)
+    assert not loader.start_loader(patches, loader.EpochSampler(1, 2, 0, 1), 2, 0, mps).pin_memory
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     with pytest.raises(RuntimeError, match="no Apple GPU"):
         devices.resolve_device("mps")
@@ -122,7 +119,7 @@ def test_train_sets_the_gpu_before_the_process_group_starts(fake_gpus, monkeypat
     expected = [("set_device", gpu)]
     if world_size > 1:
         expected.append(("init_process_group", "cpu:gloo,cuda:nccl",
-                         {"timeout": train.PROCESS_GROUP_TIMEOUT, "device_id": gpu}))
+                         {"timeout": training.PROCESS_GROUP_TIMEOUT, "device_id": gpu}))
     assert calls == expected
     assert torch.backends.cudnn.benchmark
 
@@ -131,16 +128,16 @@ def test_batch_norm_is_synchronised_across_gpus_under_ddp(fake_gpus, monkeypatch
     fake_gpus((8, 0))
     monkeypatch.setattr(torch.nn.Module, "to", lambda module, *args, **kwargs: module)  # stays on the CPU
     wrapped = []
-    monkeypatch.setattr(train, "DistributedDataParallel",
+    monkeypatch.setattr(training, "DistributedDataParallel",
                         lambda module, device_ids: wrapped.append(device_ids) or module)
     hp = tiny_settings(tmp_path, tmp_path, norm="batch")
 
     def norms(net):
         return {type(m).__name__ for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
 
-    net, train_model = train.build_model(hp, torch.device("cuda", 1), world_size=2, main_process=True)
+    net, train_model = training.build_for_training(hp, torch.device("cuda", 1), world_size=2, main_process=True)
     assert norms(train_model) == norms(net) == {"SyncBatchNorm"} and wrapped == [[1]]
-    net, train_model = train.build_model(hp, torch.device("cpu"), world_size=2, main_process=True)
+    net, train_model = training.build_for_training(hp, torch.device("cpu"), world_size=2, main_process=True)
     assert norms(train_model) == {"BatchNorm3d"} and wrapped[1] is None
     assert "batch statistics stay per process" in capsys.readouterr().out
 
@@ -152,7 +149,7 @@ def skip_validation(net, volumes, hp, device, rank=0, world_size=1):
 def test_float16_loss_scaling_skips_overflowing_steps_and_resumes_its_scale(tiny_prepared, tmp_path, monkeypatch,
                                                                              capsys):
     """precision: fp16 as on a V100 (autocast float16 + GradScaler), run on the CPU, where both work the same."""
-    make_loss, calls = loss.make_loss, []
+    make_loss, calls = losses.make_loss, []
 
     def inf_gradient_at_step_2(hp):
         loss_fn = make_loss(hp)
@@ -163,8 +160,8 @@ def test_float16_loss_scaling_skips_overflowing_steps_and_resumes_its_scale(tiny
             return NaNGradient.apply(value) if len(calls) == 2 else value
         return faulty
 
-    monkeypatch.setattr(loss, "make_loss", inf_gradient_at_step_2)
-    monkeypatch.setattr(train, "validate", skip_validation)  # float16 convolutions are slow on a CPU
+    monkeypatch.setattr(losses, "make_loss", inf_gradient_at_step_2)
+    monkeypatch.setattr(training, "validate", skip_validation)  # float16 convolutions are slow on a CPU
     hp = tiny_settings(tiny_prepared, tmp_path, precision="fp16", epochs=1, steps_per_epoch=3, patch_size="8, 8, 8",
                        batch_size=1)
     result = train.train(hp)
@@ -194,7 +191,7 @@ def test_compile_trains_the_same_as_eager(tiny_prepared, tmp_path, monkeypatch):
         return compile(module, backend="aot_eager")
 
     monkeypatch.setattr(torch, "compile", compile_aot_eager)
-    monkeypatch.setattr(train, "validate", skip_validation)  # validation runs the network uncompiled
+    monkeypatch.setattr(training, "validate", skip_validation)  # validation runs the network uncompiled
     results = [train.train(tiny_settings(tiny_prepared, tmp_path / f"compile_{flag}", compile=flag, epochs=1,
                                          steps_per_epoch=2, patch_size="8, 8, 8", precision="fp32"))
                for flag in (False, True)]
@@ -202,5 +199,5 @@ def test_compile_trains_the_same_as_eager(tiny_prepared, tmp_path, monkeypatch):
     assert results[1]["train_loss"] == pytest.approx(results[0]["train_loss"], rel=1e-5)
     checkpoint = torch.load(tmp_path / "compile_True" / "checkpoint_last.pt", weights_only=True)
     assert not [key for key in checkpoint["model"] if key.startswith(("_orig_mod.", "module."))]
-    net, _ = model.load_model(tmp_path / "compile_True" / "checkpoint_last.pt")
-    assert isinstance(net, model.UNet3D)
+    net, _ = checkpoints.load_model(tmp_path / "compile_True" / "checkpoint_last.pt")
+    assert isinstance(net, network.UNet3D)

@@ -14,27 +14,26 @@ import pytest
 import torch
 import torch.distributed as dist
 
-import dataset
-import hyperparameters
-import model
 import prepare_dataset
 import train
+from bratsunet import checkpoints, hyperparameters, loader, manifest, network, training
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 120  # seconds for one launch; a hang fails the test instead of the suite
 
 # Runs train.train under torchrun or alone, with two test-only changes, and saves each process's weights:
-# the loss is the mean of per-patch losses (the batch Dice of loss.py is over a process's own patches, so
+# the loss is the mean of per-patch losses (the batch Dice of losses.py is over a process's own patches, so
 # only a per-patch loss is the same whether 2 patches are on one process or one on each of two), and the
 # loss of step 2 is NaN on process NAN_RANK (all processes must skip that step together).
 HELPER = """
 import os, sys
 import torch
 sys.path.insert(0, {repo!r})
-import devices, hyperparameters, loss, model, train
+import train
+from bratsunet import devices, hyperparameters, losses, network
 
-nets, build_model, make_loss = [], model.build_model, loss.make_loss
-model.build_model = lambda hp: nets.append(build_model(hp)) or nets[-1]
+nets, build_model, make_loss = [], network.build_model, losses.make_loss
+network.build_model = lambda hp: nets.append(build_model(hp)) or nets[-1]
 
 def per_patch_loss(hp):
     loss_fn, calls = make_loss(hp), []
@@ -45,7 +44,7 @@ def per_patch_loss(hp):
         return value * float("nan") if nan else value
     return mean_of_patches
 
-loss.make_loss = per_patch_loss
+losses.make_loss = per_patch_loss
 train.train(hyperparameters.load(sys.argv[1], overrides=sys.argv[3:]))
 torch.save(nets[0].state_dict(), os.path.join(sys.argv[2], "rank" + os.environ.get("RANK", "0") + ".pt"))
 if "WORLD_SIZE" in os.environ:
@@ -115,7 +114,7 @@ def test_two_processes_train_like_one_process_with_the_same_global_batch(tmp_pat
     rank0, rank1 = (torch.load(two_out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     single = torch.load(one_out / "rank0.pt", weights_only=True)
     torch.manual_seed(5)
-    initial = model.build_model(train.hyperparameters.load(overrides={"features": "4, 8, 16"})).state_dict()
+    initial = network.build_model(hyperparameters.load(overrides={"features": "4, 8, 16"})).state_dict()
     for key, value in rank0.items():
         assert torch.equal(value, rank1[key]), f"{key} differs between the processes"
         torch.testing.assert_close(value, single[key], rtol=0, atol=1e-4, msg=f"{key} differs from one process")
@@ -187,10 +186,10 @@ def test_killed_run_resumes_under_torchrun_with_another_process_count(tmp_path, 
         assert [line.split(",")[0] for line in file.read().splitlines()[1:]] == [str(e) for e in range(1, epochs + 1)]
 
     # validation split over 2 processes (cases 0, 2 and 1) gives the numbers of one process on the same weights
-    hp = train.hyperparameters.load(settings)
-    net, _ = model.load_model(run_dir / "checkpoint_last.pt")
-    volumes = dataset.VolumeDataset(prepared, dataset.split_cases(dataset.read_manifest(prepared))[1])
-    single, _ = train.validate(net, volumes, hp, torch.device("cpu"))
+    hp = hyperparameters.load(settings)
+    net, _ = checkpoints.load_model(run_dir / "checkpoint_last.pt")
+    volumes = loader.VolumeDataset(prepared, manifest.split_cases(manifest.read_manifest(prepared))[1])
+    single, _ = training.validate(net, volumes, hp, torch.device("cpu"))
     for key, value in single.items():
         assert resumed["metrics"][-1][key] == pytest.approx(value, abs=1e-6), key
 
@@ -213,7 +212,7 @@ def test_crossval_runs_its_folds_in_one_process_group_under_torchrun(tmp_path, t
 
 
 def test_a_failing_process_stops_the_others(tmp_path, prepared):
-    val_names = dataset.split_cases(dataset.read_manifest(prepared))[1]
+    val_names = manifest.split_cases(manifest.read_manifest(prepared))[1]
     image = prepared / f"{val_names[1]}.npy"  # validation case 1 belongs to process 1
     image.write_bytes(image.read_bytes()[:200])  # truncated
     settings = write_settings(tmp_path / "hp.txt", prepared, tmp_path / "run", epochs=1)
@@ -237,7 +236,8 @@ import torch
 import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
 sys.path.insert(0, {repo!r})
-import devices, hyperparameters, train
+import train
+from bratsunet import devices, hyperparameters
 
 NCCL_DTYPES = {{torch.int8, torch.uint8, torch.int32, torch.int64, torch.float16, torch.bfloat16, torch.float32,
                torch.float64}}

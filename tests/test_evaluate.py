@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 import evaluate
-import hyperparameters
-from conventions import REGION_NAMES, brats_to_internal, labels_to_regions
-from loss import HD95_EMPTY
-from prepare_dataset import CaseError
+from bratsunet import cases, evaluation, hyperparameters
+from bratsunet.cases import CaseError
+from bratsunet.conventions import REGION_NAMES, brats_to_internal, labels_to_regions
+from bratsunet.metrics import HD95_EMPTY
 
 from conftest import SAMPLE_DIR, monai_scores
 
@@ -34,7 +34,7 @@ def run_evaluate(tmp_path, pred_dir, truth_dir):
     evaluate.evaluate(hp)
     with open(hp.run_dir / "evaluation.csv", newline="") as file:
         rows = list(csv.DictReader(file))
-    assert tuple(rows[0]) == evaluate.COLUMNS
+    assert tuple(rows[0]) == evaluation.COLUMNS
     return {row["case"]: {key: float(value) for key, value in row.items() if key != "case"} for row in rows}
 
 
@@ -51,15 +51,15 @@ def test_hand_computed_cases_with_anisotropic_spacing_in_the_header(tmp_path):
     write_label_map(tmp_path / "truth" / "cube.nii.gz", truth, spacing)
     results = run_evaluate(tmp_path, tmp_path / "pred", tmp_path / "truth")
     for region in REGION_NAMES:  # ET is inside TC inside WT: all three regions are the single voxels
-        voxels = {metric: results["voxels"][f"{metric}_{region}"] for metric in evaluate.METRICS}
+        voxels = {metric: results["voxels"][f"{metric}_{region}"] for metric in evaluation.METRICS}
         assert voxels == pytest.approx({"dice": 0.0, "hd95": 7.5, "sensitivity": 0.0, "specificity": 998 / 999,
                                         "volume_pred": 2.5, "volume_true": 2.5})
     cube = results["cube"]
     # WT: Dice 2*4/(4+8); the 4 truth voxels of the upper half are 2.5 mm from the prediction's surface,
     # the rest 0: the 95th percentile of (0,0,0,0,2.5,2.5,2.5,2.5) is 2.5
-    assert [cube[f"{m}_WT"] for m in evaluate.METRICS] == pytest.approx([2 / 3, 2.5, 0.5, 1.0, 10.0, 20.0])
+    assert [cube[f"{m}_WT"] for m in evaluation.METRICS] == pytest.approx([2 / 3, 2.5, 0.5, 1.0, 10.0, 20.0])
     for region in ("TC", "ET"):  # empty in both: Dice 1, HD95 0
-        assert [cube[f"{m}_{region}"] for m in evaluate.METRICS] == [1.0, 0.0, 1.0, 1.0, 0.0, 0.0]
+        assert [cube[f"{m}_{region}"] for m in evaluation.METRICS] == [1.0, 0.0, 1.0, 1.0, 0.0, 0.0]
 
 
 def test_empty_regions_follow_the_brats_rules_and_are_counted(tmp_path, capsys):
@@ -163,7 +163,7 @@ def test_mismatched_grids_are_reported_naming_both_files(tmp_path, capsys):
             "bad_labels": write_label_map(tmp_path / "pred" / "bad_labels.nii.gz", labels + 1)}
     (tmp_path / "pred" / ".tmp123-partial.nii.gz").write_bytes(b"")  # another run's temporary file: ignored
     write_label_map(tmp_path / "truth" / "bad_labels.nii.gz", labels)
-    rows, not_evaluated = evaluate.evaluate_folders(tmp_path / "pred", tmp_path / "truth", ("flair",), "seg")
+    rows, not_evaluated = evaluation.evaluate_folders(tmp_path / "pred", tmp_path / "truth", ("flair",), "seg")
     assert [row["case"] for row in rows] == ["good"] and rows[0]["dice_WT"] == 1.0
     assert sorted(not_evaluated) == ["affine", "bad_labels", "orphan", "shape"]
     for name in ("shape", "affine"):
@@ -188,23 +188,23 @@ def test_evaluate_against_raw_case_folders(tmp_path, tiny_raw, capsys):
     assert (hp.run_dir / "evaluation_boxplot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     out = capsys.readouterr().out
     assert "3 case(s) evaluated" in out
-    assert "".join(f"{s:>9}" for s in evaluate.STATISTICS) in out
+    assert "".join(f"{s:>9}" for s in evaluation.STATISTICS) in out
     assert sum(line.startswith(("dice", "hd95", "sensitivity", "specificity")) for line in out.splitlines()) == 12
 
 
 def test_ground_truth_from_label_maps_and_case_folders_first_folder_first(tmp_path, tiny_raw):
     names = sorted(p.name for p in tiny_raw.iterdir() if p.is_dir())
     own = write_label_map(tmp_path / "maps" / f"{names[0]}.nii.gz", np.zeros((4, 4, 4)))
-    truth = evaluate.find_ground_truth([tmp_path / "maps", tiny_raw, tmp_path / "missing"],
+    truth = cases.find_ground_truth([tmp_path / "maps", tiny_raw, tmp_path / "missing"],
                                        ("flair", "t1", "t1ce", "t2"), "seg")
     assert sorted(truth) == names
     assert truth[names[0]] == own and truth[names[1]] == tiny_raw / names[1] / f"{names[1]}_seg.nii"
 
 
 def test_summary_statistics_by_hand():
-    rows = [{f"{m}_{r}": value for m in evaluate.METRICS for r in REGION_NAMES} for value in (0.0, 1.0, 2.0, 3.0)]
-    summary = evaluate.summarize(rows)
-    assert sorted(summary) == sorted(itertools.product(evaluate.SUMMARY_METRICS, REGION_NAMES))
+    rows = [{f"{m}_{r}": value for m in evaluation.METRICS for r in REGION_NAMES} for value in (0.0, 1.0, 2.0, 3.0)]
+    summary = evaluation.summarize(rows)
+    assert sorted(summary) == sorted(itertools.product(evaluation.SUMMARY_METRICS, REGION_NAMES))
     assert summary["dice", "ET"] == pytest.approx(
         {"mean": 1.5, "std": (5 / 3) ** 0.5, "median": 1.5, "25%": 0.75, "75%": 2.25})
 
@@ -212,7 +212,7 @@ def test_summary_statistics_by_hand():
 def test_nothing_to_evaluate_says_why(tmp_path):
     (tmp_path / "pred").mkdir()
     with pytest.raises(CaseError, match="run predict.py first"):
-        evaluate.evaluate_folders(tmp_path / "pred", tmp_path, ("flair",), "seg")
+        evaluation.evaluate_folders(tmp_path / "pred", tmp_path, ("flair",), "seg")
     write_label_map(tmp_path / "pred" / "BraTS20_Validation_001.nii.gz", np.zeros((4, 4, 4)))
     hp = hyperparameters.load(overrides={"prediction_dir": tmp_path / "pred", "raw_data_dir": tmp_path / "none",
                                          "run_dir": tmp_path / "run"})
@@ -225,6 +225,6 @@ def test_a_full_size_case_takes_under_2_s_of_cpu():
     if len(files) < 2:
         pytest.skip("real reference segmentations not found in ../shared/data/brats_sample")
     start = time.process_time()  # CPU time of this process: not slowed down by other processes
-    metrics = evaluate.evaluate_pair(files[0], files[1])
+    metrics = evaluation.evaluate_pair(files[0], files[1])
     assert time.process_time() - start < 2.0
     assert 0.5 < metrics["WT"]["dice"] < 1.0

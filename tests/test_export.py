@@ -10,9 +10,8 @@ import torch
 from scipy import ndimage
 
 import export
-import hyperparameters
-import model
 import predict
+from bratsunet import checkpoints, hyperparameters, inference, network
 
 onnx = pytest.importorskip("onnx", reason="onnx is not installed (pip install -r requirements-onnx.txt)")
 onnxruntime = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (requirements-onnx.txt)")
@@ -29,14 +28,14 @@ def write_checkpoint(folder, settings, seed=0):
     """A checkpoint of train.py's form with seeded random weights (batch norm statistics made non-trivial)."""
     hp = hyperparameters.load(overrides={"run_dir": folder, **settings})
     torch.manual_seed(seed)
-    net = model.build_model(hp)
+    net = network.build_model(hp)
     for module in net.modules():
         if isinstance(module, torch.nn.BatchNorm3d):
             module.running_mean.uniform_(-0.5, 0.5)
             module.running_var.uniform_(0.5, 2.0)
-    state = {"model_args": model.model_args(hp), "model": net.state_dict(), "hyperparameters": hp.to_dict(),
+    state = {"model_args": network.model_args(hp), "model": net.state_dict(), "hyperparameters": hp.to_dict(),
              "epoch": 7, "best_score": 0.5}
-    model.save_checkpoint(state, folder / "checkpoint_best.pt")
+    checkpoints.save_checkpoint(state, folder / "checkpoint_best.pt")
     return hp, net.eval()
 
 
@@ -82,7 +81,7 @@ def test_another_architecture_exports_with_its_own_shapes_and_metadata(exported)
     assert metadata["regions"] == {"WT": [1, 2, 4], "TC": [1, 4], "ET": [4]} and metadata["data_format"] == "brats2020"
     assert metadata["file_suffixes"] == ["_t1", "_t1ce", "_t2", "_flair"]
     assert metadata["output_channels"] == ["background", "necrotic and non-enhancing core", "edema", "enhancing tumor"]
-    assert metadata["model_args"] == model.model_args(hp) and metadata["epoch"] == 7
+    assert metadata["model_args"] == network.model_args(hp) and metadata["epoch"] == 7
     assert "z-score" in metadata["normalization"]
     image = torch.randn(2, 4, 16, 24, 8, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -101,7 +100,7 @@ def test_onnx_backend_predicts_the_real_case_as_pytorch_does(exported, sample_ca
     cases = predict.cases_to_predict(hp)
     maps = {}
     for backend in ("torch", "onnxruntime"):
-        [written] = predict.predict_cases(hp.replace(backend=backend, prediction_dir=tmp_path / backend), cases)
+        [written] = inference.predict_cases(hp.replace(backend=backend, prediction_dir=tmp_path / backend), cases)
         maps[backend] = np.asanyarray(nib.load(written).dataobj)
     assert maps["torch"].shape == (240, 240, 155) and np.count_nonzero(maps["torch"] == 2) > 100_000  # not trivial
     differing = maps["torch"] != maps["onnxruntime"]
@@ -128,23 +127,23 @@ def test_checkpoint_globs_export_one_model_per_folder_and_refuse_a_shared_one(tm
         (tmp_path / f"fold_{fold}").mkdir()
         (tmp_path / f"fold_{fold}" / "checkpoint_best.pt").touch()
     hp = hyperparameters.load(overrides={"checkpoint": tmp_path / "fold_*" / "checkpoint_best.pt"})
-    paths = predict.checkpoint_paths(hp)
+    paths = inference.checkpoint_paths(hp)
     assert paths == [tmp_path / f"fold_{k}" / "checkpoint_best.pt" for k in range(3)]
-    assert [model.onnx_path(p) for p in paths] == [tmp_path / f"fold_{k}" / "model.onnx" for k in range(3)]
+    assert [checkpoints.onnx_path(p) for p in paths] == [tmp_path / f"fold_{k}" / "model.onnx" for k in range(3)]
     (tmp_path / "fold_0" / "checkpoint_last.pt").touch()
     with pytest.raises(ValueError, match=r"several checkpoints would be exported to .*fold_0/model\.onnx"):
         export.export(hp.replace(checkpoint=tmp_path / "fold_0" / "*.pt"))
     with pytest.raises(FileNotFoundError, match="no file matches"):
-        predict.checkpoint_paths(hp.replace(checkpoint=tmp_path / "fold_9*" / "checkpoint_best.pt"))
+        inference.checkpoint_paths(hp.replace(checkpoint=tmp_path / "fold_9*" / "checkpoint_best.pt"))
 
 
 def test_onnx_backend_names_what_is_missing(tmp_path, monkeypatch):
     hp = hyperparameters.load(overrides={"run_dir": tmp_path, "backend": "onnxruntime"})
     with pytest.raises(FileNotFoundError, match=r"model\.onnx: no ONNX model \(python export\.py writes it"):
-        predict.load_for_inference(hp, torch.device("cpu"))
+        inference.load_for_inference(hp, torch.device("cpu"))
     (tmp_path / "model.onnx").write_bytes(b"\x08\x07 damaged")
     with pytest.raises(ValueError, match=r"model\.onnx: not a readable ONNX model \("):
-        predict.load_for_inference(hp, torch.device("cpu"))
+        inference.load_for_inference(hp, torch.device("cpu"))
     monkeypatch.setitem(sys.modules, "onnxscript", None)
     with pytest.raises(ValueError, match=r"^export\.py needs the onnxscript package: pip install -r "
                                          r"requirements-onnx\.txt$"):
@@ -152,4 +151,4 @@ def test_onnx_backend_names_what_is_missing(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     with pytest.raises(ValueError, match=r"^backend: onnxruntime needs the onnxruntime package: pip install -r "
                                          r"requirements-onnx\.txt$"):
-        predict.load_for_inference(hp, torch.device("cpu"))
+        inference.load_for_inference(hp, torch.device("cpu"))

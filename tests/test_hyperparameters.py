@@ -1,10 +1,8 @@
-import re
-from pathlib import Path
 
 import pytest
 
-import hyperparameters
-from hyperparameters import DEFAULT_FILE, SCHEMA, HyperparameterError, load
+from bratsunet import hyperparameters
+from bratsunet.hyperparameters import DEFAULT_FILE, SCHEMA, HyperparameterError, load
 
 
 def write(tmp_path, text, name="hp.txt"):

@@ -2,7 +2,7 @@
 writing, and two runs with the same seed on the CPU.
 
 The kills come at a known point without any test code in the scripts: the killed process runs the real
-script's main() with one library function wrapped (np.save, train.train_epoch) so that it stalls there,
+script's main() with one library function wrapped (np.save, training.train_epoch) so that it stalls there,
 and the test kills it once a marker file shows it has arrived."""
 import csv
 import errno
@@ -19,12 +19,11 @@ import pytest
 import torch
 
 import evaluate
-import hyperparameters
-import model
 import predict
 import prepare_dataset
 import train
-from files import LOCK
+from bratsunet import checkpoints, hyperparameters, network
+from bratsunet.files import LOCK
 
 from conftest import REPO
 
@@ -204,8 +203,9 @@ def test_prepare_on_a_full_disk_stops_with_one_line_and_leaves_no_partial_file(t
 TRAIN_STALLS_IN_EPOCH_2 = """
 import sys, time
 import train
+from bratsunet import training
 
-marker, train_epoch = sys.argv[1], train.train_epoch
+marker, train_epoch = sys.argv[1], training.train_epoch
 
 def stall_in_epoch_2(net, batches, *args):  # epoch 2: two steps taken, the kill comes while loading the third
     def batches_then_stall():
@@ -217,7 +217,7 @@ def stall_in_epoch_2(net, batches, *args):  # epoch 2: two steps taken, the kill
     epoch = args[7]
     return train_epoch(net, batches_then_stall() if epoch == 2 else batches, *args)
 
-train.train_epoch = stall_in_epoch_2
+training.train_epoch = stall_in_epoch_2
 sys.argv = ["train.py"] + sys.argv[2:]
 train.main()
 """
@@ -306,7 +306,7 @@ def test_train_on_a_full_disk_stops_with_one_line_and_keeps_the_last_good_checkp
 def test_predict_on_a_full_disk_stops_with_one_line_and_leaves_no_partial_file(tiny_raw, tmp_path, monkeypatch):
     hp = hyperparameters.load(overrides={"features": "2, 4", "patch_size": "32, 32, 32"})
     torch.manual_seed(0)
-    model.save_checkpoint({"model_args": model.model_args(hp), "model": model.build_model(hp).state_dict(),
+    checkpoints.save_checkpoint({"model_args": network.model_args(hp), "model": network.build_model(hp).state_dict(),
                            "hyperparameters": hp.to_dict()}, tmp_path / "tiny.pt")
     calls = []
     monkeypatch.setattr(nib, "save", disk_full(lambda image, path: calls.append(path) or partial_file(path)))

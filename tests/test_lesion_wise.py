@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import evaluate
-import hyperparameters
-from prepare_dataset import CaseError
+from bratsunet import evaluation, hyperparameters
+from bratsunet.cases import CaseError
 
 AFFINE = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -47,7 +47,7 @@ def constructed(tmp_path_factory):
     folder = tmp_path_factory.mktemp("lesions")
     pairs = {name: (save(folder / "pred" / f"{name}.nii.gz", p), save(folder / "truth" / f"{name}.nii.gz", t))
              for name, (p, t) in constructed_cases().items()}
-    return folder, evaluate.lesion_wise_metrics(pairs, ["no_prediction"], "gli", "brats2023")
+    return folder, evaluation.lesion_wise_metrics(pairs, ["no_prediction"], "gli", "brats2023")
 
 
 def pick(row, region, *keys):
@@ -93,10 +93,10 @@ def test_legacy_dice_equals_the_packages_global_dice_on_real_segmentations(sampl
     box = tuple(slice(max(a.min() - 3, 0), a.max() + 4) for a in np.nonzero(np.any(arrays, axis=0)))  # all tumor
     paths = [save(tmp_path / f"{path.name}", array[box], affine) for path, array in zip(references, arrays)]
     pairs = {f"{a.name}_vs_{b.name}": (a, b) for a, b in zip(paths, paths[1:] + paths[:1])}  # each against the next
-    official = evaluate.lesion_wise_metrics(pairs, [], "gli", "brats2020")
+    official = evaluation.lesion_wise_metrics(pairs, [], "gli", "brats2020")
     assert len(official) == 5
     for name, (pred, truth) in pairs.items():
-        ours = evaluate.evaluate_pair(pred, truth)
+        ours = evaluation.evaluate_pair(pred, truth)
         for region in ("WT", "TC", "ET"):
             assert official[name][f"global_dsc_{region.lower()}"] == pytest.approx(ours[region]["dice"], abs=1e-12)
 
@@ -129,4 +129,4 @@ def test_lesion_wise_without_the_package_says_how_to_install_it(monkeypatch, tmp
     monkeypatch.setitem(sys.modules, "brats_evaluation", None)  # as if it were not installed
     with pytest.raises(CaseError, match=r"^lesion_wise: True needs the official BraTS evaluation package: "
                                         r"pip install brats-evaluation$"):
-        evaluate.lesion_wise_metrics({}, [], "gli")
+        evaluation.lesion_wise_metrics({}, [], "gli")

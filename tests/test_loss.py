@@ -1,15 +1,14 @@
 import itertools
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-import hyperparameters
+from bratsunet import hyperparameters
+from bratsunet.conventions import REGIONS, brats_to_internal, labels_to_regions
+from bratsunet.losses import (deep_supervision_weights, logits_to_probabilities, make_loss, one_hot_targets, probabilities_to_labels)
+from bratsunet.metrics import HD95_EMPTY, accuracy, dice_per_region, hd95, region_metrics
 from conftest import SAMPLE_DIR, monai_scores
-from conventions import REGIONS, brats_to_internal, labels_to_regions
-from loss import (HD95_EMPTY, accuracy, deep_supervision_weights, dice_per_region, hd95, logits_to_probabilities,
-                  make_loss, one_hot_targets, probabilities_to_labels, region_metrics)
 
 REFERENCE_DIR = SAMPLE_DIR / "reference_segmentations"
 LOSSES = ["dice_ce", "dice", "modified_dice"]

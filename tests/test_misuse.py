@@ -11,20 +11,19 @@ import shutil
 import subprocess
 import sys
 
-import nibabel as nib
 import numpy as np
 import pytest
 import torch
 
 import evaluate
-import hyperparameters
-import model
 import predict
 import prepare_dataset
 import rendering
 import train
-import training_log
-from files import TEMPORARY, sole_writer
+from bratsunet import evaluation, hyperparameters, inference, network, pictures, training, training_log
+from bratsunet.cases import CaseError, find_cases, prediction_path
+from bratsunet.files import TEMPORARY, sole_writer
+from bratsunet.manifest import read_manifest
 
 from conftest import REPO
 from test_reliability import SOURCE, copy_case, copy_label_map, run_main, save_tiny_checkpoint
@@ -94,7 +93,7 @@ def test_a_prediction_that_is_the_truth_file_itself_is_not_evaluated(tiny_raw, t
     (tmp_path / "pred").mkdir()
     link(tmp_path / "pred" / f"{SOURCE}.nii", tiny_raw / SOURCE / f"{SOURCE}_seg.nii")
     copy_label_map(tiny_raw / CASES[1] / f"{CASES[1]}_seg.nii", tmp_path / "pred" / f"{CASES[1]}.nii.gz")
-    rows, not_evaluated = evaluate.evaluate_folders(tmp_path / "pred", tiny_raw, ("flair", "t1", "t1ce", "t2"),
+    rows, not_evaluated = evaluation.evaluate_folders(tmp_path / "pred", tiny_raw, ("flair", "t1", "t1ce", "t2"),
                                                     "seg")
     assert [row["case"] for row in rows] == [CASES[1]]
     assert "is the ground truth" in not_evaluated[SOURCE] and "\n" not in not_evaluated[SOURCE]
@@ -122,10 +121,10 @@ def test_train_refuses_a_run_dir_holding_a_trained_run_unless_resumed_or_overwri
     run_dir = tmp_path / "run"
     settings = tiny_train_settings(tiny_prepared, run_dir)
     train.train(hyperparameters.load(overrides=settings))
-    before = {name: (run_dir / name).read_bytes() for name in train.RUN_FILES}
+    before = {name: (run_dir / name).read_bytes() for name in training.RUN_FILES}
     message = run_main(train, monkeypatch, *settings.items())
     assert f"{run_dir} holds a trained run" in message and "resume=True" in message and "overwrite=True" in message
-    assert {name: (run_dir / name).read_bytes() for name in train.RUN_FILES} == before  # nothing touched
+    assert {name: (run_dir / name).read_bytes() for name in training.RUN_FILES} == before  # nothing touched
     plot = training_log.plot_curves
 
     def stop_after_epoch_1(rows, path, show=False):  # the new run interrupted before its first validation
@@ -141,7 +140,7 @@ def test_train_refuses_a_run_dir_holding_a_trained_run_unless_resumed_or_overwri
 
 def test_weights_that_become_nan_stop_training_and_keep_the_last_good_checkpoints(tiny_prepared, tmp_path,
                                                                                   monkeypatch):
-    train_epoch = train.train_epoch
+    train_epoch = training.train_epoch
 
     def poisoned_in_epoch_2(net, *args):  # as a learning rate far too high would leave them
         result = train_epoch(net, *args)
@@ -150,7 +149,7 @@ def test_weights_that_become_nan_stop_training_and_keep_the_last_good_checkpoint
                 next(net.parameters()).fill_(float("nan"))
         return result
 
-    monkeypatch.setattr(train, "train_epoch", poisoned_in_epoch_2)
+    monkeypatch.setattr(training, "train_epoch", poisoned_in_epoch_2)
     run_dir = tmp_path / "run"
     message = run_main(train, monkeypatch, *tiny_train_settings(tiny_prepared, run_dir, epochs=3).items())
     assert "epoch 2: the weights became NaN or Inf (encoders.0.0.weight)" in message
@@ -169,20 +168,20 @@ def test_predict_refuses_nan_weights_and_never_writes_a_nan_prediction(tiny_raw,
     assert f"{path}: weights hold NaN or Inf (heads.0.bias)" in message
     hp = hyperparameters.load(overrides={"features": "2, 4", "patch_size": "32, 32, 32", "prediction_dir":
                                          tmp_path / "p", "precision": "fp32"})
-    net = model.build_model(hp).eval()
+    net = network.build_model(hp).eval()
     with torch.no_grad():
         net.heads[0].bias.fill_(float("nan"))  # handed over directly, as train's validation does
-    cases, _ = prepare_dataset.find_cases(tiny_raw, hp.channel_names, hp.seg_channel_name)
+    cases, _ = find_cases(tiny_raw, hp.channel_names, hp.seg_channel_name)
     output = io.StringIO()
     with contextlib.redirect_stdout(output):
-        assert predict.predict_cases(hp, cases[:1], net) == []
+        assert inference.predict_cases(hp, cases[:1], net) == []
     assert "NaN or Inf probabilities; nothing written" in output.getvalue() and not list((tmp_path / "p").iterdir())
 
 
 def test_a_read_only_run_dir_is_refused_before_the_first_epoch(tiny_prepared, tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    monkeypatch.setattr(train, "train_epoch", lambda *args: pytest.fail("an epoch started"))
+    monkeypatch.setattr(training, "train_epoch", lambda *args: pytest.fail("an epoch started"))
     with read_only(run_dir):
         message = run_main(train, monkeypatch, *tiny_train_settings(tiny_prepared, run_dir).items())
     assert f"{run_dir}: cannot write into run_dir" in message
@@ -240,7 +239,7 @@ def test_read_only_prepared_dir_empty_is_refused_and_prepared_is_rechecked(tiny_
                                          "val_fraction": 0.34, "test_fraction": 0})  # tiny_prepared's settings
     with read_only(copy):
         manifest = prepare_dataset.prepare_dataset(hp)
-    assert manifest == prepare_dataset.read_manifest(tiny_prepared)
+    assert manifest == read_manifest(tiny_prepared)
     assert {path.name: path.stat().st_mtime_ns for path in copy.iterdir()} == before
 
 
@@ -257,15 +256,15 @@ def test_archive_and_file_browser_leftovers_are_ignored(tiny_raw, tmp_path):
             (folder / f"._{path.name}").write_bytes(b"\0\5\26\7Mac OS X")
         for junk in (".DS_Store", "Thumbs.db", "desktop.ini"):
             (folder / junk).write_bytes(b"\0")
-    cases, problems = prepare_dataset.find_cases(raw, ("flair", "t1", "t1ce", "t2"), "seg")
+    cases, problems = find_cases(raw, ("flair", "t1", "t1ce", "t2"), "seg")
     assert [case.name for case in cases] == CASES and problems == []
     assert all(case.folder.parent == raw / "data" and case.seg_path for case in cases)
 
 
 FIND_IN_A_SUBPROCESS = """
 import sys
-import prepare_dataset
-cases, problems = prepare_dataset.find_cases(sys.argv[1], ("flair", "t1", "t1ce", "t2"), "seg")
+from bratsunet.cases import find_cases
+cases, problems = find_cases(sys.argv[1], ("flair", "t1", "t1ce", "t2"), "seg")
 print(sorted(case.name for case in cases), problems, max(len(str(case.folder)) for case in cases))
 """
 
@@ -304,8 +303,8 @@ def test_both_nii_and_nii_gz_of_a_case_are_reported_not_guessed(tiny_raw, tmp_pa
     rows = evaluate.evaluate(hp)
     assert [row["case"] for row in rows] == [CASES[1]]
     assert f"not evaluated {CASES[0]}: {tmp_path / 'pred'}" in capsys.readouterr().out
-    with pytest.raises(prepare_dataset.CaseError, match=f"both {CASES[0]}.nii and {CASES[0]}.nii.gz; remove one"):
-        evaluate.prediction_path(tmp_path / "pred", CASES[0])
+    with pytest.raises(CaseError, match=f"both {CASES[0]}.nii and {CASES[0]}.nii.gz; remove one"):
+        prediction_path(tmp_path / "pred", CASES[0])
 
 
 def test_a_case_folder_name_that_is_not_utf8_is_evaluated_and_printed(tiny_raw, tmp_path, monkeypatch, capsys):
@@ -333,7 +332,7 @@ def test_slice_overlay_of_a_case_without_tumor_or_without_positive_voxels(tmp_pa
     image[4:20, 4:20, 4:12] = 100.0
     empty = np.zeros(image.shape, np.uint8)
     for name, brain in (("no_tumor", image), ("no_positive_voxel", -image), ("all_zero", 0 * image)):
-        training_log.slice_overlay_png(brain, empty, empty, tmp_path / f"{name}.png", title=name)
+        pictures.slice_overlay_png(brain, empty, empty, tmp_path / f"{name}.png", title=name)
         assert (tmp_path / f"{name}.png").stat().st_size > 1000
 
 

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-import hyperparameters
-from model import (UNet3D, build_model, count_parameters, load_checkpoint, load_model, model_args,
-                   save_checkpoint)
+from bratsunet import hyperparameters
+from bratsunet.checkpoints import load_checkpoint, load_model, save_checkpoint
+from bratsunet.network import UNet3D, build_model, count_parameters, model_args
 
 
 def hand_count(in_channels, out_channels, features, deep_supervision=False):

@@ -9,13 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-import conventions
-import hyperparameters
-import loss
-import model
 import predict
-import prepare_dataset
-import synthetic
+from bratsunet.manifest import read_manifest
+from bratsunet import checkpoints, conventions, generator, hyperparameters, inference, losses, network, preprocessing
 
 
 class ChannelSigns(torch.nn.Module):
@@ -38,21 +34,21 @@ class ChannelSigns(torch.nn.Module):
 
 
 def nested_labels(wt, tc, et):
-    """Boolean regions -> internal labels, nested as loss.probabilities_to_labels nests them (numpy)."""
+    """Boolean regions -> internal labels, nested as losses.probabilities_to_labels nests them (numpy)."""
     return np.where(wt & et, 3, np.where(wt & tc, 1, np.where(wt, 2, 0))).astype(np.uint8)
 
 
 def write_encoded_case(folder, name, shape=(40, 44, 32), seed=3):
     """A generated case whose flair, t1 and t1ce are 200 inside WT, TC and ET and 100 elsewhere in the brain
     (t2 is 100), with no brain on the first third of x, so the crop box is far from centred."""
-    images, seg = synthetic.generate_case(shape, seed, "tumor")
+    images, seg = generator.generate_case(shape, seed, "tumor")
     brain = images["flair"] > 0
     brain[: shape[0] // 3] = False
     seg = np.where(brain, seg, 0).astype(np.uint8)
     regions = conventions.labels_to_regions(conventions.brats_to_internal(seg))  # (3, X, Y, Z) WT, TC, ET
     encoded = [np.where(brain, 100 + 100 * region, 0).astype(np.int16) for region in regions]
     encoded.append(np.where(brain, 100, 0).astype(np.int16))
-    synthetic.write_case(folder, name, dict(zip(synthetic.MODALITIES, encoded)), seg)
+    generator.write_case(folder, name, dict(zip(generator.MODALITIES, encoded)), seg)
     return seg, brain
 
 
@@ -60,12 +56,12 @@ def write_encoded_case(folder, name, shape=(40, 44, 32), seed=3):
 def test_prediction_lands_on_the_truth_in_the_full_grid(tmp_path, tiny_hp, target, tta_mirror):
     seg, brain = write_encoded_case(tmp_path / "input", "BraTS20_Validation_001")
     assert set(np.unique(seg)) == {0, 1, 2, 4}
-    box = prepare_dataset.crop_box(brain, 0)
+    box = preprocessing.crop_box(brain, 0)
     assert box[0][0] >= 13 and box[0][0] > 40 - box[0][1] + 5  # far from centred along x
     hp = tiny_hp.replace(predict_input_dir=tmp_path / "input", target=target, tta_mirror=tta_mirror,
                          patch_size="16, 16, 16", sw_overlap=0.5)
     cases = predict.cases_to_predict(hp)
-    written = predict.predict_cases(hp, cases, model=ChannelSigns(target))
+    written = inference.predict_cases(hp, cases, model=ChannelSigns(target))
     assert written == [hp.prediction_dir / "BraTS20_Validation_001.nii.gz"]
     out, flair = nib.load(written[0]), nib.load(cases[0].image_paths[0])
     assert out.get_data_dtype() == np.uint8 and out.shape == seg.shape
@@ -79,7 +75,7 @@ def test_prediction_lands_back_on_the_real_sample(tmp_path, tiny_hp, sample_case
     (tmp_path / "input").mkdir()
     (tmp_path / "input" / sample_case.name).symlink_to(sample_case)
     hp = tiny_hp.replace(predict_input_dir=tmp_path / "input", patch_size="64, 64, 64", sw_overlap=0.25)
-    written = predict.predict_cases(hp, predict.cases_to_predict(hp), model=ChannelSigns("regions"))
+    written = inference.predict_cases(hp, predict.cases_to_predict(hp), model=ChannelSigns("regions"))
     flair_path = sample_case / f"{sample_case.name}_flair.nii.gz"
     flair, out = nib.load(flair_path), nib.load(written[0])
     assert out.shape == (240, 240, 155) and out.get_data_dtype() == np.uint8
@@ -87,7 +83,7 @@ def test_prediction_lands_back_on_the_real_sample(tmp_path, tiny_hp, sample_case
     # expected: the regions' signs on the whole uncropped volume, z-scored independently of predict.py's crop
     image = np.stack([np.asanyarray(nib.load(sample_case / f"{sample_case.name}_{c}.nii.gz").dataobj)
                       for c in hp.channel_names])
-    positive = prepare_dataset.zscore_brain(image)[:3] > 0
+    positive = preprocessing.zscore_brain(image)[:3] > 0
     expected = conventions.internal_to_brats(nested_labels(*positive))
     predicted = np.asanyarray(out.dataobj)
     assert set(np.unique(predicted)) == {0, 1, 2, 4}
@@ -96,7 +92,7 @@ def test_prediction_lands_back_on_the_real_sample(tmp_path, tiny_hp, sample_case
 
 def test_labels_in_input_grid_puts_the_crop_back_at_its_box():
     cropped = np.arange(1, 25, dtype=np.uint8).reshape(2, 3, 4)
-    full = predict.labels_in_input_grid(cropped, ((5, 7), (0, 3), (2, 6)), (9, 4, 7))
+    full = inference.labels_in_input_grid(cropped, ((5, 7), (0, 3), (2, 6)), (9, 4, 7))
     assert full.shape == (9, 4, 7) and full.dtype == np.uint8
     assert np.array_equal(full[5:7, 0:3, 2:6], cropped)
     assert full.sum() == cropped.sum()  # zero everywhere else
@@ -107,11 +103,11 @@ def test_postprocess_et_relabels_only_small_enhancing_tumor():
     labels = np.zeros((10, 10, 10), np.uint8)
     labels[2:6, 2:6, 2:6] = 2
     labels[3:5, 3:5, 3:5] = 3  # 8 voxels of ET
-    small = predict.postprocess_et(labels, 9)
+    small = inference.postprocess_et(labels, 9)
     assert np.count_nonzero(small == 3) == 0 and np.count_nonzero(small == 1) == 8
     assert np.array_equal(small == 2, labels == 2)
-    assert np.array_equal(predict.postprocess_et(labels, 8), labels)  # not smaller than the threshold
-    assert np.array_equal(predict.postprocess_et(labels, 0), labels)  # 0: off
+    assert np.array_equal(inference.postprocess_et(labels, 8), labels)  # not smaller than the threshold
+    assert np.array_equal(inference.postprocess_et(labels, 0), labels)  # 0: off
     assert labels[3, 3, 3] == 3  # the input is not changed
 
 
@@ -132,20 +128,20 @@ def test_mirror_tta_averages_the_flipped_back_predictions():
     hp = hyperparameters.load(overrides={"patch_size": "8, 6, 4", "precision": "fp32"})
     image = torch.zeros(4, 8, 6, 4)  # one window
     sigmoid = lambda v: 1 / (1 + math.exp(-0.1 * v))  # noqa: E731
-    plain = predict.predict_case(Ramps(), image, hp, "regions")
-    mirrored = predict.predict_case(Ramps(), image, hp.replace(tta_mirror=True), "regions")
+    plain = inference.predict_case(Ramps(), image, hp, "regions")
+    mirrored = inference.predict_case(Ramps(), image, hp.replace(tta_mirror=True), "regions")
     for x, y, z in itertools.product(range(8), range(6), range(4)):
         assert plain[0, x, y, z].item() == pytest.approx(sigmoid(x + 2 * y + 4 * z), abs=1e-6)
         # a flip of an axis, flipped back, reads that axis's ramp from the other end
         expected = np.mean([sigmoid(fx + 2 * fy + 4 * fz) for fx, fy, fz in
                             itertools.product((x, 7 - x), (y, 5 - y), (z, 3 - z))])
         assert mirrored[2, x, y, z].item() == pytest.approx(expected, abs=1e-6)
-    assert len(set(predict.mirror_flips(True))) == 7 and predict.mirror_flips(False) == []
+    assert len(set(inference.mirror_flips(True))) == 7 and inference.mirror_flips(False) == []
 
 
 def tiny_net(target, seed=0):
     torch.manual_seed(seed)
-    return model.UNet3D(4, 3 if target == "regions" else 4, (4, 8, 16)).eval()
+    return network.UNet3D(4, 3 if target == "regions" else 4, (4, 8, 16)).eval()
 
 
 @pytest.mark.parametrize("target", ["regions", "labels"])
@@ -154,9 +150,9 @@ def test_predict_case_in_one_window_is_the_networks_probabilities(target):
     image = torch.randn(4, 16, 16, 16, generator=torch.Generator().manual_seed(1))
     hp = hyperparameters.load(overrides={"patch_size": "16, 16, 16", "precision": "fp32"})
     with torch.no_grad():
-        expected = loss.logits_to_probabilities(net(image[None]), target)[0]
-    assert torch.allclose(predict.predict_case(net, image, hp, target), expected, atol=1e-6, rtol=0)
-    reduced = predict.predict_case(net, image, hp.replace(precision="bf16"), target)
+        expected = losses.logits_to_probabilities(net(image[None]), target)[0]
+    assert torch.allclose(inference.predict_case(net, image, hp, target), expected, atol=1e-6, rtol=0)
+    reduced = inference.predict_case(net, image, hp.replace(precision="bf16"), target)
     assert 1e-3 < (reduced - expected).abs().max() < 0.05  # bfloat16 autocast: close, not float32
 
 
@@ -164,7 +160,7 @@ def save_tiny_checkpoint(hp, path, target):
     """An untrained tiny network with the checkpoint keys that predict.py reads."""
     trained = hp.replace(target=target, patch_size="16, 16, 16")
     net = tiny_net(target)
-    model.save_checkpoint({"model_args": model.model_args(trained), "model": net.state_dict(),
+    checkpoints.save_checkpoint({"model_args": network.model_args(trained), "model": net.state_dict(),
                            "hyperparameters": trained.to_dict()}, path)
 
 
@@ -174,7 +170,7 @@ def test_predict_validation_cases_with_a_checkpoint(tmp_path, tiny_hp, tiny_prep
     hp = tiny_hp.replace(prepared_dir=tiny_prepared, checkpoint=checkpoint, save_probabilities=True,
                          patch_size="32, 32, 32")
     assert hp.target == "regions"
-    manifest = prepare_dataset.read_manifest(tiny_prepared)
+    manifest = read_manifest(tiny_prepared)
     validation = sorted(name for name, case in manifest["cases"].items() if case["split"] == "val")
     assert len(validation) >= 2
     written = predict.predict(hp)

@@ -6,8 +6,12 @@ import numpy as np
 import pytest
 
 import prepare_dataset
-from conventions import brats_to_internal
-from prepare_dataset import CaseError, find_cases, prepare_dataset as prepare, read_manifest, zscore_brain
+from bratsunet import cases
+from bratsunet.cases import CaseError, find_cases
+from bratsunet.conventions import brats_to_internal
+from bratsunet.manifest import read_manifest
+from prepare_dataset import prepare_dataset as prepare
+from bratsunet.preprocessing import zscore_brain
 
 CHANNELS = ("flair", "t1", "t1ce", "t2")
 
@@ -75,7 +79,7 @@ def test_rerun_skips_prepared_cases_and_redoes_changed_settings(tiny_hp, monkeyp
     prepare(tiny_hp)
     manifest = read_manifest(tiny_hp.prepared_dir)
     calls = []
-    original = prepare_dataset.load_case
+    original = cases.load_case
     monkeypatch.setattr(prepare_dataset, "load_case", lambda case, *grid: calls.append(case.name) or original(case, *grid))
     assert prepare(tiny_hp) == manifest and calls == []
     changed = prepare(tiny_hp.replace(crop_margin=2))

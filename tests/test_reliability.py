@@ -20,12 +20,12 @@ import pytest
 import torch
 
 import evaluate
-import hyperparameters
-import model
 import predict
 import prepare_dataset
 import train
-from files import LOCK
+from bratsunet import checkpoints, evaluation, hyperparameters, inference, network
+from bratsunet.manifest import read_manifest
+from bratsunet.files import LOCK
 
 from conftest import REPO
 
@@ -231,7 +231,7 @@ def run_captured(function, *args):
 
 def recording_reasons(monkeypatch, reasons):
     """Record every reason predict gives for a case it cannot use: the exact text, to check it is one line."""
-    find_cases, predict_file = predict.find_cases, predict.predict_file
+    find_cases, predict_file = predict.find_cases, inference.predict_file
 
     def find_and_record(*args):
         cases, problems = find_cases(*args)
@@ -246,12 +246,12 @@ def recording_reasons(monkeypatch, reasons):
             raise
 
     monkeypatch.setattr(predict, "find_cases", find_and_record)
-    monkeypatch.setattr(predict, "predict_file", predict_and_record)
+    monkeypatch.setattr(inference, "predict_file", predict_and_record)
 
 
 def evaluate_recording(hp, reasons):
     """evaluate(hp), recording the reasons of the cases it could not evaluate."""
-    evaluate_folders = evaluate.evaluate_folders
+    evaluate_folders = evaluation.evaluate_folders
 
     def evaluate_and_record(*args, **kwargs):
         rows, not_evaluated = evaluate_folders(*args, **kwargs)
@@ -280,12 +280,12 @@ def runs(tmp_path_factory, tiny_raw):
         "val_fraction": 0.34})
     results = {}
     text = run_captured(prepare_dataset.prepare_dataset, hp)
-    manifest = prepare_dataset.read_manifest(hp.prepared_dir)
+    manifest = read_manifest(hp.prepared_dir)
     reasons = {**manifest["skipped"], **manifest.get("unlabeled", {})}
     results["prepare"] = (hp.prepared_dir, text, reasons, named)
 
     torch.manual_seed(0)
-    model.save_checkpoint({"model_args": model.model_args(hp), "model": model.build_model(hp).state_dict(),
+    checkpoints.save_checkpoint({"model_args": network.model_args(hp), "model": network.build_model(hp).state_dict(),
                            "hyperparameters": hp.to_dict()}, hp.checkpoint)
     reasons = {}
     with pytest.MonkeyPatch.context() as monkeypatch:
@@ -354,7 +354,7 @@ def test_bad_input_gives_one_line_naming_the_file_and_leaves_nothing_half_done(r
     assert reason in text  # printed, where the user sees it
     if expected == "no segmentation" and script == "prepare":  # prepared as an unlabeled case, and said so
         assert outputs_of(script, folder, row.case) == [f"{row.case}.json", f"{row.case}.npy"]
-        assert prepare_dataset.read_manifest(folder)["cases"][row.case]["split"] == "unlabeled"
+        assert read_manifest(folder)["cases"][row.case]["split"] == "unlabeled"
     else:
         assert outputs_of(script, folder, row.case) == []
     assert not [p.name for p in folder.iterdir() if p.name.startswith(".") and p.name != LOCK]  # no temporary files
@@ -405,10 +405,10 @@ def save_tiny_checkpoint(path, features="2, 4"):
     """An untrained network with every entry of a checkpoint of train.py."""
     hp = hyperparameters.load(overrides={"features": features, "patch_size": "32, 32, 32"})
     torch.manual_seed(0)
-    net = model.build_model(hp)
-    model.save_checkpoint({"model_args": model.model_args(hp), "model": net.state_dict(),
+    net = network.build_model(hp)
+    checkpoints.save_checkpoint({"model_args": network.model_args(hp), "model": net.state_dict(),
                            "optimizer": torch.optim.AdamW(net.parameters()).state_dict(), "scheduler": {},
-                           "scaler": {}, "epoch": 1, "best_score": None, "metrics": [], "rng": model.rng_state(),
+                           "scaler": {}, "epoch": 1, "best_score": None, "metrics": [], "rng": checkpoints.rng_state(),
                            "hyperparameters": hp.to_dict()}, path)
     return path
 
@@ -493,12 +493,12 @@ def test_missing_or_empty_prepared_dir_stops_with_one_line(tmp_path, tiny_prepar
     if state != "missing":
         prepared.mkdir()
     if state == "no cases":  # every case was skipped or filtered
-        manifest = prepare_dataset.read_manifest(tiny_prepared)
+        manifest = read_manifest(tiny_prepared)
         manifest["cases"] = {}
         (prepared / "dataset.json").write_text(json.dumps(manifest))
     if state == "deleted array":  # a prepared array removed by hand
         shutil.copytree(tiny_prepared, prepared, dirs_exist_ok=True)
-        name = next(iter(prepare_dataset.read_manifest(prepared)["cases"]))
+        name = next(iter(read_manifest(prepared)["cases"]))
         (prepared / f"{name}.npy").unlink()
         expected = f"{name}.npy"
     if script == "train":
@@ -528,7 +528,7 @@ def write_bad_checkpoint(path, kind, tmp_path):
     if kind == "architecture":  # a network of features 2, 4 in a checkpoint saying 4, 8, 16 (or resumed as such)
         save_tiny_checkpoint(path, "2, 4")
     elif kind == "bare weights":  # torch.save(net.state_dict()) from another project
-        torch.save(model.UNet3D(4, 3, [2, 4]).state_dict(), path)
+        torch.save(network.UNet3D(4, 3, [2, 4]).state_dict(), path)
     elif kind == "malicious":
         torch.save({"model": CreatesFile(tmp_path / "pwned.txt")}, path)
     else:
@@ -571,7 +571,7 @@ def test_bad_checkpoint_stops_with_one_line_and_runs_no_code(tmp_path, tiny_prep
 
 def test_every_load_in_the_scripts_is_weights_only():
     calls = 0
-    for path in REPO.glob("*.py"):
+    for path in [*REPO.glob("*.py"), *REPO.glob("bratsunet/*.py")]:
         for node in ast.walk(ast.parse(path.read_text())):
             if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load"):
                 continue

@@ -15,11 +15,10 @@ from PIL import Image
 from scipy import ndimage
 
 import rendering
-import synthetic
-import training_log
-from conventions import brats_to_internal
-from prepare_dataset import CaseError, load_nifti
-from rendering import ERROR_STYLE, LABEL_STYLE, LEGEND_HEIGHT, VIEW_SIZE
+from bratsunet import generator, pictures, scene3d
+from bratsunet.cases import CaseError, load_nifti
+from bratsunet.conventions import brats_to_internal
+from bratsunet.scene3d import ERROR_STYLE, LABEL_STYLE, LEGEND_HEIGHT, VIEW_SIZE
 
 LABEL_COLORS = {name: LABEL_STYLE[label][0] for name, label in (("core", 1), ("edema", 2), ("enhancing", 3))}
 ERROR_COLORS = {name: color for name, (color, _) in ERROR_STYLE.items()}
@@ -53,7 +52,7 @@ def viewports(pixels):
 
 def render_to_png(path, image, truth, pred, affine, **kwargs):
     """Render offscreen, then read the PNG back from disk: the test checks the file, not only memory."""
-    returned = rendering.render_case(image, truth, pred, affine, output_png=path, **kwargs)
+    returned = scene3d.render_case(image, truth, pred, affine, output_png=path, **kwargs)
     pixels = np.asarray(Image.open(path).convert("RGB"))
     np.testing.assert_array_equal(pixels, returned)
     assert pixels.std() > 10 and np.count_nonzero(pixels.max(-1) > 60) > 1000  # not blank
@@ -61,8 +60,8 @@ def render_to_png(path, image, truth, pred, affine, **kwargs):
 
 
 def generated(kind, seed):
-    images, seg = synthetic.generate_case(SHAPE, seed=seed, kind=kind)
-    return images["flair"], brats_to_internal(seg), synthetic.brats_affine(SHAPE)
+    images, seg = generator.generate_case(SHAPE, seed=seed, kind=kind)
+    return images["flair"], brats_to_internal(seg), generator.brats_affine(SHAPE)
 
 
 def test_surfaces_land_in_scanner_millimetres():
@@ -71,7 +70,7 @@ def test_surfaces_land_in_scanner_millimetres():
     labels = np.zeros((20, 30, 16), np.uint8)
     labels[4:9, 10:22, 3:7] = 2
     affine = np.array([[-1.0, 0, 0, 50], [0, 1, 0, -20], [0, 0, 2.5, 10], [0, 0, 0, 1]])
-    (actor,) = rendering.label_actors(labels, affine)
+    (actor,) = scene3d.label_actors(labels, affine)
     # voxels 4..8 -> surface between index 3.5 and 8.5 -> x = 50 - i; y = -20 + j; z = 10 + 2.5 k
     expected = [41.5, 46.5, -10.5, 1.5, 16.25, 26.25]
     assert np.all(np.abs(np.subtract(actor.GetBounds(), expected)) <= [1, 1, 1, 1, 2.5, 2.5]), actor.GetBounds()
@@ -147,11 +146,11 @@ def test_real_sample_full_size_renders_fast_and_shows_all_labels(tmp_path, sampl
 
 def test_turntable_turns_once_around(tmp_path):
     image, truth, affine = generated("tumor", seed=1)
-    rendering.prepare_offscreen()
-    window = rendering.build_window(image, truth, truth, affine, show_errors=False)
+    scene3d.prepare_offscreen()
+    window = scene3d.build_window(image, truth, truth, affine, show_errors=False)
     camera = window.GetRenderers().GetFirstRenderer().GetActiveCamera()
     start = np.array(camera.GetPosition())
-    rendering.save_turntable(window, tmp_path / "turn.gif", frames=4)
+    scene3d.save_turntable(window, tmp_path / "turn.gif", frames=4)
     window.Finalize()
     gif = Image.open(tmp_path / "turn.gif")
     frames = []
@@ -165,7 +164,7 @@ def test_turntable_turns_once_around(tmp_path):
 
 def test_slice_overlay_shows_label_colors(tmp_path):
     image, truth, affine = generated("tumor", seed=1)
-    training_log.slice_overlay_png(image, truth, truth, tmp_path / "slices.png", affine)
+    pictures.slice_overlay_png(image, truth, truth, tmp_path / "slices.png", affine)
     counts = color_counts(np.asarray(Image.open(tmp_path / "slices.png").convert("RGB")), LABEL_COLORS)
     assert counts["edema"] > 50 and counts["enhancing"] > 10
 
@@ -199,13 +198,12 @@ def test_render_from_settings_without_display_writes_png(tiny_hp, tiny_raw, monk
 def test_display_is_found_from_the_environment_on_linux(monkeypatch):
     monkeypatch.delenv("DISPLAY", raising=False)
     monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
-    assert not rendering.has_display()
+    assert not scene3d.has_display()
     monkeypatch.setenv("WAYLAND_DISPLAY", "wayland-0")
-    assert rendering.has_display()
+    assert scene3d.has_display()
 
 
 def test_missing_prediction_runs_the_model_on_that_case(tiny_hp, tiny_raw, tmp_path, monkeypatch):
-    import predict
     name = tumor_case_name(tiny_raw)
     calls = []
 
@@ -213,7 +211,7 @@ def test_missing_prediction_runs_the_model_on_that_case(tiny_hp, tiny_raw, tmp_p
         calls.append([case.name for case in cases])
         write_prediction(tiny_raw, hp.prediction_dir, cases[0].name)
 
-    monkeypatch.setattr(predict, "predict_cases", fake_predict_cases, raising=False)
+    monkeypatch.setattr(rendering, "predict_cases", fake_predict_cases)
     hp = tiny_hp.replace(rendering_sample_name=name, render_output=tmp_path / "out.png")
     assert rendering.render(hp) == tmp_path / "out.png" and calls == [[name]]
 

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from predict import sliding_window, window_starts
+from bratsunet.inference import sliding_window, window_starts
 
 SHAPES = [(2, 37, 41, 29), (1, 10, 20, 7), (1, 16, 33, 16)]  # axes not a multiple of, smaller than, equal to 16
 

@@ -1,14 +1,13 @@
 import os
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 from scipy import ndimage
 
-import hyperparameters
 import synthetic
-from synthetic import MODALITIES, brats_affine, case_kind, generate_case, generate_dataset, write_case
+from bratsunet import generator, hyperparameters
+from bratsunet.generator import MODALITIES, brats_affine, case_kind, generate_case, generate_dataset, write_case
 
 SHAPE = (48, 48, 32)
 FILE_NAMES = ("flair", "t1", "t1ce", "t2", "seg")
@@ -216,7 +215,7 @@ def test_randomized_intensities_in_range(randomized_cases):
             assert np.array_equal(images[modality] != 0, brain)
             # raw scanner units like BraTS: the healthy median within a factor 3 of white and grey matter's mean
             # (bias field and gain vary it), no outliers far above it
-            tissue = np.mean([synthetic.INTENSITY["wm"][m], synthetic.INTENSITY["gm"][m]])
+            tissue = np.mean([generator.INTENSITY["wm"][m], generator.INTENSITY["gm"][m]])
             median = np.median(images[modality][brain & (seg == 0)])
             assert tissue / 3 < median < 3 * tissue, modality
             assert np.percentile(values, 99.9) < 6 * median, modality
@@ -247,7 +246,7 @@ def test_randomized_cases_differ_in_contrast():
 def test_style_ranges_off_is_the_phantom():
     # The phantom style is the randomized one with every range at 0; unknown styles and ranges are refused.
     phantom = generate_case((48, 48, 32), seed=3, style="phantom")
-    off = generate_case((48, 48, 32), seed=3, style=dict.fromkeys(synthetic.STYLES["randomized"], 0))
+    off = generate_case((48, 48, 32), seed=3, style=dict.fromkeys(generator.STYLES["randomized"], 0))
     assert np.array_equal(phantom[1], off[1]) and all(np.array_equal(phantom[0][m], off[0][m]) for m in MODALITIES)
     with pytest.raises(ValueError, match="unknown synthetic style"):
         generate_case((48, 48, 32), style="realistic")
@@ -274,7 +273,7 @@ def test_another_style_rewrites_the_cases(tmp_path):
 
 def test_thick_slices_interpolate_linearly():
     ramp = np.arange(10, dtype=np.float32)[None, :, None] * np.ones((2, 1, 3), np.float32)  # (2, 10, 3)
-    out = synthetic._resample(ramp, np.array([0.0, 2.5, 8.75, 12.0]), axis=1)
+    out = generator._resample(ramp, np.array([0.0, 2.5, 8.75, 12.0]), axis=1)
     np.testing.assert_allclose(out[0, :, 0], [0.0, 2.5, 8.75, 9.0])  # linear inside, clamped at the end
 
 
@@ -290,5 +289,5 @@ def test_randomized_core_without_enhancement_nests():
 def test_settings_files_choose_the_style():
     # The demo keeps the phantoms; hyperparameters_synthetic.txt is the full-size randomized recipe of the README.
     assert hyperparameters.load().synthetic_style == "phantom"
-    hp = hyperparameters.load(Path(synthetic.ROOT) / "hyperparameters_synthetic.txt")
-    assert hp.synthetic_style == "randomized" and tuple(hp.synthetic_shape) == synthetic.FULL_SHAPE
+    hp = hyperparameters.load(hyperparameters.DEFAULT_FILE.parent / "hyperparameters_synthetic.txt")
+    assert hp.synthetic_style == "randomized" and tuple(hp.synthetic_shape) == generator.FULL_SHAPE

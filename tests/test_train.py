@@ -7,14 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import dataset
-import devices
-import hyperparameters
-import loss
-import model
-import predict
 import train
-import training_log
+from bratsunet.loader import EpochSampler, PatchDataset, start_loader
+from bratsunet import checkpoints, devices, hyperparameters, losses, manifest, network, training, training_log
 
 EPOCHS = 4
 
@@ -60,7 +55,7 @@ def test_training_loss_falls_and_metrics_csv_has_a_row_per_epoch(full_run):
     assert sorted(p.name for p in hp.run_dir.iterdir()) == [
         "checkpoint_best.pt", "checkpoint_last.pt", "curves.png", "metrics.csv", "validation"]  # no temporary files
     # the validation cases predicted with the best checkpoint, probabilities too: the out-of-fold predictions
-    val_names = dataset.split_cases(dataset.read_manifest(hp.prepared_dir))[1]
+    val_names = manifest.split_cases(manifest.read_manifest(hp.prepared_dir))[1]
     assert sorted(p.name for p in (hp.run_dir / "validation").iterdir()) == sorted(
         f"{name}{suffix}" for name in val_names for suffix in (".nii.gz", "_probabilities.npz"))
 
@@ -77,7 +72,7 @@ def test_checkpoint_holds_plain_unwrapped_state(full_run):
     best = torch.load(hp.run_dir / "checkpoint_best.pt", weights_only=True)
     assert best["epoch"] == result["best_epoch"] and best["best_score"] == result["best_dice_mean"]
     assert result["best_dice_mean"] == max(row["dice_mean"] for row in checkpoint["metrics"] if row["dice_mean"])
-    net, _ = model.load_model(hp.run_dir / "checkpoint_last.pt")
+    net, _ = checkpoints.load_model(hp.run_dir / "checkpoint_last.pt")
     assert all(torch.equal(net.state_dict()[k], v) for k, v in checkpoint["model"].items())
 
 
@@ -138,12 +133,12 @@ def test_resume_with_nnunet_augmentation_on_the_device_gives_the_uninterrupted_w
 
 def test_optimizer_choice():
     net = torch.nn.Linear(2, 2)
-    sgd = train.make_optimizer(net, hyperparameters.load(overrides={"optimizer": "sgd", "learning_rate": 1e-2,
+    sgd = training.make_optimizer(net, hyperparameters.load(overrides={"optimizer": "sgd", "learning_rate": 1e-2,
                                                                    "weight_decay": 3e-5}))
     assert isinstance(sgd, torch.optim.SGD)
     assert {k: sgd.defaults[k] for k in ("lr", "momentum", "nesterov", "weight_decay")} == {
         "lr": 1e-2, "momentum": 0.99, "nesterov": True, "weight_decay": 3e-5}  # nnU-Net's
-    assert isinstance(train.make_optimizer(net, hyperparameters.load()), torch.optim.AdamW)
+    assert isinstance(training.make_optimizer(net, hyperparameters.load()), torch.optim.AdamW)
 
 
 def test_resume_refuses_a_checkpoint_of_another_network(full_run, tmp_path):
@@ -166,7 +161,7 @@ class NaNGradient(torch.autograd.Function):
 
 
 def test_non_finite_loss_or_gradients_skip_the_step(tiny_prepared, tmp_path, monkeypatch, capsys):
-    make_loss = loss.make_loss
+    make_loss = losses.make_loss
 
     def faulty_loss(hp):
         loss_fn, calls = make_loss(hp), []
@@ -177,7 +172,7 @@ def test_non_finite_loss_or_gradients_skip_the_step(tiny_prepared, tmp_path, mon
             return value * math.nan if len(calls) == 2 else NaNGradient.apply(value) if len(calls) == 3 else value
         return faulty
 
-    monkeypatch.setattr(loss, "make_loss", faulty_loss)
+    monkeypatch.setattr(losses, "make_loss", faulty_loss)
     hp = tiny_settings(tiny_prepared, tmp_path, epochs=1)
     result = train.train(hp)
     output = capsys.readouterr()
@@ -214,14 +209,14 @@ def cpu_has_bf16_instructions():
 def test_training_runs_in_bf16_exactly_on_cpus_with_bf16_instructions(tiny_prepared, tmp_path, monkeypatch, precision):
     native = cpu_has_bf16_instructions()
     assert devices.cpu_supports_bf16() == native
-    dtypes, build_model = set(), model.build_model
+    dtypes, build_model = set(), network.build_model
 
     def build_and_watch(hp):  # record the dtype of every output of the network, in training and validation
         net = build_model(hp)
         net.heads[0].register_forward_hook(lambda module, inputs, output: dtypes.add(output.dtype))
         return net
 
-    monkeypatch.setattr(model, "build_model", build_and_watch)
+    monkeypatch.setattr(network, "build_model", build_and_watch)
     train.train(tiny_settings(tiny_prepared, tmp_path, epochs=1, steps_per_epoch=1, precision=precision))
     assert dtypes == {torch.bfloat16 if precision == "auto" and native else torch.float32}
 
@@ -244,33 +239,32 @@ def test_resolve_device(monkeypatch):
 
 def test_learning_rate_schedules():
     hp = hyperparameters.load(overrides={"epochs": 10, "steps_per_epoch": 10, "warmup_epochs": 0})
-    assert train.lr_factor(0, hp) == 1.0
-    assert train.lr_factor(50, hp) == pytest.approx(0.5 ** 0.9)  # nnU-Net's poly rule at half way
-    assert train.lr_factor(99, hp) == pytest.approx(0.01 ** 0.9)
+    assert training.lr_factor(0, hp) == 1.0
+    assert training.lr_factor(50, hp) == pytest.approx(0.5 ** 0.9)  # nnU-Net's poly rule at half way
+    assert training.lr_factor(99, hp) == pytest.approx(0.01 ** 0.9)
     cosine = hp.replace(lr_schedule="cosine", warmup_epochs=2)
-    assert [train.lr_factor(s, cosine) for s in (0, 9, 19)] == pytest.approx([0.05, 0.5, 1.0])  # linear warm-up
-    assert train.lr_factor(60, cosine) == pytest.approx(0.5)  # half way through the 80 steps after warm-up
-    assert train.lr_factor(57, hp.replace(lr_schedule="constant")) == 1.0
+    assert [training.lr_factor(s, cosine) for s in (0, 9, 19)] == pytest.approx([0.05, 0.5, 1.0])  # linear warm-up
+    assert training.lr_factor(60, cosine) == pytest.approx(0.5)  # half way through the 80 steps after warm-up
+    assert training.lr_factor(57, hp.replace(lr_schedule="constant")) == 1.0
 
 
 def test_a_step_sees_the_same_patches_however_many_processes_share_it():
-    one = list(dataset.EpochSampler(steps=3, batch_size=4, rank=0, world_size=1))
-    shards = [list(dataset.EpochSampler(steps=3, batch_size=1, rank=r, world_size=4)) for r in range(4)]
+    one = list(EpochSampler(steps=3, batch_size=4, rank=0, world_size=1))
+    shards = [list(EpochSampler(steps=3, batch_size=1, rank=r, world_size=4)) for r in range(4)]
     for step in range(3):
         assert sorted(shard[step] for shard in shards) == one[4 * step:4 * step + 4]
-    sampler = dataset.EpochSampler(steps=2, batch_size=2, rank=1, world_size=2)
+    sampler = EpochSampler(steps=2, batch_size=2, rank=1, world_size=2)
     sampler.set_epoch(5)
     assert list(sampler) == [(5, 2), (5, 3), (5, 6), (5, 7)]
 
 
 def test_persistent_workers_follow_the_epoch(tiny_prepared):
-    import dataset
-    train_names, _ = dataset.split_cases(dataset.read_manifest(tiny_prepared))
-    patches = dataset.PatchDataset(tiny_prepared, train_names, (16, 16, 16), 0.5, True, 0, 4)
+    train_names, _ = manifest.split_cases(manifest.read_manifest(tiny_prepared))
+    patches = PatchDataset(tiny_prepared, train_names, (16, 16, 16), 0.5, True, 0, 4)
     batches = {}
     for workers in (0, 2):
-        sampler = dataset.EpochSampler(steps=2, batch_size=2, rank=0, world_size=1)
-        loader = dataset.start_loader(patches, sampler, 2, workers, torch.device("cpu"))
+        sampler = EpochSampler(steps=2, batch_size=2, rank=0, world_size=1)
+        loader = start_loader(patches, sampler, 2, workers, torch.device("cpu"))
         for epoch in (1, 2):
             sampler.set_epoch(epoch)
             batches[workers, epoch] = torch.cat([image for image, _ in loader])
@@ -279,9 +273,8 @@ def test_persistent_workers_follow_the_epoch(tiny_prepared):
 
 
 def test_loader_falls_back_to_the_main_process_when_workers_cannot_start(tiny_prepared, monkeypatch, capsys):
-    import dataset
-    train_names, _ = dataset.split_cases(dataset.read_manifest(tiny_prepared))
-    patches = dataset.PatchDataset(tiny_prepared, train_names, (16, 16, 16), 0.5, False, 0, 2)
+    train_names, _ = manifest.split_cases(manifest.read_manifest(tiny_prepared))
+    patches = PatchDataset(tiny_prepared, train_names, (16, 16, 16), 0.5, False, 0, 2)
 
     def refuse(loader):
         if loader.num_workers:
@@ -290,7 +283,7 @@ def test_loader_falls_back_to_the_main_process_when_workers_cannot_start(tiny_pr
 
     original = torch.utils.data.DataLoader.__iter__
     monkeypatch.setattr(torch.utils.data.DataLoader, "__iter__", refuse)
-    loader = dataset.start_loader(patches, dataset.EpochSampler(1, 2, 0, 1), 2, 2, torch.device("cpu"))
+    loader = start_loader(patches, EpochSampler(1, 2, 0, 1), 2, 2, torch.device("cpu"))
     assert loader.num_workers == 0 and len(list(loader)) == 1
     assert "workers could not start (DataLoader worker (pid 123) exited unexpectedly)" in capsys.readouterr().out
 
@@ -298,8 +291,8 @@ def test_loader_falls_back_to_the_main_process_when_workers_cannot_start(tiny_pr
 def test_rng_state_survives_a_weights_only_round_trip(tmp_path):
     import random
     import numpy as np
-    torch.save(model.rng_state(), tmp_path / "rng.pt")
+    torch.save(checkpoints.rng_state(), tmp_path / "rng.pt")
     first = (torch.rand(3), np.random.rand(3), random.random())
-    model.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    checkpoints.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
     second = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(first[0], second[0]) and (first[1] == second[1]).all() and first[2] == second[2]

@@ -1,4 +1,4 @@
-"""training_log.py: TensorBoard read back from its event files (also across a resume), the validation picture,
+"""bratsunet/training_log.py: TensorBoard read back from its event files (also across a resume), the validation picture,
 and train.py in a real IPython kernel with the inline backend, as Spyder and PyCharm's console run it."""
 import base64
 import csv
@@ -8,13 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-import hyperparameters
-import model
 import train
-import training_log
+from bratsunet.pictures import REGION_COLORS, slice_picture
+from bratsunet import checkpoints, hyperparameters, training_log
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"num_workers": 0, "features": "4, 8, 16", "patch_size": "16, 16, 16", "batch_size": 2, "epochs": 2,
@@ -36,17 +34,17 @@ def read_events(folder):
 def test_tensorboard_logs_each_epoch_once_across_a_resume(tmp_path, tiny_prepared, monkeypatch):
     hp = hyperparameters.load(overrides={**TINY, "prepared_dir": tiny_prepared, "run_dir": tmp_path,
                                          "tensorboard": True, "epochs": 3, "steps_per_epoch": 1})
-    save = model.save_checkpoint
+    save = checkpoints.save_checkpoint
 
     def killed_while_saving_epoch_2(state, path):  # TensorBoard has epoch 2, the checkpoint has not
         if state["epoch"] == 2:
             raise KeyboardInterrupt
         save(state, path)
 
-    monkeypatch.setattr(model, "save_checkpoint", killed_while_saving_epoch_2)
+    monkeypatch.setattr(checkpoints, "save_checkpoint", killed_while_saving_epoch_2)
     with pytest.raises(KeyboardInterrupt):
         train.train(hp)
-    monkeypatch.setattr(model, "save_checkpoint", save)
+    monkeypatch.setattr(checkpoints, "save_checkpoint", save)
     assert [step for step, _ in read_events(tmp_path / "tensorboard")[0]["loss/train"]] == [1, 2]
     train.train(hp.replace(resume=True))  # epochs 2 and 3 again
 
@@ -60,7 +58,7 @@ def test_tensorboard_logs_each_epoch_once_across_a_resume(tmp_path, tiny_prepare
     [(tag, pictures)] = images.items()
     assert tag.startswith("validation/BraTS20_Training_") and [step for step, _ in pictures] == [1, 2, 3]
     truth_panel = pictures[-1][1][:, : pictures[-1][1].shape[1] // 2]
-    for color in training_log.REGION_COLORS.values():  # the true outline of every region is drawn
+    for color in REGION_COLORS.values():  # the true outline of every region is drawn
         assert np.all(truth_panel == color, axis=-1).any()
 
 
@@ -72,10 +70,10 @@ def test_slice_picture_outlines_truth_and_prediction_on_the_slice_with_most_tumo
     truth[5:7, 4:6, 1] = 3
     pred = np.zeros_like(truth)
     pred[6:9, 5:8, 3] = 1  # core, 3 x 3
-    picture = training_log.slice_picture(image, truth, pred)
+    picture = slice_picture(image, truth, pred)
     assert picture.shape == (16, 40, 3) and picture.dtype == np.uint8
     truth_panel, pred_panel = picture[:, :20], picture[:, 20:]
-    green, red = training_log.REGION_COLORS["WT"], training_log.REGION_COLORS["TC"]
+    green, red = REGION_COLORS["WT"], REGION_COLORS["TC"]
     assert np.all(truth_panel == green, axis=-1).sum() == 5 * 8 - 3 * 6  # the ring around the 5 x 8 box
     assert not np.all(truth_panel == red, axis=-1).any()
     assert np.all(pred_panel == red, axis=-1).sum() == 8  # TC outline of the 3 x 3 core, WT drawn under it
@@ -127,7 +125,7 @@ def test_train_in_an_ipython_kernel_shows_one_plot_per_epoch_and_clean_bars(tmp_
         shown, stdout, stderr = run_in_kernel(client, f"%matplotlib inline\n%run {REPO / 'train.py'} --hp {settings}")
         # the curves of the first k epochs, drawn and displayed by the same kernel, for comparison
         expected, _, _ = run_in_kernel(client, "\n".join([
-            "import torch, training_log", "from matplotlib.figure import Figure",
+            "import torch", "from bratsunet import training_log", "from matplotlib.figure import Figure",
             f"rows = torch.load({str(tmp_path / 'run' / 'checkpoint_last.pt')!r}, weights_only=True)['metrics']",
             "for k in range(1, len(rows) + 1):", "    display(training_log.draw_curves(rows[:k], Figure((13, 3.8))))"]))
     finally:

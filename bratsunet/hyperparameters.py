@@ -1,7 +1,8 @@
 """Read hyperparameters.txt into one typed, validated, read-only object.
 
-The defaults are the values in the hyperparameters.txt beside this file; this module only knows each
-key's type and valid range. Another file (--hp FILE) may set any subset of the keys; command-line
+The defaults are the values in the hyperparameters.txt beside the scripts; this module knows each key's type
+and valid range, and takes the choices of a setting from the module that implements them (a new loss in
+losses.LOSSES is a valid `loss` at once). Another file (--hp FILE) may set any subset of the keys; command-line
 `key=value` overrides are checked the same way. Parsing has no side effects (no folders are made).
 
 `#` starts a comment at the start of a line or of a value, or after whitespace, in a file and on the
@@ -16,7 +17,9 @@ import re
 import sys
 from pathlib import Path
 
-DEFAULT_FILE = Path(__file__).resolve().parent / "hyperparameters.txt"
+from bratsunet import augmentation, conventions, losses, network
+
+DEFAULT_FILE = Path(__file__).resolve().parents[1] / "hyperparameters.txt"  # beside the scripts
 
 
 class HyperparameterError(ValueError):
@@ -109,7 +112,7 @@ def _augment(value):
     """none | light | nnunet; True and False (settings from before the three modes) mean light and none."""
     if isinstance(value, bool) or str(value).strip().lower() in ("true", "false"):
         return "light" if _bool(value) else "none"
-    return _choice("none", "light", "nnunet")(value)
+    return _choice(*augmentation.MODES)(value)
 
 
 _PATH = _optional(lambda value: Path(str(value).strip()).expanduser())  # made absolute in _convert
@@ -149,7 +152,7 @@ SCHEMA = {
     "prediction_dir": (_PATH, None, ""),
     "channel_names": (_list_of(_text), None, ""),
     "seg_channel_name": (_text, None, ""),
-    "data_format": (_choice("brats2020", "brats2023", "brats2024"), None, ""),
+    "data_format": (_choice(*conventions.DATA_FORMATS), None, ""),
     "allow_any_grid": (_bool, None, ""),
     "bg_threshold": (_float, _fraction, "between 0 and 1"),
     "crop_margin": (_int, _non_negative, ">= 0"),
@@ -163,10 +166,10 @@ SCHEMA = {
     "synthetic_compress": (_bool, None, ""),
     "synthetic_style": (_choice("phantom", "randomized"), None, ""),
     "features": (_list_of(_int), lambda f: len(f) >= 2 and _positive(f), "at least 2 levels, each > 0"),
-    "norm": (_choice("instance", "batch", "group"), None, ""),
+    "norm": (_choice(*network.NORMS), None, ""),
     "deep_supervision": (_bool, None, ""),
-    "target": (_choice("regions", "labels"), None, ""),
-    "loss": (_choice("dice_ce", "dice", "modified_dice"), None, ""),
+    "target": (_choice(*losses.TARGETS), None, ""),
+    "loss": (_choice(*losses.LOSSES), None, ""),
     "patch_size": (_list_of(_int, 3), _positive, "each > 0"),
     "batch_size": (_int, _positive, "> 0"),
     "optimizer": (_choice("adamw", "sgd"), None, ""),
@@ -180,7 +183,7 @@ SCHEMA = {
     "val_every": (_int, _positive, "> 0"),
     "foreground_fraction": (_float, _fraction, "between 0 and 1"),
     "augment": (_augment, None, ""),
-    "augment_on": (_choice("auto", "device", "workers"), None, ""),
+    "augment_on": (_choice(*augmentation.PLACES), None, ""),
     "grad_clip": (_float, _non_negative, ">= 0"),
     "num_workers": (_int, _non_negative, ">= 0"),
     "device": (_text, _device, "auto, cpu, cuda, cuda:N or mps"),

@@ -8,7 +8,7 @@ Gaussian blur (p 0.2), multiplicative brightness (p 0.15), contrast (p 0.15), lo
 resampled nearest-neighbour, so no label value appears that was not there. Images are z-scored with the
 background at 0, and the background stays 0, as at inference (nnU-Net masks it the same way).
 
-Where it runs: dataset.py draws every parameter of a patch (and the seed of its noise field) from the
+Where it runs: loader.py draws every parameter of a patch (and the seed of its noise field) from the
 patch's own generator np.random.default_rng([seed, epoch, index]) and crops the box the patch reads
 (source_box). Then either the loader worker finishes the patch (augment_patch), or the training loop
 finishes the whole batch on the training device (to_device). Both run augment_batch on the same

@@ -93,3 +93,10 @@ def sole_writer(folder, setting):
             if TEMPORARY.fullmatch(path.name) and path.is_file():
                 path.unlink()
         yield folder
+
+
+def same_or_inside(inner, outer):
+    """True when folder inner is folder outer or lies inside it, however either is reached (links, letter case)."""
+    inner = Path(inner).resolve()
+    return Path(outer).exists() and any(
+        folder.exists() and os.path.samefile(folder, outer) for folder in (inner, *inner.parents))

@@ -1,6 +1,6 @@
-"""PyTorch datasets over the arrays that prepare_dataset.py writes.
+"""Training data: patch sampling and the datasets over the arrays that prepare_dataset.py writes, and the DataLoader.
 
-PatchDataset gives random training patches (part of them centred on tumor, augmented by augment.py);
+PatchDataset gives random training patches (part of them centred on tumor, augmented by augmentation.py);
 VolumeDataset gives whole prepared volumes for validation. Both memory-map the .npy files when an
 item is read, never in __init__, so a dataset object is small to pickle (DataLoader workers started
 with spawn on Windows/macOS) and each worker process reads only the voxels it needs.
@@ -16,89 +16,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import augment
-from augment import MODES as AUGMENT_MODES
-from prepare_dataset import FORMAT_VERSION, MANIFEST, read_manifest
+from bratsunet import augmentation
+from bratsunet.augmentation import MODES as AUGMENT_MODES
+from bratsunet.manifest import labelled_entries
 
 # Tumor voxels remembered per case for centring patches: an evenly spaced subset of all of them,
 # so a worker holds at most 80 kB per case instead of a list of up to ~10^5 voxels.
 MAX_FOREGROUND_VOXELS = 10_000
-
-
-def split_cases(manifest, fold=0):
-    """(train_names, val_names) of a fold, sorted: fold K validates on the "val" cases of fold K and trains on
-    the other labelled cases outside the test split. The test cases are never returned."""
-    cases = {name: case for name, case in manifest["cases"].items()
-             if case["seg"] and case["split"] in ("train", "val")}
-    val = sorted(name for name, case in cases.items()
-                 if case["split"] == "val" and (case.get("fold") or 0) == fold)  # "val" without a fold: fold 0
-    return sorted(set(cases) - set(val)), val
-
-
-def holdout_cases(manifest):
-    """The labelled cases of the test split, sorted."""
-    return sorted(name for name, case in manifest["cases"].items() if case["seg"] and case["split"] == "test")
-
-
-def default_prediction_cases(manifest, fold):
-    """(names, description) of the cases predict.py segments by default: the test split, or without one (test_fraction
-    0) the validation cases of the fold, which selected its checkpoint: not a test result."""
-    test = holdout_cases(manifest)
-    if test:
-        return test, "the test split of dataset.json"
-    return split_cases(manifest, fold)[1], (f"the validation cases of fold {fold}: dataset.json has no test split, so "
-                                            "these selected the checkpoint and their scores are not a test result")
-
-
-def fold_cases(manifest, hp):
-    """(train_names, val_names) of hp.fold, after checking that the manifest holds hp.num_folds folds."""
-    path = Path(hp.prepared_dir) / MANIFEST
-    num_folds = manifest["settings"].get("num_folds", 1)
-    if num_folds != hp.num_folds:
-        raise ValueError(f"{path}: split into {num_folds} fold(s), but num_folds is {hp.num_folds}; set num_folds: "
-                         f"{num_folds}, or prepare into a new prepared_dir for {hp.num_folds}")
-    if hp.fold >= num_folds:
-        raise ValueError(f"fold {hp.fold}: the folds of {path} are 0 .. {num_folds - 1}")
-    return split_cases(manifest, hp.fold)
-
-
-def fold_dir(hp, fold=None):
-    """Where the run of a fold (default hp.fold) lives: run_dir itself with one fold (the single split, as before
-    folds existed), else run_dir/fold_K."""
-    return hp.run_dir if hp.num_folds == 1 else hp.run_dir / f"fold_{hp.fold if fold is None else fold}"
-
-
-def check_prepared_settings(manifest, hp):
-    """ValueError when a setting disagrees with what the prepared arrays were made with (dataset.json):
-    the channels and their order, the crop margin, the format (normalisation) of the arrays."""
-    prepared = {"channel_names": ", ".join(manifest["channel_names"]),
-                "crop_margin": manifest["settings"]["crop_margin"], "format": manifest["version"]}
-    current = {"channel_names": ", ".join(hp.channel_names), "crop_margin": hp.crop_margin, "format": FORMAT_VERSION}
-    differ = [f"{key} {prepared[key]} (prepared) vs {current[key]} (now)" for key in prepared
-              if prepared[key] != current[key]]
-    if differ:
-        raise ValueError(f"{Path(hp.prepared_dir) / MANIFEST}: the data was prepared with other settings "
-                         f"({'; '.join(differ)}): set them back, or run prepare_dataset.py again")
-
-
-def labelled_entries(prepared_dir, case_names):
-    """Manifest entries of case_names, each checked to exist and to have a segmentation."""
-    manifest_path = Path(prepared_dir) / "dataset.json"
-    cases = read_manifest(prepared_dir)["cases"]
-    entries = []
-    for name in case_names:
-        if name not in cases:
-            raise ValueError(f"{manifest_path}: no case named {name!r}")
-        if not cases[name]["seg"]:
-            raise ValueError(f"{manifest_path}: case {name!r} has no segmentation")
-        for key in ("image", "seg"):  # checked now, not at the first patch of the case hours later
-            if not (Path(prepared_dir) / cases[name][key]).is_file():
-                raise FileNotFoundError(f"{Path(prepared_dir) / cases[name][key]}: listed in {manifest_path} but "
-                                        "missing; run prepare_dataset.py again")
-        entries.append(cases[name])
-    if not entries:
-        raise ValueError(f"{manifest_path}: no cases to load")
-    return entries
 
 
 def open_case(prepared_dir, entry):
@@ -122,7 +46,7 @@ def crop_padded(array, start, size, dtype):
 
 class PatchDataset(torch.utils.data.Dataset):
     """samples_per_epoch random patches: (image float32 (C, px, py, pz), labels int64 (px, py, pz)); with
-    augment nnunet and on_device, what augment.to_device finishes: (box image float16, box labels uint8,
+    augment nnunet and on_device, what augmentation.to_device finishes: (box image float16, box labels uint8,
     parameters), the box being the patch or the larger region that its rotation and scaling read.
     augment: none | light | nnunet (True and False, from settings before the three modes: light, none)."""
 
@@ -194,18 +118,18 @@ class PatchDataset(torch.utils.data.Dataset):
         image = crop_padded(image, start, self.patch_size, np.float32)  # (C, px, py, pz)
         labels = crop_padded(seg, start, self.patch_size, np.int64)  # (px, py, pz)
         if self.augment == "light":
-            image, labels = augment.light(image, labels, rng)
+            image, labels = augmentation.light(image, labels, rng)
         return torch.from_numpy(np.ascontiguousarray(image)), torch.from_numpy(np.ascontiguousarray(labels))
 
     def nnunet_item(self, image, seg, start, rng):
         """Crop the box the patch reads; finish the patch here, or leave it to the training device."""
-        params = augment.draw_nnunet(rng, image.shape[0])
-        corner, size, params["centre"] = augment.source_box(params, start, self.patch_size, seg.shape)
+        params = augmentation.draw_nnunet(rng, image.shape[0])
+        corner, size, params["centre"] = augmentation.source_box(params, start, self.patch_size, seg.shape)
         box = torch.from_numpy(crop_padded(image, corner, size, np.float16))  # (C, bx, by, bz), as stored
         box_labels = torch.from_numpy(crop_padded(seg, corner, size, np.uint8))  # (bx, by, bz)
         if self.on_device:
             return box, box_labels, params
-        return augment.augment_patch(box, box_labels, params, self.patch_size)
+        return augmentation.augment_patch(box, box_labels, params, self.patch_size)
 
 
 class VolumeDataset(torch.utils.data.Dataset):
@@ -256,7 +180,7 @@ def start_loader(patches, sampler, batch_size, num_workers, device):
     def make_loader(patches, sampler, batch_size, workers, device):
         return torch.utils.data.DataLoader(patches, batch_size, sampler=sampler, num_workers=workers,
                                            persistent_workers=workers > 0, pin_memory=device.type == "cuda",
-                                           collate_fn=augment.collate if patches.on_device else None)
+                                           collate_fn=augmentation.collate if patches.on_device else None)
 
     loader = make_loader(patches, sampler, batch_size, num_workers, device)
     if num_workers > 0:

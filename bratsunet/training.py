@@ -1,0 +1,183 @@
+"""The parts of training: the network as training runs it (DDP, torch.compile), the optimizer and its learning-rate
+schedule, one epoch of optimizer steps, validation on whole volumes, and resuming from checkpoint_last.pt.
+train.py puts them together."""
+import datetime
+import math
+import random
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from bratsunet import augmentation, checkpoints, conventions, inference, losses, metrics, network, training_log
+from bratsunet.devices import run_settings
+from bratsunet.files import output_folder
+
+RUN_FILES = ("checkpoint_last.pt", "checkpoint_best.pt", "metrics.csv", "curves.png")  # what a run writes
+
+
+# How long a process waits for the others in a collective before it fails: long enough for the slowest
+# process's share of validation, short enough that a dead process cannot hang the others for good.
+PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=10)
+
+
+def lr_factor(step, hp):
+    """Learning-rate multiplier of optimizer step `step` (from 0): linear warm-up, then the schedule."""
+    total, warmup = hp.epochs * hp.steps_per_epoch, hp.warmup_epochs * hp.steps_per_epoch
+    if step < warmup:
+        return (step + 1) / warmup
+    t = min((step - warmup) / max(total - warmup, 1), 1.0)  # 0 -> 1 over the steps after warm-up
+    if hp.lr_schedule == "poly":
+        return (1 - t) ** 0.9  # as nnU-Net
+    if hp.lr_schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * t))
+    return 1.0
+
+
+def make_optimizer(net, hp):
+    """AdamW, or nnU-Net's SGD with Nesterov momentum; weight decay as hp.weight_decay."""
+    if hp.optimizer == "sgd":
+        return torch.optim.SGD(net.parameters(), lr=hp.learning_rate, momentum=hp.momentum, nesterov=True,
+                               weight_decay=hp.weight_decay)
+    return torch.optim.AdamW(net.parameters(), lr=hp.learning_rate, weight_decay=hp.weight_decay)
+
+
+def train_epoch(train_model, batches, optimizer, scheduler, scaler, loss_fn, hp, device, dtype, epoch,
+                world_size, main_process):
+    """hp.steps_per_epoch optimizer steps -> (mean finite loss over all processes, skipped steps)."""
+    loss_sum, loss_count, skipped = 0.0, 0, 0
+    channels_last = run_settings(hp.precision, hp.channels_last, device)[2]
+    params = [p for p in train_model.parameters() if p.requires_grad]
+    bar = training_log.progress_bar(hp.steps_per_epoch, f"epoch {epoch}/{hp.epochs}", disable=not main_process)
+    start = time.perf_counter()
+    for step, batch in enumerate(batches, start=1):
+        image, labels = augmentation.to_device(batch, device, hp.patch_size)  # (B, C, px, py, pz), (B, px, py, pz)
+        if channels_last:
+            image = image.contiguous(memory_format=torch.channels_last_3d)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            logits = train_model(image)  # (B, C_out, px, py, pz); a list of them with deep supervision
+        logits = [x.float() for x in logits] if isinstance(logits, list) else logits.float()
+        batch_loss = loss_fn(logits, labels)  # float32 scalar, outside autocast
+        finite = torch.isfinite(batch_loss.detach()).int()
+        if world_size > 1:  # all processes skip together, or the gradient all-reduce would wait forever
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        finite = bool(finite.item())
+        if finite:
+            scaler.scale(batch_loss).backward()
+            scaler.unscale_(optimizer)  # clip the true gradient, not the fp16-scaled one
+            norm = torch.nn.utils.clip_grad_norm_(params, hp.grad_clip if hp.grad_clip > 0 else math.inf)
+            if scaler.is_enabled() or torch.isfinite(norm):  # with fp16 the scaler skips inf/NaN gradients
+                scaler.step(optimizer)
+            scaler.update()
+            loss_sum, loss_count = loss_sum + batch_loss.item(), loss_count + 1
+        if not finite or not torch.isfinite(norm):  # gradients are all-reduced: the same in every process
+            skipped += 1
+            if main_process:
+                tqdm.write(f"non-finite {'gradients' if finite else 'loss'} at epoch {epoch} step {step}: skipped")
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()  # skipped or not: the schedule follows the step count, also after a resume
+        rate = step * hp.batch_size * world_size / (time.perf_counter() - start)
+        bar.set_postfix(loss=f"{batch_loss.item():.4f}", patches_per_s=f"{rate:.1f}", refresh=False)  # update() draws
+        bar.update()
+    bar.close()
+    totals = torch.tensor([loss_sum, loss_count], dtype=torch.float64)  # in CPU memory: Gloo's part of the group
+    if world_size > 1:
+        dist.all_reduce(totals)
+    return (totals[0] / totals[1]).item() if totals[1] > 0 else math.nan, skipped
+
+
+@torch.no_grad()
+def validate(net, volumes, hp, device, rank=0, world_size=1):
+    """(mean Dice per region, mean Dice (= mean F1) and accuracy over the whole validation volumes, the
+    predicted labels of case 0 in process 0 (None elsewhere), for TensorBoard's picture).
+    Process r takes cases r, r + W, ... (none padded or repeated); the means run over the cases in
+    their order, so any number of processes gives the same numbers."""
+    net.eval()
+    no_tta = hp.replace(tta_mirror=False)  # validation each epoch: one pass per window
+    results, first = [], None
+    for index in range(rank, len(volumes), world_size):
+        _, image, truth = volumes[index]  # (C, x, y, z), (x, y, z)
+        probabilities = inference.predict_case(net, image.to(device), no_tta, hp.target)  # as predict.py does
+        labels = losses.probabilities_to_labels(probabilities, hp.target).cpu().numpy()  # (x, y, z)
+        dice = metrics.dice_per_region(labels, truth.numpy())
+        first = labels if index == 0 else first
+        results.append((index, [dice[region] for region in conventions.REGION_NAMES],
+                        metrics.accuracy(labels, truth.numpy())))
+    net.train()
+    if world_size > 1:
+        gathered = [None] * world_size
+        dist.all_gather_object(gathered, results)
+        results = [result for part in gathered for result in part]
+    results.sort()
+    dice = np.mean([dice for _, dice, _ in results], axis=0)  # (3,) WT, TC, ET
+    row = {f"dice_{region}": float(value) for region, value in zip(conventions.REGION_NAMES, dice)}
+    return {**row, "dice_mean": float(dice.mean()), "accuracy": float(np.mean([a for _, _, a in results]))}, first
+
+
+def resume_state(hp, net, optimizer, scheduler, scaler, main_process, split):
+    """Restore run_dir/checkpoint_last.pt in place -> (completed epochs, best score, metrics rows)."""
+    path = hp.run_dir / "checkpoint_last.pt"
+    if not path.is_file():
+        if main_process:
+            print(f"resume: True, but there is no {path}: starting from scratch")
+        return 0, None, []
+    checkpoint = checkpoints.load_checkpoint(path)
+    missing = [key for key in ("model_args", "model", "optimizer", "scheduler", "epoch", "rng", "metrics")
+               if key not in checkpoint]
+    if missing:
+        raise ValueError(f"{path}: not a checkpoint of train.py (no {', '.join(missing)}); train in another run_dir")
+    weights = checkpoints.strip_wrapper_prefixes(checkpoint["model"])
+    problems = checkpoints.describe_mismatch(net, weights)
+    if checkpoint["model_args"] != network.model_args(hp) or problems:
+        differ = checkpoints.describe_args_difference(checkpoint["model_args"], network.model_args(hp))
+        raise ValueError(f"{path}: the network was trained with other settings ({differ or 'the same model_args'}); "
+                         f"weights that do not fit: {problems or 'none'}; set them back or train in another run_dir")
+    if checkpoint.get("split", split) != split:
+        raise ValueError(f"{path}: trained on other cases than fold {hp.fold} of dataset.json now holds (it was split "
+                         "again); train this fold in a new run_dir")
+    net.load_state_dict(weights)
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scheduler.load_state_dict(checkpoint["scheduler"])
+    if checkpoint["scaler"] and scaler.is_enabled():  # empty when saved without fp16 (e.g. on a CPU)
+        scaler.load_state_dict(checkpoint["scaler"])
+    checkpoints.set_rng_state(checkpoint["rng"])
+    if main_process:
+        before = checkpoint["hyperparameters"]
+        changed = [f"{k} {before.get(k)} -> {v}" for k, v in hp.to_dict().items()
+                   if k != "resume" and before.get(k) != v]
+        print(f"resuming {path} after epoch {checkpoint['epoch']}" + f"; changed: {', '.join(changed)}" * bool(changed))
+    return checkpoint["epoch"], checkpoint["best_score"], checkpoint["metrics"]
+
+
+def start_run_dir(run_dir, hp):
+    """Create run_dir and check it is writable before any work. A trained run in it is continued
+    (resume=True), started over (overwrite=True: its files are removed) or refused."""
+    output_folder(run_dir, "run_dir")
+    trained = [name for name in RUN_FILES[:2] if (run_dir / name).is_file()]
+    if trained and not hp.resume:
+        if not hp.overwrite:
+            raise ValueError(f"{run_dir} holds a trained run ({trained[0]}): resume=True continues it, "
+                             "overwrite=True starts it over, or set another run_dir")
+        for name in RUN_FILES:
+            (run_dir / name).unlink(missing_ok=True)
+
+
+def build_for_training(hp, device, world_size, main_process):
+    """-> (the network, what training calls: the network wrapped for DDP and torch.compile as asked)."""
+    torch.manual_seed(hp.seed)  # the same initial weights in every process and every run
+    random.seed(hp.seed)  # and the same global random states, which checkpoints keep: equal checkpoints per seed
+    np.random.seed(hp.seed)
+    net = network.build_model(hp).to(device)
+    if run_settings(hp.precision, hp.channels_last, device)[2]:
+        net = net.to(memory_format=torch.channels_last_3d)
+    train_model = net
+    if world_size > 1:
+        if hp.norm == "batch" and device.type == "cuda":
+            train_model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)  # statistics over all GPUs
+        elif hp.norm == "batch" and main_process:
+            print("norm: batch on CPU processes: batch statistics stay per process (SyncBatchNorm needs GPUs)")
+        train_model = DistributedDataParallel(train_model, [device.index] if device.type == "cuda" else None)
+    return net, torch.compile(train_model) if hp.compile else train_model
