@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check: one command for a machine with CUDA GPUs. It writes only to a temporary folder and prints
-# one table for README's GPU section:
+# one table for docs/gpus.md:
 #   - pytest -m cuda: training and resume, predict on the GPU vs the CPU, float16 + GradScaler,
 #     channels_last on vs off, torch.compile, the process group's collectives
 #   - steps/s and peak GPU memory of hyperparameters_brats2020_gpu.txt's model (its widths) on its 128^3

@@ -7,7 +7,7 @@ hyperparameters_synthetic.txt plus the recipe's overrides, each as its own proce
   - mean WT Dice on the generated validation split and on 4 full-size phantom-style cases (never trained on),
     over the cases with a tumor (a healthy case scores 0 or 1),
   - the CPU seconds of training (user + sys, DataLoader workers included) and its wall-clock seconds.
-The real case both chooses among the recipes and reports them: its numbers are optimistic (README).
+The real case both chooses among the recipes and reports them: its numbers are optimistic (docs/synthetic-data.md).
 
     python benchmarks/synth_to_real.py                        # every recipe (many hours on 2 cores)
     python benchmarks/synth_to_real.py randomized no_hindbrain

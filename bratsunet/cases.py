@@ -117,7 +117,7 @@ def load_case(case, allow_any_grid=False):
     if problems:
         note = conventions.background_note(case.image_paths, channels, niftis)
         raise CaseError(f"{reference[0]}: {', '.join(problems)}{note}: not in the BraTS grid (1 mm, 240 x 240 x 155, "
-                        "LPS, skull-stripped; README: scans that are not BraTS-preprocessed; allow_any_grid: True "
+                        "LPS, skull-stripped; docs/data-formats.md: scans that are not BraTS-preprocessed; allow_any_grid: True "
                         "reads it anyway)")
     labels = None
     if case.seg_path is not None:

@@ -85,7 +85,7 @@ def autocast_settings(precision, device_type, bf16_supported):
 def use_channels_last(setting, device_type, dtype, bf16_native):
     """hp.channels_last (auto | True | False) -> whether the network and its inputs use channels_last_3d.
     auto: on where it was measured faster, a CPU running native bfloat16 (oneDNN's bf16 convolutions
-    want it; README: training step); off on CUDA, where InstanceNorm3d makes channels-last inputs
+    want it; docs/benchmarks.md: training step); off on CUDA, where InstanceNorm3d makes channels-last inputs
     contiguous again, so each block may convert the layout twice (benchmarks/gpu_check.sh measures it),
     off in float32 and on MPS (not measured)."""
     if setting != "auto":

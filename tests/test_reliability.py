@@ -2,7 +2,7 @@
 checkpoints, folders and settings train and predict meet. Each gives one line naming the file and the
 problem, the other cases go on, and nothing half-done is left that a re-run would take as complete.
 
-BREAKS is the list behind the README table "What bad input does": one broken copy of a good case per row,
+BREAKS is the list behind the table of docs/bad-inputs.md: one broken copy of a good case per row,
 all of them in one raw folder next to one untouched case, run once through each script."""
 import ast
 import contextlib
