@@ -1,4 +1,4 @@
-"""BraTS metrics of predicted label maps against the ground truth -> evaluation.csv, a summary and a box plot.
+"""BraTS metrics of predicted label maps against the ground truth -> evaluation.csv and a box plot beside them, a summary.
 
     python evaluate.py          # prediction_dir against the segmentations under raw_data_dir (and predict_input_dir)
 
@@ -8,7 +8,8 @@ scored as BraTS scores it, a failure (Dice 0, HD95 373.13 mm, sensitivity and sp
 
 Per case and region (WT, TC, ET; RC for BraTS 2024): Dice, HD95 in mm (distance transforms of the surfaces, the
 header's spacing), sensitivity, specificity and the volumes in mm^3 (loss.region_metrics), a row per case in
-run_dir/evaluation.csv; the summary gives mean, std (ddof 1), median and quartiles as the BraTS leaderboard does.
+prediction_dir/evaluation.csv, beside the predictions it scores (as nnU-Net writes summary.json into the prediction
+folder), so evaluating another prediction folder never replaces it; the summary gives mean, std (ddof 1), median and quartiles as the BraTS leaderboard does.
 Empty regions follow the BraTS rules: both empty -> Dice 1, HD95 0; one empty -> Dice 0, HD95 373.13 mm, so a
 few false enhancing-tumor voxels in a case without one cost a whole Dice point (MONAI's DiceMetric gives NaN).
 
@@ -89,10 +90,11 @@ def check_apart(hp):
 
 def evaluate(hp):
     """hp.prediction_dir against the ground truth under raw_data_dir (then predict_input_dir) -> rows;
-    writes run_dir/evaluation.csv and run_dir/evaluation_boxplot.png and prints the summary. With
-    hp.lesion_wise the rows and the CSV also hold the official lesion-wise metrics."""
+    writes evaluation.csv and evaluation_boxplot.png into prediction_dir, beside the predictions they score, and
+    prints the summary. With hp.lesion_wise the rows and the CSV also hold the official lesion-wise metrics."""
     check_apart(hp)
-    output_folder(hp.run_dir, "run_dir")
+    if hp.prediction_dir.is_dir():  # the evaluation is written beside the predictions: checked before the work
+        output_folder(hp.prediction_dir, "prediction_dir")
     truth_dirs = [folder for folder in (hp.raw_data_dir, hp.predict_input_dir) if folder is not None]
     regions = CONVENTIONS[hp.data_format].regions
     expected, description = expected_cases(hp)
@@ -108,12 +110,13 @@ def evaluate(hp):
     official = official_metrics(hp, rows, truth_dirs, missing) if hp.lesion_wise else {}
     evaluated = [{**row, **official.get(row["case"], {})} for row in rows]
     official_columns = tuple(next(iter(official.values()), {}))
-    write_csv(evaluated, hp.run_dir / "evaluation.csv", columns(regions) + official_columns)
-    plot_boxes(rows, hp.run_dir / "evaluation_boxplot.png", regions)
+    table, plot = hp.prediction_dir / "evaluation.csv", hp.prediction_dir / "evaluation_boxplot.png"
+    write_csv(evaluated, table, columns(regions) + official_columns)
+    plot_boxes(rows, plot, regions)
     print_summary(rows, not_evaluated, regions, missing, description)
     if official:
         print_lesion_wise_summary(official, hp.lesion_wise_task, missing)
-    print(f"wrote {hp.run_dir / 'evaluation.csv'} and {hp.run_dir / 'evaluation_boxplot.png'}")
+    print(f"wrote {table} and {plot}, beside the predictions")
     return evaluated
 
 

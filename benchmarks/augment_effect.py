@@ -28,7 +28,7 @@ def scores(hp, input_dir, name):
     hp = hp.replace(predict_input_dir=input_dir, raw_data_dir=input_dir, overwrite=True,
                     prediction_dir=hp.run_dir / f"predictions_{name}", checkpoint=hp.run_dir / "checkpoint_last.pt")
     predict.predict(hp)
-    rows = evaluate.evaluate(hp.replace(run_dir=hp.run_dir / f"evaluation_{name}"))
+    rows = evaluate.evaluate(hp)  # evaluation.csv beside the predictions_{name}
     return {f"{metric}_{region}": float(np.mean([row[f"{metric}_{region}"] for row in rows]))
             for metric in ("dice", "hd95") for region in REGION_NAMES}, len(rows)
 

@@ -122,8 +122,8 @@ def run_recipe(name):
                          ("phantoms", [f"predict_input_dir={phantoms}", f"raw_data_dir={phantoms}"])):
         test_settings = [*settings, f"prediction_dir={out / test}", "overwrite=True", *inputs]
         run(["predict.py", *test_settings], out / f"predict_{test}.log")
-        run(["evaluate.py", *test_settings, f"run_dir={out / ('evaluation_' + test)}"], out / f"evaluate_{test}.log")
-        scores[test] = mean_dice(out / f"evaluation_{test}" / "evaluation.csv")
+        run(["evaluate.py", *test_settings], out / f"evaluate_{test}.log")
+        scores[test] = mean_dice(out / test / "evaluation.csv")  # evaluate.py writes it beside the predictions
     result = {"recipe": name, "what": RECIPES[name][0], "real": scores["real"], "generated_WT": scores["generated"]["WT"],
               "phantoms_WT": scores["phantoms"]["WT"], "train_cpu_s": cpu, "train_wall_s": wall,
               "threads": os.environ.get("OMP_NUM_THREADS", "default")}

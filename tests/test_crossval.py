@@ -363,7 +363,7 @@ def test_a_missing_prediction_is_scored_as_a_failure(tiny_raw, tmp_path, capsys)
     assert "3 case(s) evaluated" in out and f"the cases expected: the cases of {tmp_path / 'input'}" in out
     assert f"2 case(s) without a prediction, scored as failures (Dice 0, HD95 373.13 mm): {names[1]}, {names[2]}" \
         in out
-    with open(hp.run_dir / "evaluation.csv", newline="") as file:
+    with open(hp.prediction_dir / "evaluation.csv", newline="") as file:
         assert [row["case"] for row in csv.DictReader(file)] == names
 
 

@@ -32,7 +32,7 @@ def run_evaluate(tmp_path, pred_dir, truth_dir):
     hp = hyperparameters.load(overrides={"prediction_dir": pred_dir, "raw_data_dir": truth_dir,
                                          "run_dir": tmp_path / "run"})
     evaluate.evaluate(hp)
-    with open(hp.run_dir / "evaluation.csv", newline="") as file:
+    with open(hp.prediction_dir / "evaluation.csv", newline="") as file:
         rows = list(csv.DictReader(file))
     assert tuple(rows[0]) == evaluation.COLUMNS
     return {row["case"]: {key: float(value) for key, value in row.items() if key != "case"} for row in rows}
@@ -184,12 +184,38 @@ def test_evaluate_against_raw_case_folders(tmp_path, tiny_raw, capsys):
     rows = evaluate.evaluate(hp)
     assert [row["case"] for row in rows] == names
     assert all(row[f"dice_{r}"] == 1.0 and row[f"hd95_{r}"] == 0.0 for row in rows for r in REGION_NAMES)
-    assert sorted(p.name for p in hp.run_dir.iterdir()) == ["evaluation.csv", "evaluation_boxplot.png"]
-    assert (hp.run_dir / "evaluation_boxplot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not hp.run_dir.exists()  # the evaluation lies beside the predictions it scores
+    assert sorted(p.name for p in hp.prediction_dir.iterdir() if not p.name.endswith(".nii")) == [
+        "evaluation.csv", "evaluation_boxplot.png"]
+    assert (hp.prediction_dir / "evaluation_boxplot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     out = capsys.readouterr().out
     assert "3 case(s) evaluated" in out
     assert "".join(f"{s:>9}" for s in evaluation.STATISTICS) in out
     assert sum(line.startswith(("dice", "hd95", "sensitivity", "specificity")) for line in out.splitlines()) == 12
+
+
+def test_a_second_prediction_folder_keeps_the_first_ones_evaluation(tmp_path, tiny_raw, capsys):
+    """Two prediction folders evaluated one after the other (TTA on and off, another checkpoint): each keeps its own
+    evaluation.csv beside its predictions, and the run says where it wrote it."""
+    name = sorted(p.name for p in tiny_raw.iterdir() if p.is_dir())[1]
+    truth = tiny_raw / name / f"{name}_seg.nii"
+    perfect, empty = tmp_path / "perfect", tmp_path / "empty"
+    perfect.mkdir()
+    (perfect / f"{name}.nii").write_bytes(truth.read_bytes())
+    seg = nib.load(truth)
+    empty.mkdir()
+    nib.save(nib.Nifti1Image(np.zeros(seg.shape, np.uint8), seg.affine), empty / f"{name}.nii.gz")
+    for folder in (perfect, empty):
+        evaluate.evaluate(hyperparameters.load(overrides={"prediction_dir": folder, "raw_data_dir": tiny_raw,
+                                                          "run_dir": tmp_path / "run"}))
+        assert f"wrote {folder / 'evaluation.csv'} and {folder / 'evaluation_boxplot.png'}" in capsys.readouterr().out
+    dice = {}
+    for folder in (perfect, empty):
+        with open(folder / "evaluation.csv", newline="") as file:
+            (row,) = csv.DictReader(file)
+        dice[folder.name] = float(row["dice_WT"])
+    assert dice == {"perfect": 1.0, "empty": 0.0}
+    assert not (tmp_path / "run").exists()
 
 
 def test_ground_truth_from_label_maps_and_case_folders_first_folder_first(tmp_path, tiny_raw):

@@ -322,8 +322,7 @@ def test_evaluate_on_a_full_disk_stops_with_one_line_and_leaves_no_partial_file(
     seg = nib.load(str(tiny_raw / "BraTS20_Training_001" / "BraTS20_Training_001_seg.nii"))
     nib.save(seg, str(tmp_path / "pred" / "BraTS20_Training_001.nii.gz"))
     monkeypatch.setattr(csv, "DictWriter", FullDiskCsvWriter)
-    run_dir = tmp_path / "run"
     message = run_main(evaluate, monkeypatch, {"prediction_dir": tmp_path / "pred", "raw_data_dir": tiny_raw,
-                                               "run_dir": run_dir})
-    assert f"cannot write {run_dir / 'evaluation.csv'}" in message and "No space left" in message
-    assert not [path.name for path in run_dir.iterdir() if "evaluation.csv" in path.name]
+                                               "run_dir": tmp_path / "run"})
+    assert f"cannot write {tmp_path / 'pred' / 'evaluation.csv'}" in message and "No space left" in message
+    assert not [path.name for path in (tmp_path / "pred").iterdir() if "evaluation.csv" in path.name]

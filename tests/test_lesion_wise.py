@@ -111,7 +111,7 @@ def test_evaluate_writes_both_and_the_summary_says_which_is_which(constructed, t
         rows = evaluate.evaluate(hp)
     finally:
         (tmp_path / "split.nii.gz").rename(folder / "pred" / "split.nii.gz")
-    with open(hp.run_dir / "evaluation.csv", newline="") as file:
+    with open(hp.prediction_dir / "evaluation.csv", newline="") as file:
         table = {row["case"]: row for row in csv.DictReader(file)}
     assert sorted(table) == sorted(constructed_cases()) and len(rows) == 5  # the missing case scored as a failure
     assert float(table["split"]["dice_ET"]) == 0 and float(table["split"]["hd95_ET"]) == 373.13  # BraTS's penalty

@@ -321,7 +321,7 @@ def test_a_case_folder_name_that_is_not_utf8_is_evaluated_and_printed(tiny_raw, 
     evaluate.main()  # capsys' stream refuses surrogates as a terminal in a UTF-8 locale does
     printed = capsys.readouterr().out
     assert "1 case(s) evaluated" in printed and "not evaluated Case-\\udcff: no ground truth" in printed
-    with open(tmp_path / "run" / "evaluation.csv", newline="", encoding="utf-8") as file:
+    with open(tmp_path / "pred" / "evaluation.csv", newline="", encoding="utf-8") as file:
         assert [row["case"] for row in csv.DictReader(file)] == ["Case-\\udce9t\\udce9"]
 
 

@@ -298,7 +298,7 @@ def runs(tmp_path_factory, tiny_raw):
         copy_label_map(tiny_raw / SOURCE / f"{SOURCE}_seg.nii", root / "perfect" / f"{case}.nii.gz")
     hp_truth = hp.replace(prediction_dir=root / "perfect", run_dir=root / "evaluate", predict_input_dir=None)
     reasons = {}
-    results["evaluate"] = (hp_truth.run_dir, evaluate_recording(hp_truth, reasons), reasons, named)
+    results["evaluate"] = (hp_truth.prediction_dir, evaluate_recording(hp_truth, reasons), reasons, named)
 
     # prediction broken, ground truth good (a folder of label maps)
     (root / "truth").mkdir()
@@ -314,7 +314,7 @@ def runs(tmp_path_factory, tiny_raw):
     hp_pred = hp.replace(prediction_dir=root / "broken_predictions", raw_data_dir=root / "truth",
                          run_dir=root / "evaluate_prediction", predict_input_dir=None)
     reasons = {}
-    results["evaluate_prediction"] = (hp_pred.run_dir, evaluate_recording(hp_pred, reasons), reasons,
+    results["evaluate_prediction"] = (hp_pred.prediction_dir, evaluate_recording(hp_pred, reasons), reasons,
                                       named_predictions)
     return results
 
@@ -453,7 +453,7 @@ def test_missing_or_empty_input_folder_stops_with_one_line(tmp_path, monkeypatch
         nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.uint8), np.eye(4)), str(tmp_path / "pred" / "Case.nii.gz"))
         message = run_main(evaluate, monkeypatch, ("raw_data_dir", folder), ("prediction_dir", tmp_path / "pred"),
                            ("run_dir", tmp_path / "run"))
-        assert not (tmp_path / "run" / "evaluation.csv").exists()
+        assert not (tmp_path / "pred" / "evaluation.csv").exists()
     assert str(folder) in message and expected in message
 
 
