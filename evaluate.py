@@ -1,4 +1,4 @@
-"""BraTS metrics of predicted label maps against the ground truth -> evaluation.csv and a box plot beside them, a summary.
+"""BraTS metrics of predicted label maps against the ground truth -> evaluation.csv and a box plot beside them.
 
     python evaluate.py          # prediction_dir against the segmentations under raw_data_dir (and predict_input_dir)
 
@@ -9,7 +9,8 @@ scored as BraTS scores it, a failure (Dice 0, HD95 373.13 mm, sensitivity and sp
 Per case and region (WT, TC, ET; RC for BraTS 2024): Dice, HD95 in mm (distance transforms of the surfaces, the
 header's spacing), sensitivity, specificity and the volumes in mm^3 (loss.region_metrics), a row per case in
 prediction_dir/evaluation.csv, beside the predictions it scores (as nnU-Net writes summary.json into the prediction
-folder), so evaluating another prediction folder never replaces it; the summary gives mean, std (ddof 1), median and quartiles as the BraTS leaderboard does.
+folder), so evaluating another prediction folder never replaces it; the printed summary gives mean, std (ddof 1),
+median and quartiles as the BraTS leaderboard does.
 Empty regions follow the BraTS rules: both empty -> Dice 1, HD95 0; one empty -> Dice 0, HD95 373.13 mm, so a
 few false enhancing-tumor voxels in a case without one cost a whole Dice point (MONAI's DiceMetric gives NaN).
 

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from bratsunet import hyperparameters
 from bratsunet.cases import CaseError, find_cases, load_case, no_segmentation
 from bratsunet.files import NO_ROOM, atomic_write, sole_writer
-from bratsunet.manifest import FORMAT_VERSION, MANIFEST, SPLIT_SETTINGS, assign_splits, read_manifest
+from bratsunet.manifest import FORMAT_VERSION, MANIFEST, SPLIT_SETTINGS, assign_splits, check_source, read_manifest
 from bratsunet.preprocessing import preprocess
 
 
@@ -113,33 +113,56 @@ def _prepare_all(cases, settings, prepared_dir, num_workers):
     return results
 
 
-def check_resplit(prepared_dir, splits, hp):
-    """A split unlike dataset.json's: CaseError when run_dir holds a run, trained on the old one; else said."""
+def _split_reasons(old, hp, labelled):
+    """Why splitting the labelled case names would not give dataset.json `old`'s split: its split settings that
+    differ, and the cases that come or go, as texts (none: the same split)."""
+    before = {name for name, case in old["cases"].items() if case["split"] != "unlabeled"}
+    was, added, gone = old.get("settings", {}), len(set(labelled) - before), len(before - set(labelled))
+    return ([f"{key} {was.get(key)} -> {getattr(hp, key)}" for key in SPLIT_SETTINGS
+             if was.get(key) != getattr(hp, key) and (key != "val_fraction" or hp.num_folds == 1)]
+            + [f"{added} new case(s)"] * bool(added) + [f"{gone} case(s) gone"] * bool(gone))
+
+
+def check_resplit(hp, labelled, splits=None):
+    """CaseError when the split of prepared_dir's dataset.json would change under a run trained on it (in run_dir).
+    Before the work (splits None) from what is known then: the settings, and the labelled cases found (labelled)
+    less those dataset.json filtered or skipped; after it, from the new split itself (said when it changes)."""
     try:
-        old = read_manifest(prepared_dir)
+        old = read_manifest(hp.prepared_dir)
     except (FileNotFoundError, ValueError):  # not split yet, or unreadable
         return
-    before = {name: [case["split"], case.get("fold")] for name, case in old["cases"].items()
-              if case["split"] != "unlabeled"}
-    if before == splits:
+    if splits is None:
+        labelled = set(labelled) - set(old.get("filtered", {})) - set(old.get("skipped", {}))
+    elif splits == {name: [case["split"], case.get("fold")] for name, case in old["cases"].items()
+                    if case["split"] != "unlabeled"}:
         return
-    was, added, gone = old.get("settings", {}), len(set(splits) - set(before)), len(set(before) - set(splits))
-    reasons = ", ".join([f"{key} {was.get(key)} -> {getattr(hp, key)}" for key in SPLIT_SETTINGS
-                         if was.get(key) != getattr(hp, key) and (key != "val_fraction" or hp.num_folds == 1)]
-                        + [f"{added} new case(s)"] * bool(added) + [f"{gone} case(s) gone"] * bool(gone))
+    reasons = ", ".join(_split_reasons(old, hp, labelled))
+    if not reasons:
+        return
     runs = [path for path in (hp.run_dir / "checkpoint_last.pt", *hp.run_dir.glob("fold_*/checkpoint_last.pt"))
             if path.is_file()]
     if runs:
-        raise CaseError(f"{Path(prepared_dir) / MANIFEST}: its split would change ({reasons}) under the runs trained "
-                        f"on it ({runs[0]}): set the settings back, prepare into a new prepared_dir, or delete this "
-                        "dataset.json to split anew")
-    print(f"split again ({reasons}): no run in {hp.run_dir} trained on the old split")
+        raise CaseError(f"{Path(hp.prepared_dir) / MANIFEST}: its split would change ({reasons}) under the runs "
+                        f"trained on it ({runs[0]}): set the settings back, prepare into a new prepared_dir, or delete "
+                        "this dataset.json to split anew")
+    if splits is not None:
+        print(f"split again ({reasons}): no run in {hp.run_dir} trained on the old split")
+
+
+def check_before_work(hp, cases):
+    """What refuses a run, said before any case is prepared: cases too few for the folds, a split that would change
+    under a trained run. (prepared_dir from another raw_data_dir was refused before the cases were looked for.)"""
+    labelled = [case.name for case in cases if case.seg_path is not None]
+    assign_splits(labelled, hp)  # CaseError when even all of them are too few for num_folds
+    check_resplit(hp, labelled)
 
 
 def prepare_dataset(hp):
     """Prepare every case of hp.raw_data_dir into hp.prepared_dir; returns the manifest. A prepared folder
     that is up to date is only checked, nothing written: it may be read-only."""
+    check_source(hp.prepared_dir, hp.raw_data_dir)  # another dataset's folder: refused before anything else
     cases, problems = find_cases(hp.raw_data_dir, hp.channel_names, hp.seg_channel_name, data_format=hp.data_format)
+    check_before_work(hp, cases)
     settings, prepared_dir = _settings(hp), Path(hp.prepared_dir)
     done = {case.name: done_record(case, settings, prepared_dir) for case in cases}
     todo = [case for case in cases if done[case.name] is None]
@@ -164,8 +187,9 @@ def build_manifest(hp, settings, cases, problems, results):
     kept = {name: r for name, r in records.items() if not r.get("filtered")}
     unlabeled = {case.name: no_segmentation(case, hp.seg_channel_name) + "; prepared as unlabeled" for case in cases
                  if case.seg_path is None and case.name in kept}
-    splits = assign_splits([n for n, r in kept.items() if r["seg"]], hp)
-    check_resplit(hp.prepared_dir, splits, hp)
+    labelled = [name for name, record in kept.items() if record["seg"]]
+    splits = assign_splits(labelled, hp)
+    check_resplit(hp, labelled, splits)  # what could not be known before: cases filtered or skipped anew
     for name, record in kept.items():
         record.pop("fingerprint")
         record["split"], record["fold"] = splits.get(name, ["unlabeled", None])

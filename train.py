@@ -42,6 +42,7 @@ def train(hp):
     train_names, val_names = fold_cases(manifest, hp)
     split = {"fold": hp.fold, "train": train_names, "val": val_names}  # kept in the checkpoints: resume checks it
     hp = hp.replace(run_dir=fold_dir(hp))
+    training.check_run_source(hp.run_dir, hp.prepared_dir)  # another dataset's run: refused before any work
     patches = PatchDataset(hp.prepared_dir, train_names, hp.patch_size, hp.foreground_fraction,
                                    hp.augment, hp.seed, hp.steps_per_epoch * hp.batch_size * world_size,
                                    augmentation.runs_on_device(hp.augment, hp.augment_on, device))

@@ -307,9 +307,31 @@ class Hyperparameters:
         return {key: plain(value) for key, value in self._values.items()}
 
 
+# The demo's folders, as hyperparameters.txt ships them (relative to it)
+DEMO_FOLDERS = {"raw_data_dir": "data/raw", "prepared_dir": "data/prepared", "run_dir": "runs/demo",
+                "prediction_dir": "runs/demo/predictions"}
+
+
+def own_folders(hp):
+    """{key: folder} for the folders left at the demo's while the data is another: with a raw_data_dir other than
+    the demo's, prepared_dir becomes data/{its name}_prepared and run_dir runs/{its name}; prediction_dir follows
+    run_dir (run_dir/predictions). A dataset's arrays, runs and predictions never land in the demo's folders."""
+    demo = {key: DEFAULT_FILE.parent / folder for key, folder in DEMO_FOLDERS.items()}
+    own, name = {}, hp.raw_data_dir.name if hp.raw_data_dir else ""
+    if hp.raw_data_dir not in (None, demo["raw_data_dir"]):
+        own.update({key: folder for key, folder in (("prepared_dir", demo["raw_data_dir"].parent / f"{name}_prepared"),
+                                                    ("run_dir", demo["run_dir"].parent / name))
+                    if getattr(hp, key) == demo[key]})
+    run_dir = own.get("run_dir", hp.run_dir)
+    if hp.prediction_dir == demo["prediction_dir"] and run_dir != demo["run_dir"]:
+        own["prediction_dir"] = run_dir / "predictions"
+    return own
+
+
 def load(path=None, overrides=None):
     """Defaults, then the settings file (if another), then overrides: {key: value} (relative paths
-    against the file's folder) or ["key=value"] as typed on a command line (against the working directory)."""
+    against the file's folder) or ["key=value"] as typed on a command line (against the working directory).
+    Folders left at the demo's follow another raw_data_dir (own_folders)."""
     values = read_file(DEFAULT_FILE)
     missing = set(SCHEMA) - set(values)
     if missing:
@@ -319,8 +341,10 @@ def load(path=None, overrides=None):
         values.update(read_file(path))
     hp = Hyperparameters(values, path.parent)
     if isinstance(overrides, (list, tuple)):
-        return hp.updated(dict(_split_override(item) for item in overrides), "command line", Path.cwd())
-    return hp.updated(overrides or {}, "command line")
+        hp = hp.updated(dict(_split_override(item) for item in overrides), "command line", Path.cwd())
+    else:
+        hp = hp.updated(overrides or {}, "command line")
+    return hp.updated(own_folders(hp), "own_folders")
 
 
 def _split_override(item):

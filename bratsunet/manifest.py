@@ -1,6 +1,7 @@
 """dataset.json, the manifest of a prepared folder: reading it, the split of its cases into the test split and the
 folds, the folder of each fold's run, and the checks that settings match the prepared arrays."""
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +68,22 @@ def check_prepared_settings(manifest, hp):
     if differ:
         raise ValueError(f"{Path(hp.prepared_dir) / MANIFEST}: the data was prepared with other settings "
                          f"({'; '.join(differ)}): set them back, or run prepare_dataset.py again")
+
+
+def check_source(prepared_dir, raw_data_dir):
+    """CaseError, naming both folders and the setting to change, when prepared_dir holds a dataset.json prepared from
+    another raw_data_dir: one dataset's arrays and split never mix with another's."""
+    path = Path(prepared_dir) / MANIFEST
+    try:
+        source = json.loads(path.read_text()).get("settings", {}).get("raw_data_dir")
+    except (OSError, ValueError, AttributeError):  # none yet, or unreadable: prepare says so or writes it anew
+        return
+    same = source is None or Path(source) == Path(raw_data_dir) or (
+        Path(source).exists() and Path(raw_data_dir).exists() and os.path.samefile(source, raw_data_dir))
+    if not same:
+        raise CaseError(f"{path}: prepared from raw_data_dir {source}, not from {raw_data_dir}: set prepared_dir to a "
+                        "folder of its own for this data (docs/settings.md: folders of one's own), or raw_data_dir "
+                        "back; if the data moved there, delete this dataset.json")
 
 
 def labelled_entries(prepared_dir, case_names):

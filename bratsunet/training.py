@@ -5,6 +5,7 @@ import datetime
 import math
 import random
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -163,6 +164,22 @@ def start_run_dir(run_dir, hp):
                              "overwrite=True starts it over, or set another run_dir")
         for name in RUN_FILES:
             (run_dir / name).unlink(missing_ok=True)
+
+
+def check_run_source(run_dir, prepared_dir):
+    """ValueError, naming both folders and the setting to change, when run_dir holds a run trained on another
+    prepared_dir: said before any work, and before overwrite=True could remove another dataset's run."""
+    for path in (run_dir / name for name in RUN_FILES[:2]):
+        try:  # mmap: only the settings are read, not the weights
+            trained = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["hyperparameters"]
+            trained = trained["prepared_dir"]
+        except Exception:  # none, or unreadable (resume says so; overwrite starts over)
+            continue
+        if Path(trained) != Path(prepared_dir):
+            raise ValueError(f"{run_dir} holds a run trained on prepared_dir {trained}, not on {prepared_dir}: set "
+                             "run_dir to a folder of its own for this data (docs/settings.md: folders of one's own), "
+                             "or prepared_dir back")
+        return
 
 
 def build_for_training(hp, device, world_size, main_process):
