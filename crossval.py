@@ -31,7 +31,6 @@ import numpy as np
 
 from bratsunet import cases, conventions, devices, evaluation, hyperparameters, inference
 from bratsunet.cases import CaseError
-from bratsunet.conventions import CONVENTIONS
 from bratsunet.files import atomic_write
 from bratsunet.manifest import fold_cases, fold_dir, read_manifest, split_cases
 
@@ -51,9 +50,10 @@ def train_folds(hp):
     return results
 
 
-def out_of_fold_rows(hp, manifest):
-    """Every fold's validation predictions against the ground truth under raw_data_dir -> (rows with a "fold"
-    column, {case: reason} of predictions not evaluated, cases without a prediction, scored as failures)."""
+def out_of_fold_rows(hp, manifest, data_format):
+    """Every fold's validation predictions against the ground truth under raw_data_dir, label maps of data_format (a
+    Convention) -> (rows with a "fold" column, {case: reason} of predictions not evaluated, cases without a
+    prediction, scored as failures)."""
     rows, not_evaluated, missing = [], {}, []
     for fold in range(hp.num_folds):
         folder = fold_dir(hp, fold) / "validation"
@@ -61,7 +61,7 @@ def out_of_fold_rows(hp, manifest):
         if not names:  # num_folds 1 with val_fraction 0
             continue
         fold_rows, problems = evaluation.evaluate_folders(folder, [hp.raw_data_dir], hp.channel_names,
-                                                        hp.seg_channel_name, hp.data_format, expected=names)
+                                                        hp.seg_channel_name, data_format, expected=names)
         rows += [{"fold": fold, **row} for row in fold_rows]
         not_evaluated.update(problems)
         missing += evaluation.missing_predictions(fold_rows, folder)
@@ -77,19 +77,19 @@ def search_et_threshold(voxels, dice_kept, dice_removed, max_voxels):
     return int(np.argmax(means)), means  # argmax: the first of the best
 
 
-def tune_et_threshold(hp, rows):
-    """The ET threshold on the out-of-fold label maps -> (et_min_voxels, mean ET Dice of every threshold tried,
-    the rows with it applied)."""
+def tune_et_threshold(hp, rows, data_format):
+    """The ET threshold on the out-of-fold label maps (of data_format, a Convention) -> (et_min_voxels, mean ET Dice
+    of every threshold tried, the rows with it applied)."""
     truth = cases.find_ground_truth([hp.raw_data_dir], hp.channel_names, hp.seg_channel_name,
-                                       data_format=hp.data_format)
+                                    data_format=data_format)
     voxels, removed_rows = np.zeros(len(rows), np.int64), {}
     for index, row in enumerate(rows):
         path = fold_dir(hp, row["fold"]) / "validation" / f"{row['case']}.nii.gz"
         if not path.is_file():  # a failure: nothing predicted, nothing to remove
             continue
-        voxels[index] = np.count_nonzero(cases.load_labels(path, hp.data_format)[0] == 3)
+        voxels[index] = np.count_nonzero(cases.load_labels(path, data_format)[0] == 3)
         if 0 < voxels[index] < hp.et_search_max:  # the cases a threshold in the search can change
-            metrics = evaluation.evaluate_pair(path, truth[row["case"]], hp.data_format,
+            metrics = evaluation.evaluate_pair(path, truth[row["case"]], data_format,
                                              lambda labels: inference.postprocess_et(labels, voxels[index] + 1))
             removed_rows[index] = {**row, **{f"{metric}_{region}": metrics[region][metric]
                                              for metric in evaluation.METRICS for region in metrics}}
@@ -134,12 +134,13 @@ def crossval(hp):
     results = train_folds(hp)
     if int(os.environ.get("RANK", 0)) != 0:  # under torchrun: the evaluation once, in the main process
         return None
-    rows, not_evaluated, missing = out_of_fold_rows(hp, manifest)
+    data_format = cases.label_convention(hp.data_format, [hp.raw_data_dir])  # msd, nnunet: their dataset.json's
+    rows, not_evaluated, missing = out_of_fold_rows(hp, manifest, data_format)
     if not rows:
         reasons = "; ".join(f"{name}: {reason}" for name, reason in not_evaluated.items()) or "no validation cases"
         raise CaseError(f"{hp.run_dir}: no out-of-fold prediction could be evaluated ({reasons[:300]})")
-    best, means, rows_with = tune_et_threshold(hp, rows)
-    regions = CONVENTIONS[hp.data_format].regions
+    best, means, rows_with = tune_et_threshold(hp, rows, data_format)
+    regions = data_format.regions
     evaluation.write_csv(rows, hp.run_dir / "crossval.csv", ("case", "fold") + evaluation.columns(regions)[1:])
     evaluation.plot_boxes(rows, hp.run_dir / "crossval_boxplot.png", regions)
     plot_threshold(means, best, hp.run_dir / "postprocessing.png")

@@ -23,8 +23,8 @@ brats-evaluation (configuration lesion_wise_task) as the challenge computes them
 package's names (lesionwise_dsc_mean_et, global_dsc_wt, ...), the metrics above stay the default.
 """
 from bratsunet import hyperparameters
-from bratsunet.cases import CaseError, find_cases, find_ground_truth
-from bratsunet.conventions import CONVENTIONS, REGION_NAMES
+from bratsunet.cases import CaseError, find_cases, find_ground_truth, label_convention
+from bratsunet.conventions import REGION_NAMES
 from bratsunet.evaluation import (LESION_WISE_METRICS, STATISTICS, columns, evaluate_folders, missing_predictions,
                                   official_metrics, plot_boxes, statistics_of, summarize, write_csv)
 from bratsunet.files import output_folder, same_or_inside
@@ -97,10 +97,11 @@ def evaluate(hp):
     if hp.prediction_dir.is_dir():  # the evaluation is written beside the predictions: checked before the work
         output_folder(hp.prediction_dir, "prediction_dir")
     truth_dirs = [folder for folder in (hp.raw_data_dir, hp.predict_input_dir) if folder is not None]
-    regions = CONVENTIONS[hp.data_format].regions
+    data_format = label_convention(hp.data_format, truth_dirs)  # msd, nnunet: the labels of their dataset.json
+    regions = data_format.regions
     expected, description = expected_cases(hp)
     rows, not_evaluated = evaluate_folders(hp.prediction_dir, truth_dirs, hp.channel_names, hp.seg_channel_name,
-                                           hp.data_format, expected=expected)
+                                           data_format, expected=expected)
     if not rows:
         for name, reason in not_evaluated.items():
             print(f"  not evaluated {name}: {reason}")
@@ -108,7 +109,7 @@ def evaluate(hp):
         raise CaseError(f"{hp.prediction_dir}: no prediction could be evaluated "
                         f"({reasons.pop() if len(reasons) == 1 else 'see above'})")
     missing = missing_predictions(rows, hp.prediction_dir)  # scored as failures
-    official = official_metrics(hp, rows, truth_dirs, missing) if hp.lesion_wise else {}
+    official = official_metrics(hp, rows, truth_dirs, missing, data_format) if hp.lesion_wise else {}
     evaluated = [{**row, **official.get(row["case"], {})} for row in rows]
     official_columns = tuple(next(iter(official.values()), {}))
     table, plot = hp.prediction_dir / "evaluation.csv", hp.prediction_dir / "evaluation_boxplot.png"

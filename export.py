@@ -59,10 +59,11 @@ def metadata(checkpoint, path):
     target = trained_settings(checkpoint)["target"]
     data_format = setting("data_format")
     convention = CONVENTIONS[data_format]
-    disk = convention.disk_labels
+    disk = tuple(checkpoint.get("disk_labels", convention.disk_labels))  # msd, nnunet: those of the dataset.json
     values = {
         "channel_names": list(setting("channel_names")), "data_format": data_format,
-        "file_suffixes": [file_suffix(channel, data_format) for channel in setting("channel_names")],
+        "file_suffixes": [file_suffix(channel, data_format) for channel in setting("channel_names")]
+        if convention.layout == "case folders" else None,  # the Decathlon layout names files by dataset.json
         "normalization": NORMALIZATION, "crop_margin": setting("crop_margin"),
         "patch_size": list(setting("patch_size")), "sw_overlap": setting("sw_overlap"),
         "input_multiple": 2 ** (len(args["features"]) - 1),

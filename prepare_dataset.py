@@ -14,7 +14,7 @@ import numpy as np
 from tqdm import tqdm
 
 from bratsunet import hyperparameters
-from bratsunet.cases import CaseError, find_cases, load_case, no_segmentation
+from bratsunet.cases import CaseError, find_cases, label_convention, load_case, no_segmentation
 from bratsunet.files import NO_ROOM, atomic_write, sole_writer
 from bratsunet.manifest import FORMAT_VERSION, MANIFEST, SPLIT_SETTINGS, assign_splits, check_source, read_manifest
 from bratsunet.preprocessing import preprocess
@@ -22,9 +22,13 @@ from bratsunet.preprocessing import preprocess
 
 def _settings(hp):
     """What the prepared arrays depend on; a case prepared with other settings is redone."""
-    return {"version": FORMAT_VERSION, "channel_names": list(hp.channel_names),
-            "seg_channel_name": hp.seg_channel_name, "crop_margin": hp.crop_margin,
-            "bg_threshold": hp.bg_threshold, "data_format": hp.data_format, "allow_any_grid": hp.allow_any_grid}
+    settings = {"version": FORMAT_VERSION, "channel_names": list(hp.channel_names),
+                "seg_channel_name": hp.seg_channel_name, "crop_margin": hp.crop_margin,
+                "bg_threshold": hp.bg_threshold, "data_format": hp.data_format, "allow_any_grid": hp.allow_any_grid}
+    convention = label_convention(hp.data_format, [hp.raw_data_dir])
+    if convention.layout == "decathlon":  # from dataset.json: what the label maps are written in (manifest.py)
+        settings.update(disk_labels=list(convention.disk_labels), file_channels=list(convention.channels))
+    return settings
 
 
 def _fingerprint(case, settings):

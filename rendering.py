@@ -13,7 +13,7 @@ NIfTI's scanner millimetres (voxel index -> affine), so superior is up whatever 
 import time
 
 from bratsunet import hyperparameters
-from bratsunet.cases import CaseError, find_cases, first_predicted_case, load_labels, load_nifti, prediction_path
+from bratsunet.cases import CaseError, find_cases, first_predicted_case, load_channels, load_labels, prediction_path
 from bratsunet.conventions import meaning
 from bratsunet.inference import predict_cases
 from bratsunet.pictures import slice_overlay_png
@@ -49,22 +49,22 @@ def render(hp):
     meanings = [meaning(channel) for channel in hp.channel_names]  # flair is t2f in BraTS 2023
     if meaning(hp.render_modality) not in meanings:
         raise CaseError(f"render_modality {hp.render_modality!r} is not one of channel_names {list(hp.channel_names)}")
-    image, nifti = load_nifti(case.image_paths[meanings.index(meaning(hp.render_modality))])
-    truth = labels_on_grid(case.seg_path, image.shape, hp.data_format) if case.seg_path is not None else None
+    [(_, image, nifti)] = load_channels(case, [meanings.index(meaning(hp.render_modality))])
+    truth = labels_on_grid(case.seg_path, image.shape, case.data_format) if case.seg_path is not None else None
     if prediction_path(hp.prediction_dir, name) is None:  # no prediction yet: run the model on this case
         print(f"{name}: no prediction in {hp.prediction_dir}, predicting it now")
         predict_cases(hp, [case])
     path = prediction_path(hp.prediction_dir, name)
     if path is None:
         raise CaseError(f"{hp.prediction_dir}: no prediction {name}.nii.gz was written")
-    pred = labels_on_grid(path, image.shape, hp.data_format)
+    pred = labels_on_grid(path, image.shape, case.data_format)  # predictions are in the input's convention
     output = hp.render_output
     if output is None and not has_display():
         output = hp.run_dir / "render.png"
     elif output is not None and output.is_dir():  # a folder: the PNG goes into it
         output = output / f"{name}_render.png"
     start = time.perf_counter()
-    render_case(image, truth, pred, nifti.affine, output, hp.render_errors, name, hp.render_turntable, hp.data_format)
+    render_case(image, truth, pred, nifti.affine, output, hp.render_errors, name, hp.render_turntable, case.data_format)
     if output is not None:
         slices = output.with_name(f"{output.stem}_slices.png")
         slice_overlay_png(image, truth, pred, slices, nifti.affine, title=name)

@@ -13,7 +13,7 @@ def main():
         names = generate_dataset(hp.raw_data_dir, hp.synthetic_cases, hp.synthetic_shape, hp.seed,
                                  hp.synthetic_compress, True, hp.data_format, hp.synthetic_style)
         print(f"{len(names)} {hp.synthetic_style} cases of shape {tuple(hp.synthetic_shape)} in {hp.raw_data_dir}")
-    except FileExistsError as error:
+    except (FileExistsError, ValueError) as error:
         raise SystemExit(f"error: {error}") from None
 
 

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from bratsunet import augmentation, checkpoints, hyperparameters, inference, losses, network, training, training_log
 from bratsunet.devices import resolve_device, run_settings, run_torchrun_process, start_process_group, use_device
 from bratsunet.loader import EpochSampler, PatchDataset, VolumeDataset, start_loader
-from bratsunet.manifest import check_prepared_settings, fold_cases, fold_dir, read_manifest
+from bratsunet.manifest import check_prepared_settings, fold_cases, fold_dir, labels_convention, read_manifest
 
 
 
@@ -98,7 +98,8 @@ def train(hp):
             state = {"model_args": network.model_args(hp), "model": net.state_dict(), "epoch": epoch,
                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "scaler": scaler.state_dict(), "best_score": best_score, "metrics": rows, "rng": checkpoints.rng_state(),
-                     "hyperparameters": hp.to_dict(), "world_size": world_size, "split": split}
+                     "hyperparameters": hp.to_dict(), "world_size": world_size, "split": split,
+                     "disk_labels": list(labels_convention(manifest).disk_labels)}  # msd, nnunet: dataset.json's
             checkpoints.save_checkpoint(state, hp.run_dir / "checkpoint_last.pt")
             if improved:
                 checkpoints.save_checkpoint(state, hp.run_dir / "checkpoint_best.pt")

@@ -6,13 +6,15 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from bratsunet import conventions
+from bratsunet import conventions, decathlon
 from bratsunet.conventions import brats_to_internal
 from bratsunet.files import folders_with_nifti, is_leftover, nifti_stem
 from bratsunet.generator import MARK
 
-# data_format: the convention the files follow, and the one predictions of the case are written in
-Case = namedtuple("Case", "name folder image_paths seg_path data_format", defaults=("brats2020",))
+# data_format: the convention the files follow, and the one predictions of the case are written in (a name, or for the
+# Decathlon layout the Convention its dataset.json gives); channels: for one 4D file (MSD), the index of each channel
+# in it, in channel order (None: a file per channel, image_paths in channel order)
+Case = namedtuple("Case", "name folder image_paths seg_path data_format channels", defaults=("brats2020", None))
 
 
 class CaseError(Exception):
@@ -32,7 +34,16 @@ def _match_case_files(folder, channel_names, seg_channel_name, data_format):
 def find_cases(raw_dir, channel_names, seg_channel_name, setting="raw_data_dir", data_format="brats2020"):
     """(cases sorted by name, problems as (folder, reason)): every folder below raw_dir that holds NIfTI files is
     a case, however deep the download nests it. setting: the hyperparameter that named raw_dir, for the messages.
-    Folders named as in another convention than data_format are one error; a raw_dir that mixes them is refused."""
+    Folders named as in another convention than data_format are one error; a raw_dir that mixes them is refused.
+    A dataset in the Decathlon layout (data_format msd or nnunet) is read by decathlon.find_cases."""
+    layout, data_format = conventions.convention(data_format).layout, conventions.convention(data_format).name
+    if layout == "decathlon":
+        try:
+            own, found, problems = decathlon.find_cases(raw_dir, channel_names, data_format, setting)
+        except ValueError as error:
+            raise CaseError(str(error)) from None
+        return [Case(name, folder, images, seg, own, channels)
+                for name, folder, images, seg, channels in found], problems
     raw_dir = Path(raw_dir)
     if not raw_dir.is_dir():
         raise CaseError(f"{raw_dir}: {setting} {'is a file, not a folder' if raw_dir.exists() else 'does not exist'}")
@@ -57,6 +68,10 @@ def find_cases(raw_dir, channel_names, seg_channel_name, setting="raw_data_dir",
                         "keep one convention per folder")
     if other_format:
         raise CaseError(f"{other_format[0]} ({len(other_format)} case folder(s) of {setting} alike)")
+    layout = decathlon.looks_like(raw_dir) if not cases else None  # imagesTr read as a case folder says little
+    if layout:
+        raise CaseError(f"{raw_dir}: laid out as {conventions.CONVENTIONS[layout].description} (dataset.json, "
+                        f"imagesTr, labelsTr), not as data_format {data_format} reads it: set data_format: {layout}")
     if not cases and not problems:
         example = channel_names[0] if channel_names else seg_channel_name
         raise CaseError(f"{raw_dir}: no case folders with NIfTI files "
@@ -66,6 +81,8 @@ def find_cases(raw_dir, channel_names, seg_channel_name, setting="raw_data_dir",
 
 def no_segmentation(case, seg_channel_name):
     """Why a case has no segmentation, naming the NIfTI files that are neither a modality nor the segmentation."""
+    if conventions.convention(case.data_format).layout == "decathlon":
+        return decathlon.no_label_map(case.name, case.folder)
     others = sorted(p.name for p in case.folder.iterdir()
                     if nifti_stem(p) is not None and not is_leftover(p.name) and p not in case.image_paths)
     unknown = f"; not recognized: {', '.join(others)}" if others else ""
@@ -73,8 +90,9 @@ def no_segmentation(case, seg_channel_name):
     return f"{case.folder}: no segmentation (*{suffix}.nii[.gz]){unknown}"
 
 
-def load_nifti(path):
-    """(array, nibabel image) of a 3D NIfTI file; CaseError naming the file otherwise."""
+def load_nifti(path, four_d=False):
+    """(array, nibabel image) of a 3D NIfTI file (four_d: a 4D one, (X, Y, Z, volumes)); CaseError naming the file
+    otherwise."""
     path = Path(path)
     if not path.is_file():
         raise CaseError(f"{path}: file not found")
@@ -86,19 +104,31 @@ def load_nifti(path):
     except Exception as error:  # nibabel, gzip and zlib raise many types for broken files
         detail = " ".join(str(error).split())  # some span several lines: the message stays one line
         raise CaseError(f"{path}: not a readable NIfTI file ({type(error).__name__}: {detail})") from None
-    if array.ndim == 4 and array.shape[3] == 1:
+    if array.ndim == 4 and array.shape[3] == 1 and not four_d:
         array = array[..., 0]
-    if array.ndim != 3:
-        raise CaseError(f"{path}: expected a 3D volume, got shape {array.shape}")
+    if array.ndim != 3 + four_d:
+        raise CaseError(f"{path}: expected a {3 + four_d}D volume, got shape {array.shape}")
     return array, image
+
+
+def load_channels(case, which=None):
+    """[(file, array (X, Y, Z), nibabel image)] of a case's channels (which: their positions in channel order; all by
+    default): a file per channel, or the volumes of one 4D file (the MSD's; file then names the volume too)."""
+    which = range(len(case.image_paths) if case.channels is None else len(case.channels)) if which is None else which
+    if case.channels is None:
+        return [(case.image_paths[k], *load_nifti(case.image_paths[k])) for k in which]
+    (path,) = case.image_paths
+    array, image = load_nifti(path, four_d=True)  # (X, Y, Z, volumes)
+    if max(case.channels) >= array.shape[3]:
+        raise CaseError(f"{path}: {array.shape[3]} volumes, but its dataset.json names {max(case.channels) + 1}")
+    return [(f"{path} (volume {case.channels[k]})", array[..., case.channels[k]], image) for k in which]
 
 
 def load_case(case, allow_any_grid=False):
     """(image (C, X, Y, Z) in the files' dtype (preprocess converts only the cropped brain), internal labels uint8
     (X, Y, Z) or None, nibabel image of channel 0); CaseError outside the BraTS grid unless allow_any_grid."""
-    channels, niftis, reference = [], [], None
-    for path in case.image_paths:
-        array, image = load_nifti(path)
+    paths, channels, niftis, reference = [], [], [], None
+    for path, array, image in load_channels(case):
         if reference is None:
             reference = (path, image)
         _check_same_grid(path, array, image, *reference)
@@ -108,17 +138,20 @@ def load_case(case, allow_any_grid=False):
             raise CaseError(f"{path}: NaN or Inf intensities")
         if not array.any():
             raise CaseError(f"{path}: image is all zero")
+        paths.append(path)
         channels.append(array)
         niftis.append(image)
     image, nifti = np.stack(channels), reference[1]  # (C, X, Y, Z)
     # phantoms of synthetic.py (MARK in their header) may be smaller than the BraTS grid
+    orientations = conventions.convention(case.data_format).orientations
     problems = [] if allow_any_grid else conventions.grid_differences(
-        (image != 0).any(axis=0), nifti.header.get_zooms()[:3], nifti.affine, nifti.header["descrip"] == MARK)
+        (image != 0).any(axis=0), nifti.header.get_zooms()[:3], nifti.affine, nifti.header["descrip"] == MARK,
+        orientations)
     if problems:
-        note = conventions.background_note(case.image_paths, channels, niftis)
+        note = conventions.background_note(paths, channels, niftis)
         raise CaseError(f"{reference[0]}: {', '.join(problems)}{note}: not in the BraTS grid (1 mm, 240 x 240 x 155, "
-                        "LPS, skull-stripped; docs/data-formats.md: scans that are not BraTS-preprocessed; allow_any_grid: True "
-                        "reads it anyway)")
+                        f"{' or '.join(orientations)}, skull-stripped; docs/data-formats.md: scans that are not "
+                        "BraTS-preprocessed; allow_any_grid: True reads it anyway)")
     labels = None
     if case.seg_path is not None:
         seg, seg_image = load_nifti(case.seg_path)
@@ -170,7 +203,7 @@ def find_ground_truth(folders, channel_names, seg_channel_name, reasons=None, da
     (the first folder wins). reasons: a dict that gets why a case folder gives no segmentation (a misnamed file)."""
     truth = {}
     for folder in folders:
-        found = label_maps(folder, reasons)
+        found = {} if decathlon.looks_like(folder) else label_maps(folder, reasons)  # imagesTs holds no label maps
         if not found:
             try:  # the truth needs no modality
                 cases, problems = find_cases(folder, (), seg_channel_name, data_format=data_format)
@@ -193,6 +226,15 @@ def load_labels(path, data_format="brats2020"):
         return brats_to_internal(array, data_format), image
     except ValueError as error:
         raise CaseError(f"{path}: {error}") from None
+
+
+def label_convention(data_format, folders):
+    """The Convention whose labels the label maps of the data in folders are read and written in: data_format's, for
+    msd and nnunet with the labels of the dataset's dataset.json (decathlon.label_convention); CaseError otherwise."""
+    try:
+        return decathlon.label_convention(data_format, [folder for folder in folders if folder is not None])
+    except ValueError as error:
+        raise CaseError(str(error)) from None
 
 
 def prediction_path(prediction_dir, name):

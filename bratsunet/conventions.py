@@ -1,4 +1,4 @@
-"""The BraTS conventions by year: file names per modality, label values on disk, the scored regions.
+"""The conventions of the data: BraTS by year, the Medical Segmentation Decathlon, nnU-Net's raw format.
 
 One table per convention (`data_format` in hyperparameters.txt), and the pure functions over file names
 and label values that prepare, train, predict, evaluate and rendering share, so label 4 vs 3, the nested
@@ -6,7 +6,9 @@ regions and the file suffixes are defined once. Imports no project file.
 
 Inside the project every convention uses the same internal labels: 0 background, 1 necrotic (and
 non-enhancing) core, 2 edema, 3 enhancing tumor, and 4 resection cavity (BraTS 2024 post-treatment glioma
-only). Only the values on disk and the file names differ between the years.
+only). Only the values on disk and the file names differ between the years. The BraTS years lay out a folder per
+case; the Decathlon layout (MSD and nnU-Net: imagesTr, labelsTr, imagesTs and a dataset.json) is read by
+decathlon.py, which fills in a Convention's channel order and labels from the dataset.json.
 """
 from pathlib import Path
 from typing import NamedTuple
@@ -18,8 +20,8 @@ INTERNAL_LABEL_NAMES = ("background", "necrotic and non-enhancing core", "edema"
 # Regions as sets of internal labels. WT, TC and ET nest; the cavity is scored on its own (BraTS 2024).
 ALL_REGIONS = {"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,), "RC": (4,)}
 # Modalities by meaning (the BraTS 2020 names) and every name a convention gives them.
-MEANINGS = {"flair": "flair", "t2f": "flair", "t1": "t1", "t1n": "t1", "t1ce": "t1ce", "t1c": "t1ce",
-            "t2": "t2", "t2w": "t2"}
+MEANINGS = {"flair": "flair", "t2f": "flair", "t1": "t1", "t1n": "t1", "t1w": "t1", "t1ce": "t1ce", "t1c": "t1ce",
+            "t1gd": "t1ce", "t2": "t2", "t2w": "t2"}  # t1w, t1gd: the MSD's names
 
 
 class Convention(NamedTuple):
@@ -29,6 +31,10 @@ class Convention(NamedTuple):
     disk_labels: tuple  # the value on disk of each internal label 0, 1, ...
     regions: tuple  # the regions scored, in ALL_REGIONS order
     case_name: str  # a case folder's name, formatted with a number (generated cases)
+    layout: str = "case folders"  # or "decathlon": imagesTr, labelsTr, imagesTs and a dataset.json (decathlon.py)
+    orientations: tuple = ("LPS",)  # the axis codes of the affine that the grid check accepts
+    channels: tuple = ()  # decathlon: the meaning of each channel by its index in the files (from dataset.json)
+    name: str = ""  # the data_format
 
 
 CONVENTIONS = {
@@ -40,7 +46,16 @@ CONVENTIONS = {
     "brats2024": Convention("BraTS 2024 post-treatment glioma", "-",
                             {"flair": "t2f", "t1": "t1n", "t1ce": "t1c", "t2": "t2w"},
                             (0, 1, 2, 3, 4), ("WT", "TC", "ET", "RC"), "BraTS-GLI-{:05d}-100"),
+    # The Decathlon layout: the channel order and the labels come from each dataset's dataset.json (decathlon.py);
+    # the labels here are those of Task01_BrainTumour and Dataset137_BraTS2021 (1 edema, 2 non-enhancing tumor or
+    # necrosis, 3 enhancing). The MSD stores BraTS's grid with the identity affine (RAS) where BraTS has
+    # diag(-1, -1, 1) (LPS); nnU-Net's Dataset137 copies BraTS 2021's files (LPS), its conversion of the MSD keeps RAS.
+    "msd": Convention("the Medical Segmentation Decathlon (Task01_BrainTumour)", "_", {}, (0, 2, 1, 3),
+                      ("WT", "TC", "ET"), "BRATS_{:03d}", "decathlon", ("RAS",)),
+    "nnunet": Convention("nnU-Net's raw dataset format", "_", {}, (0, 2, 1, 3), ("WT", "TC", "ET"),
+                         "BraTS2021_{:05d}", "decathlon", ("LPS", "RAS")),
 }
+CONVENTIONS = {name: convention._replace(name=name) for name, convention in CONVENTIONS.items()}
 DATA_FORMATS = tuple(CONVENTIONS)
 
 # The default convention's table, as the scripts and tests of BraTS 2020 use it.
@@ -49,18 +64,22 @@ LABEL_NAMES = INTERNAL_LABEL_NAMES[:len(BRATS_LABELS)]
 REGION_NAMES = CONVENTIONS["brats2020"].regions
 REGIONS = {name: ALL_REGIONS[name] for name in REGION_NAMES}
 
-# The BraTS grid: the SRI24 atlas space at 1 mm, stored with the affine diag(-1, -1, 1) (L, P, S).
+# The BraTS grid: the SRI24 atlas space at 1 mm, stored with the affine diag(-1, -1, 1) (LPS; Convention.orientations).
 GRID_SHAPE = (240, 240, 155)
 GRID_SPACING = (1.0, 1.0, 1.0)
-GRID_ORIENTATION = ("L", "P", "S")
+
+
+def convention(data_format):
+    """The Convention of a data_format: its name, or a Convention itself (one that decathlon.py read)."""
+    return data_format if isinstance(data_format, Convention) else CONVENTIONS[data_format]
 
 
 # ---------------------------------------------------------------- labels
 
 def num_outputs(data_format, target):
     """Network outputs for a convention: its regions (sigmoid) or its labels (softmax)."""
-    convention = CONVENTIONS[data_format]
-    return len(convention.regions) if target == "regions" else len(convention.disk_labels)
+    own = convention(data_format)
+    return len(own.regions) if target == "regions" else len(own.disk_labels)
 
 
 def output_names(target, channels):
@@ -68,16 +87,17 @@ def output_names(target, channels):
     return tuple(ALL_REGIONS if target == "regions" else INTERNAL_LABEL_NAMES)[:channels]
 
 
-def _labels_hint(values, data_format):
-    """' (the labels of data_format: X)' when values are all valid in another convention, else ''."""
+def _labels_hint(values, own):
+    """' (the labels of data_format: X)' when values are all valid in another convention of the same layout, else ''."""
     others = [name for name, other in CONVENTIONS.items()
-              if name != data_format and set(values) <= set(other.disk_labels)]
+              if name != own.name and other.layout == own.layout and set(values) <= set(other.disk_labels)]
     return f" (the labels of data_format: {others[0]})" if others else ""
 
 
 def brats_to_internal(seg, data_format="brats2020"):
     """Disk labels of a convention (2020: {0,1,2,4}) -> internal uint8 {0,1,2,3(,4)}; other values: ValueError."""
-    disk_labels = CONVENTIONS[data_format].disk_labels
+    own = convention(data_format)
+    disk_labels = own.disk_labels
     seg = np.asarray(seg)
     if not np.issubdtype(seg.dtype, np.integer):
         rounded = np.rint(seg)
@@ -89,7 +109,7 @@ def brats_to_internal(seg, data_format="brats2020"):
     unexpected = [v for v in values if v not in disk_labels]
     if unexpected:
         raise ValueError(f"unexpected label values {unexpected[:5]}; expected {list(disk_labels)} for "
-                         f"data_format {data_format}{_labels_hint(values, data_format)}")
+                         f"data_format {own.name}{_labels_hint(values, own)}")
     table = np.zeros(max(disk_labels) + 1, dtype=np.uint8)
     table[list(disk_labels)] = np.arange(len(disk_labels), dtype=np.uint8)
     return table[seg.astype(np.int64)]
@@ -99,7 +119,7 @@ def internal_to_brats(labels, data_format="brats2020"):
     """Internal labels -> disk uint8 labels of a convention. A label the convention lacks (the resection
     cavity outside BraTS 2024) becomes background: it is no tumor region there."""
     table = np.zeros(len(INTERNAL_LABEL_NAMES), dtype=np.uint8)
-    disk_labels = CONVENTIONS[data_format].disk_labels
+    disk_labels = convention(data_format).disk_labels
     table[:len(disk_labels)] = disk_labels
     return table[np.asarray(labels, dtype=np.int64)]
 
@@ -137,10 +157,10 @@ def _with_suffix(stems, suffix):
 
 
 def _named_otherwise(data_format):
-    """The conventions whose file names differ from data_format's (2023 and 2024 share theirs)."""
+    """The BraTS conventions whose file names differ from data_format's (2023 and 2024 share theirs)."""
     own = CONVENTIONS[data_format]
-    return [name for name, other in CONVENTIONS.items()
-            if (other.separator, other.suffixes) != (own.separator, own.suffixes)]
+    return [name for name, other in CONVENTIONS.items() if other.layout == "case folders"
+            and (other.separator, other.suffixes) != (own.separator, own.suffixes)]
 
 
 def match_case_files(stems, channel_names, seg_name, data_format):
@@ -189,9 +209,10 @@ def border_voxels(volume):
     return np.concatenate([face.ravel() for axis in range(3) for face in (volume.take(0, axis), volume.take(-1, axis))])
 
 
-def grid_differences(head, spacing, affine, any_shape=False):
+def grid_differences(head, spacing, affine, any_shape=False, orientations=("LPS",)):
     """What differs from the BraTS grid, as texts (none when in it). head: non-zero voxels (X, Y, Z) of any
-    channel; spacing in mm; any_shape: the shape is not checked (small generated phantoms)."""
+    channel; spacing in mm; any_shape: the shape is not checked (small generated phantoms); orientations: the axis
+    codes accepted (the convention's: the MSD stores BraTS's grid with the identity affine, RAS)."""
     differences, times = [], " x ".join
     spacing = [float(s) for s in spacing]
     if not np.allclose(spacing, GRID_SPACING, atol=0.01):
@@ -202,8 +223,8 @@ def grid_differences(head, spacing, affine, any_shape=False):
     directions = np.abs(rotation / np.linalg.norm(rotation, axis=0))  # unit column per voxel axis
     if not np.allclose(directions, np.round(directions), atol=1e-3):
         differences.append(f"oblique axes (nearest orientation {''.join(axis_codes(affine))})")
-    elif axis_codes(affine) != GRID_ORIENTATION:
-        differences.append(f"orientation {''.join(axis_codes(affine))} (BraTS: {''.join(GRID_ORIENTATION)})")
+    elif "".join(axis_codes(affine)) not in orientations:
+        differences.append(f"orientation {''.join(axis_codes(affine))} (expected: {' or '.join(orientations)})")
     border = border_voxels(head)
     if border.mean() > 0.02 or head.mean() > 0.5:  # a skull-stripped brain leaves the border and most voxels 0
         differences.append(f"not skull-stripped ({100 * border.mean():.0f}% of the border voxels and "

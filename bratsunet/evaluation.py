@@ -15,7 +15,7 @@ import numpy as np
 from tqdm import tqdm
 
 from bratsunet.cases import CaseError, find_ground_truth, label_maps, load_labels
-from bratsunet.conventions import CONVENTIONS, REGION_NAMES, internal_to_brats
+from bratsunet.conventions import REGION_NAMES, convention, internal_to_brats
 from bratsunet.files import atomic_write
 from bratsunet.metrics import HD95_EMPTY, METRICS, SUMMARY_METRICS, region_metrics
 
@@ -44,14 +44,14 @@ def evaluate_pair(pred_path, truth_path, data_format="brats2020", postprocess=No
         raise CaseError(f"{pred_path}: affine differs from the ground truth {truth_path} "
                         "(a prediction must be in its input's grid)")
     spacing = tuple(float(s) for s in truth_image.header.get_zooms()[:3])  # mm per voxel along x, y, z
-    return region_metrics(pred, truth, spacing, CONVENTIONS[data_format].regions)
+    return region_metrics(pred, truth, spacing, convention(data_format).regions)
 
 
 def failure_row(name, truth_path, data_format="brats2020"):
     """The row of a case with ground truth and no prediction, scored as BraTS scores a missing case: Dice 0,
     HD95 373.13 mm, sensitivity and specificity 0 in every region; nothing predicted."""
     truth, image = load_labels(truth_path, data_format)
-    regions = CONVENTIONS[data_format].regions
+    regions = convention(data_format).regions
     metrics = region_metrics(np.zeros_like(truth), truth, tuple(float(s) for s in image.header.get_zooms()[:3]),
                              regions)
     failed = {"dice": 0.0, "hd95": HD95_EMPTY, "sensitivity": 0.0, "specificity": 0.0}
@@ -68,7 +68,7 @@ def evaluate_folders(pred_dir, truth_dirs, channel_names, seg_channel_name, data
     if not predictions and not not_evaluated:
         raise CaseError(f"{pred_dir}: no predictions ({{case}}.nii.gz files): run predict.py first")
     truth_dirs = [truth_dirs] if isinstance(truth_dirs, (str, Path)) else list(truth_dirs)
-    unusable, regions = {}, CONVENTIONS[data_format].regions
+    unusable, regions = {}, convention(data_format).regions
     truth = find_ground_truth(truth_dirs, channel_names, seg_channel_name, unusable, data_format)
     searched = " or ".join(f"{folder}" + ("" if Path(folder).is_dir() else " (does not exist)")
                            for folder in truth_dirs)
@@ -140,12 +140,13 @@ def lesion_wise_metrics(pairs, missing, task, data_format="brats2020"):
             for row in rows if row["subject_id"] in cases}
 
 
-def official_metrics(hp, rows, truth_dirs, missing):
-    """lesion_wise_metrics of the cases of rows: those with a prediction, and those without (missing)."""
+def official_metrics(hp, rows, truth_dirs, missing, data_format):
+    """lesion_wise_metrics of the cases of rows: those with a prediction, and those without (missing); label maps of
+    data_format (a name, or the Convention cases.label_convention gives)."""
     predictions = label_maps(hp.prediction_dir)
-    truth = find_ground_truth(truth_dirs, hp.channel_names, hp.seg_channel_name, data_format=hp.data_format)
+    truth = find_ground_truth(truth_dirs, hp.channel_names, hp.seg_channel_name, data_format=data_format)
     pairs = {row["case"]: (predictions[row["case"]], truth[row["case"]]) for row in rows if row["case"] not in missing}
-    return lesion_wise_metrics(pairs, missing, hp.lesion_wise_task, hp.data_format)
+    return lesion_wise_metrics(pairs, missing, hp.lesion_wise_task, data_format)
 
 
 def statistics_of(values):

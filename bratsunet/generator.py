@@ -490,6 +490,9 @@ def generate_dataset(out_dir, n_cases, shape=FULL_SHAPE, seed=0, compress=False,
                      data_format="brats2020", style="phantom"):
     """Cases 1..n_cases into out_dir (complete ones skipped) -> names; case i depends only on (seed, i, style)."""
     style_ranges(style)  # an unknown style fails before any file is written
+    if conventions.CONVENTIONS[data_format].layout != "case folders":
+        raise ValueError(f"data_format {data_format}: generated cases are written in the BraTS layouts (brats2020, "
+                         "brats2023, brats2024) only")
     names = [conventions.CONVENTIONS[data_format].case_name.format(index) for index in range(1, n_cases + 1)]
     mark = style_name(style)
     for index, name in enumerate(tqdm(names, desc="synthetic cases", disable=not progress), start=1):

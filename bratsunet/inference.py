@@ -18,7 +18,7 @@ from bratsunet.conventions import internal_to_brats, output_names
 from bratsunet.devices import resolve_device, run_settings, use_device
 from bratsunet.files import NO_ROOM, atomic_write, output_folder
 from bratsunet.losses import logits_to_probabilities, probabilities_to_labels
-from bratsunet.manifest import fold_dir, read_manifest
+from bratsunet.manifest import fold_dir, labels_convention, read_manifest
 from bratsunet.preprocessing import preprocess
 
 
@@ -303,14 +303,15 @@ def predict_validation(hp, names, overwrite=False):
     todo = [name for name in names if overwrite or not all(path.is_file() for path in output_paths(hp, name))]
     if todo:
         members, hp = load_ensemble(hp, resolve_device(hp.device))
-        cases = read_manifest(hp.prepared_dir)["cases"]
+        manifest = read_manifest(hp.prepared_dir)
+        cases, data_format = manifest["cases"], labels_convention(manifest)  # the labels of the raw data
         output_folder(hp.prediction_dir, "run_dir")
     for name in tqdm(todo, desc="predict validation", unit="case"):
         case = cases[name]
         image = np.load(hp.prepared_dir / case["image"]).astype(np.float32)  # (C, x, y, z)
         reference = nib.Nifti1Image(np.zeros((1, 1, 1), np.uint8), np.array(case["affine"]))  # the raw grid
         write_prediction(ensemble_probabilities(members, image), case["crop_box"], case["original_shape"], reference,
-                         hp, name, hp.data_format)
+                         hp, name, data_format)
     print(f"predicted {len(todo)} validation case(s) into {hp.prediction_dir}"
           + f", {len(names) - len(todo)} already there" * (len(todo) < len(names)))
     return todo

@@ -57,6 +57,14 @@ def fold_dir(hp, fold=None):
     return hp.run_dir if hp.num_folds == 1 else hp.run_dir / f"fold_{hp.fold if fold is None else fold}"
 
 
+def labels_convention(manifest):
+    """The Convention that the label maps of the prepared cases are written in: the data_format they were prepared
+    with, and for msd and nnunet the labels their dataset.json gave."""
+    settings = manifest.get("settings", {})
+    convention = conventions.convention(settings.get("data_format", "brats2020"))  # older manifests: BraTS 2020
+    return convention._replace(disk_labels=tuple(settings.get("disk_labels", convention.disk_labels)))
+
+
 def check_prepared_settings(manifest, hp):
     """ValueError when a setting disagrees with what the prepared arrays were made with (dataset.json):
     the channels and their order, the crop margin, the format (normalisation) of the arrays."""

@@ -25,7 +25,7 @@ from vtkmodules.vtkRenderingCore import (vtkActor, vtkCamera, vtkPolyDataMapper,
                                          vtkRenderWindowInteractor, vtkTextActor, vtkTextProperty, vtkTextRenderer,
                                          vtkWindowToImageFilter)
 
-from bratsunet.conventions import CONVENTIONS, INTERNAL_LABEL_NAMES, whole_tumor
+from bratsunet.conventions import INTERNAL_LABEL_NAMES, convention, whole_tumor
 from bratsunet.files import atomic_write
 from bratsunet.metrics import dice_per_region
 from bratsunet.pictures import ERROR_COLORS, LABEL_COLORS
@@ -233,7 +233,7 @@ def build_window(brain_image, truth, pred, affine=None, show_errors=True, title=
         views.append(("Prediction", label_actors(pred, affine), note))
     if show_errors and truth is not None and pred is not None:
         views.append(("Errors", error_actors(truth, pred, affine), error_note(truth, pred, affine)))
-    disk_labels = CONVENTIONS[data_format].disk_labels  # the legend names the labels as the files hold them
+    disk_labels = convention(data_format).disk_labels  # the legend names the labels as the files hold them
     entries = [(f"{INTERNAL_LABEL_NAMES[label]} ({disk_labels[label]})", color)
                for label, (color, _) in LABEL_STYLE.items()
                if any((labels == label).any() for labels in volumes)]  # the labels on show

@@ -124,7 +124,7 @@ def off_grid_cases(folder):
     add("phantom", None)
     add("anisotropic", "spacing 0.5 x 0.5 x 5 mm, shape 40 x 40 x 32: not in the BraTS grid",
         affine=np.diag([-0.5, -0.5, 5.0, 1.0]), descrip=b"")
-    add("ras", "orientation RAS (BraTS: LPS): not in the BraTS grid", affine=np.eye(4))
+    add("ras", "orientation RAS (expected: LPS): not in the BraTS grid", affine=np.eye(4))
     rotation = np.eye(4)
     rotation[:2, :2] = [[np.cos(0.3), -np.sin(0.3)], [np.sin(0.3), np.cos(0.3)]]
     add("oblique", "oblique axes (nearest orientation", affine=brats @ rotation)

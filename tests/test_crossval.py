@@ -329,7 +329,7 @@ def test_the_threshold_search_picks_the_best_et_min_voxels(tmp_path):
                                          "et_search_max": 300})
     rows, _ = evaluation.evaluate_folders(hp.run_dir / "validation", hp.raw_data_dir, (), "seg")
     rows = [{"fold": 0, **row} for row in rows]
-    best, means, rows_with = crossval.tune_et_threshold(hp, rows)
+    best, means, rows_with = crossval.tune_et_threshold(hp, rows, hp.data_format)
     assert best == 31 and len(means) == 301
     assert means[[0, 30, 31, 50, 51, 80, 81, 200, 201, 300]] == pytest.approx([.5, .5, .75, .75, .5, .5, .75, .75,
                                                                                 .5, .5])

@@ -471,11 +471,8 @@ def test_output_folder_that_cannot_be_made_stops_with_one_line(tmp_path, tiny_ra
     elif script == "predict":
         message = run_main(predict, monkeypatch, ("predict_input_dir", tiny_raw), ("prediction_dir", out),
                            ("checkpoint", save_tiny_checkpoint(tmp_path / "tiny.pt")))
-    else:
-        (tmp_path / "pred").mkdir()
-        copy_label_map(tiny_raw / SOURCE / f"{SOURCE}_seg.nii", tmp_path / "pred" / f"{SOURCE}.nii.gz")
-        message = run_main(evaluate, monkeypatch, ("raw_data_dir", tiny_raw), ("prediction_dir", tmp_path / "pred"),
-                           ("run_dir", out))
+    else:  # the evaluation goes beside the predictions: a prediction_dir that cannot be there holds none
+        message = run_main(evaluate, monkeypatch, ("raw_data_dir", tiny_raw), ("prediction_dir", out))
     assert str(out) in message
     assert blocker.read_text() == "not a folder"
 
@@ -549,6 +546,10 @@ def test_bad_checkpoint_stops_with_one_line_and_runs_no_code(tmp_path, tiny_prep
         path = tmp_path / "run" / "checkpoint_last.pt"
         path.parent.mkdir()
         write_bad_checkpoint(path, kind, tmp_path)
+        if kind == "architecture":  # a run on this prepared_dir (else refused as another dataset's): its network differs
+            checkpoint = torch.load(path, weights_only=True)
+            checkpoint["hyperparameters"]["prepared_dir"] = str(tiny_prepared)
+            torch.save(checkpoint, path)
         message = run_main(train, monkeypatch, ("prepared_dir", tiny_prepared), ("run_dir", path.parent),
                            ("resume", True), ("features", "4, 8, 16"), ("num_workers", 0))
     else:
