@@ -9,13 +9,15 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+import crossval
 import evaluate
 import predict
 import prepare_dataset
 import train
 from bratsunet import conventions, decathlon, hyperparameters
-from bratsunet.cases import CaseError, find_cases, load_case, load_channels
+from bratsunet.cases import CaseError, find_cases, label_convention, load_case, load_channels
 from bratsunet.inference import write_labels
+from bratsunet.manifest import read_manifest, split_cases
 
 MODALITIES = ("flair", "t1", "t1ce", "t2")  # the BraTS 2020 files of a case
 # The dataset.json of Task01_BrainTumour, and the one nnU-Net's Dataset137_BraTS21.py writes
@@ -115,6 +117,9 @@ def test_prepare_train_predict_evaluate_a_dataset_in_the_decathlon_layout(data_f
     assert manifest["settings"]["disk_labels"] == [0, 2, 1, 3]
     assert list(manifest["unlabeled"]) == [names[folders[5]]]  # imagesTs: predicted, never trained on
     train.train(hp)
+    rows, not_evaluated, _ = crossval.out_of_fold_rows(hp, read_manifest(hp.prepared_dir),
+                                                       label_convention(data_format, [root]))  # the dataset's labels
+    assert [row["case"] for row in rows] == split_cases(manifest)[1] and not not_evaluated  # validation/
     written = predict.predict(hp)  # the test split
     assert written and sorted(path.name for path in written) == sorted(
         f"{name}.nii.gz" for name, case in manifest["cases"].items() if case["split"] == "test")
