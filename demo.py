@@ -10,6 +10,7 @@ import time
 import numpy as np
 
 from bratsunet import generator, hyperparameters
+from bratsunet.cases import CaseError
 from bratsunet.conventions import REGION_NAMES
 
 import evaluate
@@ -56,7 +57,10 @@ def print_report(seconds, rows):
 
 def main():
     hp = hyperparameters.from_command_line()
-    seconds, rows = run_demo(hp)
+    try:
+        seconds, rows = run_demo(hp)
+    except (CaseError, OSError, ValueError) as error:  # a bad setting (a device it lacks), a full disk: one line
+        raise SystemExit(f"error: {error}") from None
     print_report(seconds, rows)
 
 

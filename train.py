@@ -11,6 +11,7 @@ with tensorboard: True, tensorboard/; at the end the validation cases predicted 
 validation/ (the out-of-fold predictions crossval.py reads). Under torchrun batch_size is per process, the
 global batch is batch_size * processes, and a step sees the same patches as one process with that global batch.
 """
+import contextlib
 import os
 import time
 
@@ -19,6 +20,7 @@ import torch.distributed as dist
 
 from bratsunet import augmentation, checkpoints, hyperparameters, inference, losses, network, training, training_log
 from bratsunet.devices import resolve_device, run_settings, run_torchrun_process, start_process_group, use_device
+from bratsunet.files import sole_writer
 from bratsunet.loader import EpochSampler, PatchDataset, VolumeDataset, start_loader
 from bratsunet.manifest import check_prepared_settings, fold_cases, fold_dir, labels_convention, read_manifest
 
@@ -29,12 +31,11 @@ def train(hp):
     """Train fold hp.fold per hp (continuing its checkpoint_last.pt when hp.resume), then predict its validation
     cases -> the last epoch's metrics row plus best_dice_mean and best_epoch."""
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    main_process = rank == 0
     device = resolve_device(hp.device, int(os.environ.get("LOCAL_RANK", 0)), world_size)
     use_device(device)
     if world_size > 1 and not dist.is_initialized():  # one group per process: crossval.py's folds share it
         start_process_group(device, training.PROCESS_GROUP_TIMEOUT)
-    dtype, use_scaler, channels_last = run_settings(hp.precision, hp.channels_last, device)
+    precision = run_settings(hp.precision, hp.channels_last, device)  # (autocast dtype, loss scaling, channels_last)
 
     manifest = read_manifest(hp.prepared_dir, hp.data_format)
     check_prepared_settings(manifest, hp)  # channels, crop margin and format come from the prepared data
@@ -43,6 +44,16 @@ def train(hp):
     split = {"fold": hp.fold, "train": train_names, "val": val_names}  # kept in the checkpoints: resume checks it
     hp = hp.replace(run_dir=fold_dir(hp))
     training.check_run_source(hp.run_dir, hp.prepared_dir)  # another dataset's run: refused before any work
+    # one training per run folder: a second one stops here, naming it (only process 0 writes)
+    with sole_writer(hp.run_dir, "run_dir") if rank == 0 else contextlib.nullcontext():
+        return train_fold(hp, device, precision, rank, world_size, split)
+
+
+def train_fold(hp, device, precision, rank, world_size, split):
+    """The training of train(), in the run folder hp.run_dir it holds, on the cases of split."""
+    main_process, train_names, val_names = rank == 0, split["train"], split["val"]
+    dtype, use_scaler, channels_last = precision
+    disk_labels = list(labels_convention(read_manifest(hp.prepared_dir)).disk_labels)  # msd, nnunet: dataset.json's
     patches = PatchDataset(hp.prepared_dir, train_names, hp.patch_size, hp.foreground_fraction,
                                    hp.augment, hp.seed, hp.steps_per_epoch * hp.batch_size * world_size,
                                    augmentation.runs_on_device(hp.augment, hp.augment_on, device))
@@ -99,7 +110,7 @@ def train(hp):
                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "scaler": scaler.state_dict(), "best_score": best_score, "metrics": rows, "rng": checkpoints.rng_state(),
                      "hyperparameters": hp.to_dict(), "world_size": world_size, "split": split,
-                     "disk_labels": list(labels_convention(manifest).disk_labels)}  # msd, nnunet: dataset.json's
+                     "disk_labels": disk_labels}
             checkpoints.save_checkpoint(state, hp.run_dir / "checkpoint_last.pt")
             if improved:
                 checkpoints.save_checkpoint(state, hp.run_dir / "checkpoint_best.pt")
