@@ -29,13 +29,17 @@ import time
 
 import numpy as np
 
-from bratsunet import cases, conventions, devices, evaluation, hyperparameters, inference
+from bratsunet import cases, conventions, devices, evaluation, inference, settings_text
 from bratsunet.cases import CaseError
 from bratsunet.conventions import CONVENTIONS
 from bratsunet.files import atomic_write
 from bratsunet.manifest import fold_cases, fold_dir, read_manifest, split_cases
 
 import train
+
+
+# What crossval() reads: these keys and the groups of hyperparameters.txt named (python crossval.py --help lists them).
+SETTINGS = train.SETTINGS + ("raw_data_dir", "seg_channel_name", "et_search_max")
 
 
 def train_folds(hp):
@@ -163,7 +167,7 @@ def crossval(hp):
 
 
 def main():
-    hp = hyperparameters.from_command_line()
+    hp = settings_text.from_command_line(__doc__, SETTINGS)
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         devices.run_torchrun_process(crossval, hp)  # ends the process
     try:

@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 
-from bratsunet import generator, hyperparameters
+from bratsunet import generator, settings_text
 from bratsunet.conventions import REGION_NAMES
 
 import evaluate
@@ -17,6 +17,10 @@ import predict
 import prepare_dataset
 import rendering
 import train
+
+
+# What run_demo() reads: these keys and the groups of hyperparameters.txt named (python demo.py --help lists them).
+SETTINGS = ("data", "generated data", "model", "loss", "training", "inference", "evaluation", "rendering")
 
 
 def run_demo(hp):
@@ -55,7 +59,7 @@ def print_report(seconds, rows):
 
 
 def main():
-    hp = hyperparameters.from_command_line()
+    hp = settings_text.from_command_line(__doc__, SETTINGS)
     seconds, rows = run_demo(hp)
     print_report(seconds, rows)
 

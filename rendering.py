@@ -12,12 +12,17 @@ NIfTI's scanner millimetres (voxel index -> affine), so superior is up whatever 
 """
 import time
 
-from bratsunet import hyperparameters
+from bratsunet import settings_text
 from bratsunet.cases import CaseError, find_cases, first_predicted_case, load_labels, load_nifti, prediction_path
 from bratsunet.conventions import meaning
 from bratsunet.inference import predict_cases
 from bratsunet.pictures import slice_overlay_png
 from bratsunet.scene3d import has_display, render_case
+
+
+# What render() reads: these keys and the groups of hyperparameters.txt named (python rendering.py --help lists them).
+SETTINGS = ("raw_data_dir", "predict_input_dir", "prediction_dir", "run_dir", "channel_names", "seg_channel_name",
+            "data_format", "rendering", "checkpoint", "device")  # without a prediction: predict.py's too
 
 
 def find_case(hp, name):
@@ -74,7 +79,7 @@ def render(hp):
 
 
 def main():
-    hp = hyperparameters.from_command_line()
+    hp = settings_text.from_command_line(__doc__, SETTINGS)
     try:
         render(hp)
     except (CaseError, OSError, ValueError) as error:  # bad case, no checkpoint, bad settings, a folder

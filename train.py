@@ -1,14 +1,15 @@
-"""Train the 3D U-Net on random patches; training.validate on whole volumes; checkpoint and plot every epoch.
+"""Train the 3D U-Net on random patches; validate on whole volumes; checkpoint and plot every epoch.
 
     python train.py                                  # settings from hyperparameters.txt
     python train.py epochs=5 batch_size=1 resume=True
-    python train.py fold=2                           # with num_folds > 1: training.validate on fold 2, train on the others
+    python train.py fold=2                           # with num_folds > 1: validate on fold 2, train on the others
     torchrun --nproc_per_node=4 train.py             # DistributedDataParallel, one process per GPU
 
 Writes to run_dir (with num_folds > 1: run_dir/fold_K): checkpoint_last.pt (every epoch) and
 checkpoint_best.pt (best mean Dice); through training_log.py metrics.csv (a row per epoch), curves.png and,
 with tensorboard: True, tensorboard/; at the end the validation cases predicted with checkpoint_best.pt into
-validation/ (the out-of-fold predictions crossval.py reads). Under torchrun batch_size is per process, the
+validation/ (the out-of-fold predictions crossval.py reads); log.txt, what the console showed (a resumed run
+appends), and settings.txt, the settings it ran with (`python train.py --hp settings.txt` runs it again). Under torchrun batch_size is per process, the
 global batch is batch_size * processes, and a step sees the same patches as one process with that global batch.
 """
 import os
@@ -17,17 +18,27 @@ import time
 import torch
 import torch.distributed as dist
 
-from bratsunet import augmentation, checkpoints, hyperparameters, inference, losses, network, training, training_log
+from bratsunet import (augmentation, checkpoints, console, inference, losses, network, settings_text, training,
+                       training_log)
 from bratsunet.devices import resolve_device, run_settings, run_torchrun_process, start_process_group, use_device
 from bratsunet.loader import EpochSampler, PatchDataset, VolumeDataset, start_loader
 from bratsunet.manifest import check_prepared_settings, fold_cases, fold_dir, read_manifest
 
-
+# What train() reads: these keys and the groups of hyperparameters.txt named (python train.py --help lists them).
+SETTINGS = ("prepared_dir", "run_dir", "channel_names", "data_format", "crop_margin", "num_folds", "seed", "model",
+            "loss", "training", "overwrite", "sw_overlap", "sw_batch_size", "tta_mirror", "backend")
 
 
 def train(hp):
     """Train fold hp.fold per hp (continuing its checkpoint_last.pt when hp.resume), then predict its validation
-    cases -> the last epoch's metrics row plus best_dice_mean and best_epoch."""
+    cases -> the last epoch's metrics row plus best_dice_mean and best_epoch. The main process keeps its console
+    in the fold's log.txt."""
+    with console.KeptConsole(enabled=int(os.environ.get("RANK", 0)) == 0) as kept:
+        return train_fold(hp, kept)
+
+
+def train_fold(hp, kept):
+    ran_with = hp  # settings.txt: the run_dir given, not the fold's
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     main_process = rank == 0
     device = resolve_device(hp.device, int(os.environ.get("LOCAL_RANK", 0)), world_size)
@@ -57,6 +68,8 @@ def train(hp):
         done, best_score, rows = training.resume_state(hp, net, optimizer, scheduler, scaler, main_process, split)
     if main_process:
         training.start_run_dir(hp.run_dir, hp)
+        kept.keep_in(hp.run_dir / "log.txt", append=hp.resume)
+        settings_text.write_settings_file(ran_with, hp.run_dir / "settings.txt", "train.py")
         print(f"training on {device} x {world_size} process(es), {dtype or torch.float32}"
               f"{' with loss scaling' if use_scaler else ''}{', channels_last' * channels_last}, "
               f"{network.count_parameters(net):,} parameters, "
@@ -111,7 +124,7 @@ def train(hp):
 
 
 def main():
-    hp = hyperparameters.from_command_line()
+    hp = settings_text.from_command_line(__doc__, SETTINGS)
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         run_torchrun_process(train, hp)  # ends the process
     try:

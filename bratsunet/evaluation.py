@@ -15,6 +15,7 @@ import numpy as np
 from tqdm import tqdm
 
 from bratsunet.cases import CaseError, find_ground_truth, label_maps, load_labels
+from bratsunet.console import progress_bar
 from bratsunet.conventions import CONVENTIONS, REGION_NAMES, internal_to_brats
 from bratsunet.files import atomic_write
 from bratsunet.metrics import HD95_EMPTY, METRICS, SUMMARY_METRICS, region_metrics
@@ -72,7 +73,7 @@ def evaluate_folders(pred_dir, truth_dirs, channel_names, seg_channel_name, data
     truth = find_ground_truth(truth_dirs, channel_names, seg_channel_name, unusable, data_format)
     searched = " or ".join(f"{folder}" + ("" if Path(folder).is_dir() else " (does not exist)")
                            for folder in truth_dirs)
-    for name, path in tqdm(predictions.items(), desc="evaluate", unit="case"):
+    for name, path in progress_bar(predictions.items(), description="evaluate", unit="case"):
         if name not in truth:
             not_evaluated[name] = unusable.get(name, f"no ground truth under {searched}")
             continue
@@ -126,7 +127,7 @@ def lesion_wise_metrics(pairs, missing, task, data_format="brats2020"):
     with _quiet():
         evaluator = Panoptica_Evaluator.load_from_config(brats_evaluation.config_path(task))
     results = []
-    for name, (pred_path, truth_path) in tqdm(pairs.items(), desc="lesion-wise", unit="case"):
+    for name, (pred_path, truth_path) in progress_bar(pairs.items(), description="lesion-wise", unit="case"):
         pred, truth = _official_labels(pred_path, data_format), _official_labels(truth_path, data_format)
         with _quiet():
             results.append(brats_evaluation.evaluate_single_exam(pred, truth, name, evaluator))

@@ -1,5 +1,5 @@
 """What training shows and leaves behind after every epoch: metrics.csv, curves.png and the plots pane,
-TensorBoard, the printed line and the progress bar. train.py trains; this file reports.
+TensorBoard and the printed line. train.py trains; this file reports.
 
 Only the main process (rank 0) writes. Everything is rewritten from the metrics rows that checkpoints keep,
 so a resumed run continues the same files: metrics.csv and curves.png are written whole each epoch, and
@@ -16,7 +16,6 @@ import sys
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from bratsunet import conventions, files
 from bratsunet.pictures import slice_picture
@@ -93,14 +92,6 @@ def plot_curves(rows, path, show=False):
 
 
 # ---------------------------------------------------------------- the console
-
-def progress_bar(total, description, disable):
-    """The bar of an epoch's steps. In an IPython console (Spyder, PyCharm, Jupyter) on stdout, where the
-    epoch's line replaces it: on stderr the console shows it apart, in red, and keeps the blank line it
-    leaves when cleared. Elsewhere on stderr, so that `python train.py > log.txt` logs no bars."""
-    return tqdm(total=total, desc=description, disable=disable, leave=False,
-                file=sys.stdout if "IPython" in sys.modules else None)
-
 
 def summary_line(row, hp, best, device):
     dice = "" if row["dice_mean"] is None else (
