@@ -34,6 +34,7 @@ from bratsunet.cases import CaseError
 from bratsunet.conventions import CONVENTIONS
 from bratsunet.files import atomic_write
 from bratsunet.manifest import fold_cases, fold_dir, read_manifest, split_cases
+from bratsunet.pictures import DPI
 
 import train
 
@@ -115,7 +116,7 @@ def plot_threshold(means, best, path):
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
     figure.tight_layout()
-    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=DPI))
 
 
 def summary_table(rows, rows_with, et_min_voxels):

@@ -72,7 +72,7 @@ def render(hp):
     render_case(image, truth, pred, nifti.affine, output, hp.render_errors, name, hp.render_turntable, hp.data_format)
     if output is not None:
         slices = output.with_name(f"{output.stem}_slices.png")
-        slice_overlay_png(image, truth, pred, slices, nifti.affine, title=name)
+        slice_overlay_png(image, truth, pred, slices, nifti.affine, name, hp.data_format)
         written = [output, slices] + ([hp.render_turntable] if hp.render_turntable is not None else [])
         print(f"rendered {name} in {time.perf_counter() - start:.1f} s: " + ", ".join(str(p) for p in written))
     return output

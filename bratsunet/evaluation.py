@@ -19,6 +19,7 @@ from bratsunet.console import progress_bar
 from bratsunet.conventions import CONVENTIONS, REGION_NAMES, internal_to_brats
 from bratsunet.files import atomic_write
 from bratsunet.metrics import HD95_EMPTY, METRICS, SUMMARY_METRICS, region_metrics
+from bratsunet.pictures import DPI, REGION_COLORS
 
 STATISTICS = ("mean", "std", "median", "25%", "75%")
 LESION_WISE_METRICS = ("lesionwise_dsc_mean", "lesionwise_hd95_mean", "lesionwise_nsd_mean")  # summarized
@@ -175,14 +176,42 @@ def write_csv(rows, path, fieldnames=COLUMNS):
     atomic_write(path, write)
 
 
-def plot_boxes(rows, path, regions=REGION_NAMES):
-    """Box plots of Dice and HD95 per region over the cases."""
+FEW_CASES = 30  # up to this many cases a box plot also shows each case as a point
+
+
+def box_figure(rows, regions=REGION_NAMES):
+    """Box plots of Dice and HD95 per region over the cases, in the regions' colors, with a key to their marks;
+    with few cases every case as a point too."""
     import matplotlib.figure
-    figure = matplotlib.figure.Figure(figsize=(9, 4))  # no pyplot: no GUI backend on a server or in tests
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+    figure = matplotlib.figure.Figure(figsize=(9, 4.8))  # no pyplot: no GUI backend on a server or in tests
+    points = len(rows) <= FEW_CASES
     for axis, metric, title in zip(figure.subplots(1, 2), ("dice", "hd95"), ("Dice", "HD95 (mm)")):
         values = [[row[f"{metric}_{region}"] for row in rows] for region in regions]
-        axis.boxplot(values, tick_labels=regions, showmeans=True)
+        boxes = axis.boxplot(values, tick_labels=regions, showmeans=True, patch_artist=True, widths=0.5,
+                             medianprops={"color": "black"}, flierprops={"marker": "o", "markerfacecolor": "none"},
+                             meanprops={"marker": "^", "markerfacecolor": "white", "markeredgecolor": "black"})
+        for box, region in zip(boxes["boxes"], regions):
+            box.set(facecolor=(*REGION_COLORS[region], 0.35), edgecolor=REGION_COLORS[region])
+        if points:  # spread sideways by a fixed pattern (no randomness: the same picture every run)
+            for i, column in enumerate(values, start=1):
+                spread = 0.12 * (np.arange(len(column)) % 5 - 2) / 2
+                axis.plot(i + spread, column, ".", color="black", alpha=0.6, markersize=5)
         axis.set(title=f"{title}, {len(rows)} cases", **({"ylim": (-0.02, 1.02)} if metric == "dice" else {}))
         axis.grid(alpha=0.3, axis="y")
-    figure.tight_layout()
-    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
+    key = [Patch(facecolor="lightgrey", edgecolor="grey", label="box: 25th to 75th percentile"),
+           Line2D([], [], color="black", label="line: median"),
+           Line2D([], [], marker="^", color="black", markerfacecolor="white", linestyle="none", label="triangle: mean"),
+           Line2D([], [], color="grey", label="whiskers: to the last case within 1.5 box lengths"),
+           Line2D([], [], marker="o", color="grey", markerfacecolor="none", linestyle="none", label="circle: beyond")]
+    if points:
+        key.append(Line2D([], [], marker=".", color="black", linestyle="none", label="dot: one case"))
+    figure.legend(handles=key, loc="lower center", ncol=3, frameon=False, fontsize=8)
+    figure.tight_layout(rect=(0, 0.13, 1, 1))
+    return figure
+
+
+def plot_boxes(rows, path, regions=REGION_NAMES):
+    figure = box_figure(rows, regions)
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=DPI))

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from bratsunet import conventions, files
-from bratsunet.pictures import slice_picture
+from bratsunet.manifest import read_manifest
+from bratsunet.pictures import DPI, REGION_COLORS, slice_picture
 
 METRIC_COLUMNS = ("epoch", "train_loss", "lr", "dice_WT", "dice_TC", "dice_ET", "dice_mean", "accuracy",
                   "skipped_steps", "seconds")
@@ -55,13 +56,15 @@ def inline_backend():
 def draw_curves(rows, figure):
     """Training loss; Dice per region and mean Dice (= mean F1); voxel accuracy: three axes in figure."""
     axes = figure.subplots(1, 3)
-    axes[0].plot([row["epoch"] for row in rows], [row["train_loss"] for row in rows], "o-", label="training loss")
+    axes[0].plot([row["epoch"] for row in rows], [row["train_loss"] for row in rows], "o-", color="black",
+                 label="training loss")
     validated = [row for row in rows if row["dice_mean"] is not None]
     epochs = [row["epoch"] for row in validated]
     for region in conventions.REGION_NAMES:
-        axes[1].plot(epochs, [row[f"dice_{region}"] for row in validated], "o-", label=f"Dice {region}")
+        axes[1].plot(epochs, [row[f"dice_{region}"] for row in validated], "o-", color=REGION_COLORS[region],
+                     label=f"Dice {region}")
     axes[1].plot(epochs, [row["dice_mean"] for row in validated], "ko--", label="mean Dice (F1)")
-    axes[2].plot(epochs, [row["accuracy"] for row in validated], "o-", label="voxel accuracy")
+    axes[2].plot(epochs, [row["accuracy"] for row in validated], "o-", color="dimgray", label="voxel accuracy")
     for axis, title in zip(axes, ("loss", "validation Dice (F1)", "validation accuracy")):
         axis.set(title=title, xlabel="epoch")
         axis.xaxis.get_major_locator().set_params(integer=True)
@@ -82,7 +85,7 @@ def plot_curves(rows, path, show=False):
         from matplotlib.figure import Figure
         figure = Figure((13, 3.8))
     draw_curves(rows, figure)
-    files.atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
+    files.atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=DPI))
     if window:
         plt.show(block=False)
         plt.pause(0.001)
@@ -141,6 +144,7 @@ class TrainingLog:
         meanings = [conventions.meaning(channel) for channel in hp.channel_names]  # flair, or 2023's t2f
         self.channel = meanings.index("flair") if "flair" in meanings else 0  # the image of the picture
         self.writer = open_tensorboard(hp.run_dir / "tensorboard", completed_epochs + 1) if hp.tensorboard else None
+        self.cases = read_manifest(hp.prepared_dir)["cases"] if hp.tensorboard else {}  # their affines: orientation
 
     def to_tensorboard(self, row, volumes=None, pred=None):
         """The epoch's scalars, and with pred (the labels predicted for volumes[0]) its picture. Called before
@@ -151,7 +155,9 @@ class TrainingLog:
         picture, tag = None, None
         if pred is not None:
             name, image, truth = volumes[0]  # (C, x, y, z), (x, y, z)
-            picture, tag = slice_picture(np.asarray(image[self.channel]), np.asarray(truth), pred), f"validation/{name}"
+            picture = slice_picture(np.asarray(image[self.channel]), np.asarray(truth), pred,
+                                    self.cases.get(name, {}).get("affine"), name, self.hp.data_format)
+            tag = f"validation/{name}"
         add_to_tensorboard(self.writer, row, picture, tag)
 
     def write(self, rows, best, device):
