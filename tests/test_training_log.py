@@ -3,6 +3,9 @@ and train.py in a real IPython kernel with the inline backend, as Spyder and PyC
 import base64
 import csv
 import io
+import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -166,3 +169,81 @@ def test_train_in_an_ipython_kernel_shows_one_plot_per_epoch_and_clean_bars(tmp_
     assert all(" loss " in lines[i] and "%|" not in lines[i] for i in epoch_lines)
     assert epoch_lines[1] == epoch_lines[0] + 1  # no blank or bar lines
     assert [line.split(" into ")[0] for line in lines[epoch_lines[1] + 1:]] == ["predicted 2 validation case(s)", ""]
+
+
+STAND_IN = '''"""A stand-in for PyCharm's plots tool window backend (module://backend_interagg, which ships inside PyCharm, not
+on the package index): an Agg canvas whose show() hands each open figure's PNG to the IDE and then closes the
+figure, as that backend does. Here the PNGs go into the folder $SHOWN_DIR, numbered."""
+import itertools
+import os
+
+from matplotlib._pylab_helpers import Gcf
+from matplotlib.backend_bases import FigureManagerBase
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+numbers = itertools.count()
+
+
+class FigureManager(FigureManagerBase):
+    def show(self):
+        self.canvas.figure.savefig(os.path.join(os.environ["SHOWN_DIR"], f"{next(numbers)}.png"), format="png")
+        Gcf.destroy(self.num)
+
+
+class FigureCanvas(FigureCanvasAgg):
+    manager_class = FigureManager
+
+
+def show(*args, **kwargs):
+    for manager in Gcf.get_all_fig_managers():
+        manager.show()
+'''
+
+
+def pycharm_run(tmp_path, tiny_prepared, env):
+    """python train.py as PyCharm's Run button starts it (PYCHARM_HOSTED=1), with env -> (process, its run_dir)."""
+    settings = tmp_path / "hp.txt"
+    settings.write_text("".join(f"{key}: {value}\n" for key, value in
+                                {**TINY, "prepared_dir": tiny_prepared, "run_dir": tmp_path / "run"}.items()))
+    env = {**os.environ, "PYCHARM_HOSTED": "1", **env}
+    done = subprocess.run([sys.executable, str(REPO / "train.py"), "--hp", str(settings)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done, tmp_path / "run"
+
+
+def test_pycharm_plots_tool_window_gets_one_picture_of_the_curves_per_epoch(tmp_path, tiny_prepared):
+    (tmp_path / "pycharm_plots_stand_in.py").write_text(STAND_IN)
+    shown = tmp_path / "shown"
+    shown.mkdir()
+    done, run_dir = pycharm_run(tmp_path, tiny_prepared, {
+        "MPLBACKEND": "module://pycharm_plots_stand_in", "SHOWN_DIR": str(shown),
+        "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])})
+    rows = checkpoints.load_checkpoint(run_dir / "checkpoint_last.pt")["metrics"]
+    pictures_shown = sorted(shown.iterdir(), key=lambda path: int(path.stem))
+    assert len(pictures_shown) == len(rows) == 2  # one per epoch, none empty or repeated
+    for k, path in enumerate(pictures_shown, start=1):
+        from matplotlib.figure import Figure
+        expected = io.BytesIO()
+        training_log.draw_curves(rows[:k], Figure((13, 3.8))).savefig(expected, format="png")
+        assert np.array_equal(np.asarray(Image.open(path).convert("RGB")),
+                              np.asarray(Image.open(expected).convert("RGB")))
+    assert "epoch 2/2  loss" in done.stdout and "%|" not in done.stderr  # the bars on stdout, none in red
+
+
+def test_pycharm_run_with_a_window_backend_draws_its_curves_without_waiting(tmp_path, tiny_prepared):
+    """PyCharm without its plots tool window: a Tk window under Xvfb; training goes on while it is open."""
+    missing = [tool for tool in ("Xvfb", "xdotool") if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"{' and '.join(missing)} not installed (apt-get install xvfb xdotool; .ci/run installs them)")
+    pytest.importorskip("tkinter", reason="this Python has no Tk")
+    server = subprocess.Popen(["Xvfb", "-displayfd", "1", "-screen", "0", "1600x900x24", "-nolisten", "tcp"],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        display = f":{server.stdout.readline().strip()}"
+        done, run_dir = pycharm_run(tmp_path, tiny_prepared, {"DISPLAY": display, "MPLBACKEND": "TkAgg"})
+    finally:
+        server.terminate()
+        server.wait(10)
+    assert "epoch 2/2  loss" in done.stdout and (run_dir / "curves.png").is_file()
+    assert "Traceback" not in done.stderr and "%|" not in done.stderr
