@@ -52,9 +52,9 @@ def help_text(script, doc, settings):
     """--help: usage, the script's job (its docstring) and the settings it reads, grouped, with default and meaning."""
     wanted = set(script_keys(settings))
     lines = [f"usage: python {script} [--hp FILE] [key=value ...]", "", textwrap.dedent(doc or "").strip(), "",
-             f"Settings: hyperparameters.txt beside the scripts, then the file of --hp FILE (without it: of the "
-             f"environment variable {hyperparameters.ENVIRONMENT}, if set), then key=value. This script reads "
-             "(key, default, meaning; every key: docs/settings.md):"]
+             textwrap.fill(f"Settings: hyperparameters.txt beside the scripts, then the file of --hp FILE (without "
+                           f"it: of the environment variable {hyperparameters.ENVIRONMENT}, if set), then key=value. "
+                           "This script reads (key, default, meaning; every key: docs/settings.md):", 116)]
     for group, keys in layout():
         rows = [(key, default or "(empty)", meaning) for key, default, meaning in keys if key in wanted]
         if rows:
