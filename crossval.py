@@ -39,7 +39,7 @@ from bratsunet.pictures import DPI
 import train
 
 
-# What crossval() reads: these keys and the groups of hyperparameters.txt named (python crossval.py --help lists them).
+# What crossval() reads: keys, and groups of hyperparameters.txt for all their keys (--help lists them).
 SETTINGS = train.SETTINGS + ("raw_data_dir", "seg_channel_name", "et_search_max")
 
 

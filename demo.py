@@ -19,7 +19,7 @@ import rendering
 import train
 
 
-# What run_demo() reads: these keys and the groups of hyperparameters.txt named (python demo.py --help lists them).
+# What run_demo() reads: keys, and groups of hyperparameters.txt for all their keys (--help lists them).
 SETTINGS = ("data", "generated data", "model", "loss", "training", "inference", "evaluation", "rendering")
 
 

@@ -29,7 +29,7 @@ from bratsunet.files import output_folder, same_or_inside
 from bratsunet.manifest import default_prediction_cases, read_manifest
 from bratsunet.metrics import HD95_EMPTY
 
-# What evaluate() reads: these keys and the groups of hyperparameters.txt named (python evaluate.py --help lists them).
+# What evaluate() reads: keys, and groups of hyperparameters.txt for all their keys (--help lists them).
 SETTINGS = ("raw_data_dir", "prepared_dir", "run_dir", "prediction_dir", "predict_input_dir", "channel_names",
             "seg_channel_name", "data_format", "fold", "evaluation")
 

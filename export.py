@@ -41,7 +41,7 @@ NORMALIZATION = ("channels in channel_names order, float32, axes (x, y, z) as st
                  "their mean, divide by their standard deviation), the background stays 0")
 
 
-# What export() reads: these keys and the groups of hyperparameters.txt named (python export.py --help lists them).
+# What export() reads: keys, and groups of hyperparameters.txt for all their keys (--help lists them).
 SETTINGS = ("checkpoint", "run_dir", "num_folds")
 
 

@@ -39,10 +39,11 @@ from bratsunet.manifest import default_prediction_cases, read_manifest
 
 
 
-# What predict() reads: these keys and the groups of hyperparameters.txt named (python predict.py --help lists them).
+# What predict() reads: keys, and groups of hyperparameters.txt for all their keys (--help lists them).
 SETTINGS = ("raw_data_dir", "prepared_dir", "run_dir", "prediction_dir", "seg_channel_name", "data_format",
-            "allow_any_grid", "num_folds", "fold", "device", "precision", "channels_last", "checkpoint", "predict_input_dir",
-            "sw_overlap", "sw_batch_size", "tta_mirror", "et_min_voxels", "save_probabilities", "overwrite", "backend")
+            "allow_any_grid", "num_folds", "fold", "device", "precision", "channels_last", "checkpoint",
+            "predict_input_dir", "sw_overlap", "sw_batch_size", "tta_mirror", "et_min_voxels", "save_probabilities",
+            "overwrite", "backend")
 
 
 def cases_to_predict(hp):

@@ -20,9 +20,10 @@ from bratsunet.manifest import FORMAT_VERSION, MANIFEST, SPLIT_SETTINGS, assign_
 from bratsunet.preprocessing import preprocess
 
 
-# What prepare_dataset() reads: these keys and the groups of hyperparameters.txt named (python prepare_dataset.py --help lists them).
-SETTINGS = ("raw_data_dir", "prepared_dir", "run_dir", "channel_names", "seg_channel_name", "data_format", "allow_any_grid",
-            "bg_threshold", "crop_margin", "test_fraction", "num_folds", "val_fraction", "seed", "num_workers")
+# What prepare_dataset() reads: keys, and groups of hyperparameters.txt for all their keys (--help lists them).
+SETTINGS = ("raw_data_dir", "prepared_dir", "run_dir", "channel_names", "seg_channel_name", "data_format",
+            "allow_any_grid", "bg_threshold", "crop_margin", "test_fraction", "num_folds", "val_fraction", "seed",
+            "num_workers")
 
 
 def _settings(hp):

@@ -20,7 +20,7 @@ from bratsunet.pictures import slice_overlay_png
 from bratsunet.scene3d import has_display, render_case
 
 
-# What render() reads: these keys and the groups of hyperparameters.txt named (python rendering.py --help lists them).
+# What render() reads: keys, and groups of hyperparameters.txt for all their keys (--help lists them).
 SETTINGS = ("raw_data_dir", "predict_input_dir", "prediction_dir", "run_dir", "channel_names", "seg_channel_name",
             "data_format", "rendering", "checkpoint", "device")  # without a prediction: predict.py's too
 

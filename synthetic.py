@@ -7,7 +7,7 @@ from bratsunet import settings_text
 from bratsunet.generator import generate_dataset
 
 
-# What main() reads: these keys and the groups of hyperparameters.txt named (python synthetic.py --help lists them).
+# What main() reads: keys, and groups of hyperparameters.txt for all their keys (--help lists them).
 SETTINGS = ("raw_data_dir", "seed", "data_format", "generated data")
 
 

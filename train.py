@@ -9,8 +9,9 @@ Writes to run_dir (with num_folds > 1: run_dir/fold_K): checkpoint_last.pt (ever
 checkpoint_best.pt (best mean Dice); through training_log.py metrics.csv (a row per epoch), curves.png and,
 with tensorboard: True, tensorboard/; at the end the validation cases predicted with checkpoint_best.pt into
 validation/ (the out-of-fold predictions crossval.py reads); log.txt, what the console showed (a resumed run
-appends), and settings.txt, the settings it ran with (`python train.py --hp settings.txt` runs it again). Under torchrun batch_size is per process, the
-global batch is batch_size * processes, and a step sees the same patches as one process with that global batch.
+appends), and settings.txt, the settings it ran with (`python train.py --hp settings.txt` runs it again). Under
+torchrun batch_size is per process, the global batch is batch_size * processes, and a step sees the same patches
+as one process with that global batch.
 """
 import os
 import time
@@ -24,7 +25,7 @@ from bratsunet.devices import resolve_device, run_settings, run_torchrun_process
 from bratsunet.loader import EpochSampler, PatchDataset, VolumeDataset, start_loader
 from bratsunet.manifest import check_prepared_settings, fold_cases, fold_dir, read_manifest
 
-# What train() reads: these keys and the groups of hyperparameters.txt named (python train.py --help lists them).
+# What train() reads: keys, and groups of hyperparameters.txt for all their keys (--help lists them).
 SETTINGS = ("prepared_dir", "run_dir", "channel_names", "data_format", "crop_margin", "num_folds", "seed", "model",
             "loss", "training", "overwrite", "sw_overlap", "sw_batch_size", "tta_mirror", "backend")
 

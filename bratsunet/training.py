@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from bratsunet import augmentation, checkpoints, conventions, inference, losses, metrics, network, training_log
+from bratsunet import augmentation, checkpoints, conventions, inference, losses, metrics, network
 from bratsunet.console import progress_bar
 from bratsunet.devices import run_settings
 from bratsunet.files import output_folder

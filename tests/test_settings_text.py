@@ -50,8 +50,9 @@ def test_each_script_reads_only_the_settings_its_help_lists(tmp_path, tiny_raw, 
     monkeypatch.setattr(rendering, "has_display", lambda: False)
     hp = hyperparameters.load(overrides={
         "raw_data_dir": tiny_raw, "prepared_dir": tmp_path / "prepared", "run_dir": tmp_path / "run",
-        "prediction_dir": tmp_path / "predictions", "num_workers": 0, "features": "4, 8, 16", "patch_size": "16, 16, 16",
-        "epochs": 1, "steps_per_epoch": 2, "val_fraction": 0.34, "test_fraction": 0.2, "render_output": None})
+        "prediction_dir": tmp_path / "predictions", "num_workers": 0, "features": "4, 8, 16",
+        "patch_size": "16, 16, 16", "epochs": 1, "steps_per_epoch": 2, "val_fraction": 0.34, "test_fraction": 0.2,
+        "render_output": None})
     found = {}
     for script, job in (("prepare_dataset", prepare_dataset.prepare_dataset), ("train", train.train),
                         ("predict", predict.predict), ("evaluate", evaluate.evaluate),

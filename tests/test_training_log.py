@@ -171,9 +171,9 @@ def test_train_in_an_ipython_kernel_shows_one_plot_per_epoch_and_clean_bars(tmp_
     assert [line.split(" into ")[0] for line in lines[epoch_lines[1] + 1:]] == ["predicted 2 validation case(s)", ""]
 
 
-STAND_IN = '''"""A stand-in for PyCharm's plots tool window backend (module://backend_interagg, which ships inside PyCharm, not
-on the package index): an Agg canvas whose show() hands each open figure's PNG to the IDE and then closes the
-figure, as that backend does. Here the PNGs go into the folder $SHOWN_DIR, numbered."""
+STAND_IN = '''"""A stand-in for PyCharm's plots tool window backend (module://backend_interagg, which ships inside
+PyCharm, not on the package index): an Agg canvas whose show() hands each open figure's PNG to the IDE and then
+closes the figure, as that backend does. Here the PNGs go into the folder $SHOWN_DIR, numbered."""
 import itertools
 import os
 
