@@ -186,11 +186,15 @@ def test_killed_run_resumes_under_torchrun_with_another_process_count(tmp_path, 
         assert done.stdout.count(f"epoch {epoch}/{epochs}  loss") == 1
     with open(run_dir / "metrics.csv") as file:
         assert [line.split(",")[0] for line in file.read().splitlines()[1:]] == [str(e) for e in range(1, epochs + 1)]
-    # log.txt: the killed run's epochs (each line written as printed), then the resumed run's, appended
+    # log.txt: what the killed run printed (each line written as printed; it was killed as its checkpoint
+    # appeared, before or after that epoch's line), then the resumed run's, appended
     log = (run_dir / "log.txt").read_text().splitlines()
-    resuming = log.index(f"resuming {run_dir / 'checkpoint_last.pt'} after epoch {killed['epoch']}")
-    assert [line.split()[1] for line in log[:resuming] if line.startswith("epoch ")][:killed["epoch"]] == [
-        f"{epoch}/100" for epoch in range(1, killed["epoch"] + 1)]
+    resuming = next(i for i, line in enumerate(log)  # "...; changed: epochs 100 -> 3, batch_size 2 -> 1"
+                    if line.startswith(f"resuming {run_dir / 'checkpoint_last.pt'} after epoch {killed['epoch']};"))
+    assert log[0].startswith("training on cpu x 1 process(es)") and resuming > 0
+    before = [line.split()[1] for line in log[:resuming] if line.startswith("epoch ")]
+    assert before == [f"{epoch}/100" for epoch in range(1, len(before) + 1)] and len(before) >= killed["epoch"] - 1
+    assert log[resuming + 1].startswith("training on cpu x 2 process(es)")
     assert [line.split()[1] for line in log[resuming:] if line.startswith("epoch ")] == [
         f"{epoch}/{epochs}" for epoch in range(killed["epoch"] + 1, epochs + 1)]
 
