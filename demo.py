@@ -10,6 +10,7 @@ import time
 import numpy as np
 
 from bratsunet import generator, settings_text
+from bratsunet.cases import CaseError
 from bratsunet.conventions import REGION_NAMES
 
 import evaluate
@@ -60,7 +61,10 @@ def print_report(seconds, rows):
 
 def main():
     hp = settings_text.from_command_line(__doc__, SETTINGS)
-    seconds, rows = run_demo(hp)
+    try:
+        seconds, rows = run_demo(hp)
+    except (CaseError, OSError, ValueError) as error:  # a bad setting (a device it lacks), a full disk: one line
+        raise SystemExit(f"error: {error}") from None
     print_report(seconds, rows)
 
 

@@ -4,7 +4,8 @@
 
 Expected cases are those predict.py took: predict_input_dir's, or without it the test split of prepared_dir's
 dataset.json (when prepared from this raw_data_dir). An expected case with ground truth but no prediction is
-scored as BraTS scores it, a failure (Dice 0, HD95 373.13 mm, sensitivity and specificity 0 in every region).
+scored as BraTS scores it, a failure (Dice 0, HD95 373.13 mm, sensitivity and specificity 0 in every region);
+predictions of other cases in prediction_dir (training or validation cases) are listed as ignored, not scored.
 
 Per case and region (WT, TC, ET; RC for BraTS 2024): Dice, HD95 in mm (distance transforms of the surfaces, the
 header's spacing), sensitivity, specificity and the volumes in mm^3 (loss.region_metrics), a row per case in
@@ -21,11 +22,12 @@ brats-evaluation (configuration lesion_wise_task) as the challenge computes them
 package's names (lesionwise_dsc_mean_et, global_dsc_wt, ...), the metrics above stay the default.
 """
 from bratsunet import settings_text
-from bratsunet.cases import CaseError, find_cases, find_ground_truth
+from bratsunet.cases import CaseError, check_apart, find_cases, find_ground_truth, label_maps
 from bratsunet.conventions import CONVENTIONS, REGION_NAMES
-from bratsunet.evaluation import (LESION_WISE_METRICS, STATISTICS, columns, evaluate_folders, missing_predictions,
-                                  official_metrics, plot_boxes, statistics_of, summarize, write_csv)
-from bratsunet.files import output_folder, same_or_inside
+from bratsunet.evaluation import (LESION_WISE_METRICS, STATISTICS, columns, evaluate_folders, ignored_predictions,
+                                  missing_predictions, official_metrics, plot_boxes, statistics_of, summarize,
+                                  write_csv)
+from bratsunet.files import output_folder
 from bratsunet.manifest import default_prediction_cases, read_manifest
 from bratsunet.metrics import HD95_EMPTY
 
@@ -40,9 +42,10 @@ def expected_cases(hp):
     try:
         if hp.predict_input_dir is not None:
             folder = hp.predict_input_dir
-            names = set(find_ground_truth([folder], (), hp.seg_channel_name, data_format=hp.data_format))
-            names |= {case.name for case in find_cases(folder, (), hp.seg_channel_name, "predict_input_dir",
-                                                       hp.data_format)[0]}
+            names = set(find_ground_truth([folder], hp.channel_names, hp.seg_channel_name, data_format=hp.data_format))
+            if not label_maps(folder):  # case folders, those without a segmentation too
+                names |= {case.name for case in find_cases(folder, hp.channel_names, hp.seg_channel_name,
+                                                           "predict_input_dir", hp.data_format, need_images=False)[0]}
             return sorted(names), f"the cases of {folder}"
         manifest = read_manifest(hp.prepared_dir)
     except (CaseError, FileNotFoundError, ValueError):
@@ -52,10 +55,14 @@ def expected_cases(hp):
     return default_prediction_cases(manifest, hp.fold)
 
 
-def print_summary(rows, not_evaluated, regions=REGION_NAMES, missing=(), expected=None):
+def print_summary(rows, not_evaluated, regions=REGION_NAMES, missing=(), expected=None, ignored=()):
     print(f"\n{len(rows)} case(s) evaluated with the BraTS 2020 metrics (this project's; HD95 in mm; empty "
           "regions: both empty Dice 1, HD95 0, one empty Dice 0, HD95 373.13)"
           + f"\nthe cases expected: {expected}" * bool(expected))
+    if ignored:
+        more = f" (+{len(ignored) - 10} more)" if len(ignored) > 10 else ""
+        print(f"ignored {len(ignored)} prediction(s) of other cases, not part of this result: "
+              f"{', '.join(ignored[:10])}{more}")
     print(f"{'metric':<12} {'region':<6}" + "".join(f"{name:>9}" for name in STATISTICS))
     for (metric, region), statistics in summarize(rows, regions).items():
         print(f"{metric:<12} {region:<6}" + "".join(f"{value:>9.4f}" for value in statistics.values()))
@@ -82,16 +89,6 @@ def print_lesion_wise_summary(official, task, missing):
             print(f"{metric:<22} {group:<6}" + "".join(f"{value:>9.4f}" for value in statistics.values()))
 
 
-def check_apart(hp):
-    """CaseError naming both settings when prediction_dir overlaps a folder of the ground truth: the
-    predictions would be read as the ground truth, and score perfectly."""
-    for setting in ("raw_data_dir", "predict_input_dir"):
-        truth = getattr(hp, setting)
-        if truth is not None and (same_or_inside(hp.prediction_dir, truth) or same_or_inside(truth, hp.prediction_dir)):
-            raise CaseError(f"prediction_dir {hp.prediction_dir} and {setting} {truth} overlap: predictions and "
-                            "ground truth must be in separate folders")
-
-
 def evaluate(hp):
     """hp.prediction_dir against the ground truth under raw_data_dir (then predict_input_dir) -> rows;
     writes run_dir/evaluation.csv and run_dir/evaluation_boxplot.png and prints the summary. With
@@ -115,7 +112,7 @@ def evaluate(hp):
     official_columns = tuple(next(iter(official.values()), {}))
     write_csv(evaluated, hp.run_dir / "evaluation.csv", columns(regions) + official_columns)
     plot_boxes(rows, hp.run_dir / "evaluation_boxplot.png", regions)
-    print_summary(rows, not_evaluated, regions, missing, description)
+    print_summary(rows, not_evaluated, regions, missing, description, ignored_predictions(hp.prediction_dir, expected))
     if official:
         print_lesion_wise_summary(official, hp.lesion_wise_task, missing)
     print(f"wrote {hp.run_dir / 'evaluation.csv'} and {hp.run_dir / 'evaluation_boxplot.png'}")

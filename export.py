@@ -18,7 +18,8 @@ metadata_props, or InferenceSession(path).get_modelmeta().custom_metadata_map):
   patch_size       the window the network was trained on: run it window by window (sliding_window)
   sw_overlap, input_multiple, target, output_activation, output_channels, brats_labels (the label values on
   disk of data_format), regions, labels_rule (outputs -> labels on disk)
-  model_args, epoch, dice_mean, source_checkpoint
+  model_args, epoch, dice_mean, source_checkpoint (path, epoch and weights_sha256 of the checkpoint: predict.py's
+  backend: onnxruntime uses a model.onnx only for the checkpoint it was exported from)
 """
 import json
 import logging
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 
 from bratsunet import hyperparameters, settings_text
-from bratsunet.checkpoints import load_model, onnx_path, trained_settings
+from bratsunet.checkpoints import load_model, onnx_path, onnx_source, trained_settings
 from bratsunet.conventions import ALL_REGIONS, CONVENTIONS, file_suffix, output_names
 from bratsunet.files import atomic_write
 from bratsunet.inference import checkpoint_paths
@@ -75,7 +76,7 @@ def metadata(checkpoint, path):
         "brats_labels": list(disk), "labels_rule": labels_rule(target, disk),
         "regions": {name: [disk[label] for label in ALL_REGIONS[name]] for name in convention.regions},
         "model_args": args, "epoch": checkpoint.get("epoch"),
-        "dice_mean": checkpoint.get("best_score"), "source_checkpoint": Path(path).name,
+        "dice_mean": checkpoint.get("best_score"), "source_checkpoint": onnx_source(checkpoint, path),
     }
     return {key: json.dumps(value) for key, value in values.items()}
 

@@ -11,7 +11,8 @@ labels go back into the full grid as prediction_dir/{case}.nii.gz: uint8 labels 
 (data_format: 0/1/2/4 for BraTS 2020 and 2021, 0/1/2/3 for 2023, 0/1/2/3/4 for 2024) with the input's affine and
 header, ready for the BraTS portal. Modalities are found by meaning (a network trained on BraTS 2020's flair, t1,
 t1ce, t2 reads 2023's t2f, t1n, t1c, t2w). A case outside the BraTS grid is skipped unless allow_any_grid: True;
-a bad case is reported and skipped; cases with a prediction are skipped unless overwrite: True. The network and
+a bad case is reported and skipped; cases with a prediction are skipped unless overwrite: True; prediction_dir may
+not overlap raw_data_dir or predict_input_dir (its label maps would later be read as ground truth). The network and
 the settings it was trained with (target, channel_names, patch_size as the window, crop_margin) come from the
 checkpoint, not from hyperparameters.txt.
 
@@ -31,7 +32,7 @@ window ran), "crop_box" ((start, stop) per axis in the full grid), "original_sha
 then losses.probabilities_to_labels and inference.labels_in_input_grid give the ensemble's labels.
 """
 from bratsunet import settings_text
-from bratsunet.cases import CaseError, find_cases
+from bratsunet.cases import CaseError, check_apart, find_cases
 from bratsunet.devices import resolve_device
 from bratsunet.inference import load_ensemble, predict_cases
 from bratsunet.manifest import default_prediction_cases, read_manifest
@@ -68,6 +69,7 @@ def cases_to_predict(hp):
 
 def predict(hp):
     """Predict the cases of hp (see cases_to_predict) with hp's checkpoint(s) -> paths of the label maps written."""
+    check_apart(hp)  # label maps among the ground truth would be read as ground truth
     members, hp = load_ensemble(hp, resolve_device(hp.device))
     return predict_cases(hp, cases_to_predict(hp), members)
 

@@ -15,7 +15,7 @@ import numpy as np
 from bratsunet import settings_text
 from bratsunet.cases import CaseError, find_cases, load_case, no_segmentation
 from bratsunet.console import progress_bar
-from bratsunet.files import NO_ROOM, atomic_write, sole_writer
+from bratsunet.files import NO_ROOM, WriteError, atomic_write, sole_writer
 from bratsunet.manifest import FORMAT_VERSION, MANIFEST, SPLIT_SETTINGS, assign_splits, read_manifest
 from bratsunet.preprocessing import preprocess
 
@@ -82,15 +82,15 @@ def prepare_case(case, settings, prepared_dir):
 
 def _run_one(case, settings, prepared_dir):
     """(record, None) or (None, reason): a bad case is reported, never raised, so the run goes on.
-    A full disk is raised: every later case would fail the same way."""
+    A failed write (a full disk) is raised: every later case would fail the same way."""
     try:
         return prepare_case(case, settings, prepared_dir), None
     except CaseError as error:
         return None, str(error)
+    except WriteError as error:
+        room = ", run again once there is room" if error.errno in NO_ROOM and error.errno != errno.EROFS else ""
+        raise CaseError(f"{error.strerror}; the cases prepared so far are kept{room}") from None
     except (OSError, ValueError, MemoryError) as error:
-        if isinstance(error, OSError) and error.errno in NO_ROOM:
-            room = ", run again once there is room" if error.errno != errno.EROFS else ""
-            raise CaseError(f"{error.strerror}; the cases prepared so far are kept{room}") from None
         return None, f"{case.folder}: {type(error).__name__}: {error}"
 
 

@@ -13,6 +13,7 @@ appends), and settings.txt, the settings it ran with (`python train.py --hp sett
 torchrun batch_size is per process, the global batch is batch_size * processes, and a step sees the same patches
 as one process with that global batch.
 """
+import contextlib
 import os
 import time
 
@@ -22,6 +23,7 @@ import torch.distributed as dist
 from bratsunet import (augmentation, checkpoints, console, inference, losses, network, settings_text, training,
                        training_log)
 from bratsunet.devices import resolve_device, run_settings, run_torchrun_process, start_process_group, use_device
+from bratsunet.files import sole_writer
 from bratsunet.loader import EpochSampler, PatchDataset, VolumeDataset, start_loader
 from bratsunet.manifest import check_prepared_settings, fold_cases, fold_dir, read_manifest
 
@@ -33,27 +35,31 @@ SETTINGS = ("prepared_dir", "run_dir", "channel_names", "data_format", "crop_mar
 def train(hp):
     """Train fold hp.fold per hp (continuing its checkpoint_last.pt when hp.resume), then predict its validation
     cases -> the last epoch's metrics row plus best_dice_mean and best_epoch. The main process keeps its console
-    in the fold's log.txt."""
-    with console.KeptConsole(enabled=int(os.environ.get("RANK", 0)) == 0) as kept:
-        return train_fold(hp, kept)
-
-
-def train_fold(hp, kept):
-    ran_with = hp  # settings.txt: the run_dir given, not the fold's
+    in the fold's log.txt and the settings in its settings.txt."""
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    main_process = rank == 0
     device = resolve_device(hp.device, int(os.environ.get("LOCAL_RANK", 0)), world_size)
     use_device(device)
     if world_size > 1 and not dist.is_initialized():  # one group per process: crossval.py's folds share it
         start_process_group(device, training.PROCESS_GROUP_TIMEOUT)
-    dtype, use_scaler, channels_last = run_settings(hp.precision, hp.channels_last, device)
+    precision = run_settings(hp.precision, hp.channels_last, device)  # (autocast dtype, loss scaling, channels_last)
 
     manifest = read_manifest(hp.prepared_dir, hp.data_format)
     check_prepared_settings(manifest, hp)  # channels, crop margin and format come from the prepared data
     network.check_patch_size(hp)
     train_names, val_names = fold_cases(manifest, hp)
     split = {"fold": hp.fold, "train": train_names, "val": val_names}  # kept in the checkpoints: resume checks it
-    hp = hp.replace(run_dir=fold_dir(hp))
+    fold_hp = hp.replace(run_dir=fold_dir(hp))  # settings.txt keeps hp: the run_dir given, not the fold's
+    # one training per run folder: a second one stops here, naming it (only process 0 writes)
+    with sole_writer(fold_hp.run_dir, "run_dir") if rank == 0 else contextlib.nullcontext(), \
+            console.KeptConsole(enabled=rank == 0) as kept:
+        return train_fold(fold_hp, device, precision, rank, world_size, split, kept, hp)
+
+
+def train_fold(hp, device, precision, rank, world_size, split, kept, ran_with):
+    """The training of train(), in the run folder hp.run_dir it holds, on the cases of split; its console kept by
+    kept, the settings ran_with written beside it."""
+    main_process, train_names, val_names = rank == 0, split["train"], split["val"]
+    dtype, use_scaler, channels_last = precision
     patches = PatchDataset(hp.prepared_dir, train_names, hp.patch_size, hp.foreground_fraction,
                                    hp.augment, hp.seed, hp.steps_per_epoch * hp.batch_size * world_size,
                                    augmentation.runs_on_device(hp.augment, hp.augment_on, device))

@@ -1,5 +1,6 @@
 """Case folders and label maps: finding the cases of a download, reading and checking a case's NIfTI files, and
 finding a case's ground truth or prediction, with one-line errors that name the file."""
+import gzip
 from collections import namedtuple
 from pathlib import Path
 
@@ -8,7 +9,7 @@ import numpy as np
 
 from bratsunet import conventions
 from bratsunet.conventions import brats_to_internal
-from bratsunet.files import folders_with_nifti, is_leftover, nifti_stem
+from bratsunet.files import archives_in, folders_with_nifti, is_leftover, nifti_stem, same_or_inside
 from bratsunet.generator import MARK
 
 # data_format: the convention the files follow, and the one predictions of the case are written in
@@ -19,27 +20,29 @@ class CaseError(Exception):
     """A problem with one case's files; the message names the file and the problem."""
 
 
-def _match_case_files(folder, channel_names, seg_channel_name, data_format):
+def _match_case_files(folder, channel_names, seg_channel_name, data_format, need_images=True):
     """(image paths in channel order, seg path or None) of a folder; ValueError naming the problem otherwise
     (conventions.ConventionMismatch for files named as in another convention)."""
     paths = sorted(path for path in folder.iterdir()
                    if path.is_file() and nifti_stem(path) is not None and not is_leftover(path.name))
     stems = [nifti_stem(path) for path in paths]  # a stem twice (.nii and .nii.gz) is refused as several files
-    images, seg = conventions.match_case_files(stems, channel_names, seg_channel_name, data_format)
+    images, seg = conventions.match_case_files(stems, channel_names, seg_channel_name, data_format, need_images)
     return tuple(paths[stems.index(stem)] for stem in images), (paths[stems.index(seg)] if seg else None)
 
 
-def find_cases(raw_dir, channel_names, seg_channel_name, setting="raw_data_dir", data_format="brats2020"):
+def find_cases(raw_dir, channel_names, seg_channel_name, setting="raw_data_dir", data_format="brats2020",
+               need_images=True):
     """(cases sorted by name, problems as (folder, reason)): every folder below raw_dir that holds NIfTI files is
     a case, however deep the download nests it. setting: the hyperparameter that named raw_dir, for the messages.
-    Folders named as in another convention than data_format are one error; a raw_dir that mixes them is refused."""
+    Folders named as in another convention than data_format are one error; a raw_dir that mixes them is refused.
+    need_images False: cases of their segmentation alone (image_paths empty), found by the same rule."""
     raw_dir = Path(raw_dir)
     if not raw_dir.is_dir():
         raise CaseError(f"{raw_dir}: {setting} {'is a file, not a folder' if raw_dir.exists() else 'does not exist'}")
     cases, problems, other_format, seen = [], [], [], {}
     for folder in sorted(folders_with_nifti(raw_dir)):
         try:
-            images, seg = _match_case_files(folder, channel_names, seg_channel_name, data_format)
+            images, seg = _match_case_files(folder, channel_names, seg_channel_name, data_format, need_images)
         except conventions.ConventionMismatch as error:  # gathered into one error below
             other_format.append(f"{folder}: {error}")
             continue
@@ -58,9 +61,12 @@ def find_cases(raw_dir, channel_names, seg_channel_name, setting="raw_data_dir",
     if other_format:
         raise CaseError(f"{other_format[0]} ({len(other_format)} case folder(s) of {setting} alike)")
     if not cases and not problems:
-        example = channel_names[0] if channel_names else seg_channel_name
+        example = channel_names[0] if channel_names and need_images else seg_channel_name
+        archives = archives_in(raw_dir)
+        unpack = f"; it holds {', '.join(archives[:3])}: unpack {'it' if len(archives) == 1 else 'them'} first"
+        unpack = unpack if archives else ""
         raise CaseError(f"{raw_dir}: no case folders with NIfTI files "
-                        f"(*{conventions.file_suffix(example, data_format)}.nii[.gz]) found")
+                        f"(*{conventions.file_suffix(example, data_format)}.nii[.gz]) found{unpack}")
     return cases, problems
 
 
@@ -73,6 +79,18 @@ def no_segmentation(case, seg_channel_name):
     return f"{case.folder}: no segmentation (*{suffix}.nii[.gz]){unknown}"
 
 
+def _read_whole(path):
+    """The nibabel image of path, a compressed file read to its end: nibabel alone stops where the voxels end,
+    before gzip's checksum, and would read a file with a flipped byte as if it were fine. Decompressed once,
+    in memory (nibabel would decompress the same bytes for the voxels)."""
+    image = nib.load(str(path))  # the header: which kind of image
+    if not path.name.lower().endswith(".gz"):
+        return image
+    with gzip.open(path) as file:  # gzip checks the CRC and the length at the end of the stream
+        data = file.read()
+    return type(image).from_bytes(data)
+
+
 def load_nifti(path):
     """(array, nibabel image) of a 3D NIfTI file; CaseError naming the file otherwise."""
     path = Path(path)
@@ -81,7 +99,7 @@ def load_nifti(path):
     if path.stat().st_size == 0:
         raise CaseError(f"{path}: empty file (0 bytes)")
     try:
-        image = nib.load(str(path))
+        image = _read_whole(path)
         array = np.asanyarray(image.dataobj)
     except Exception as error:  # nibabel, gzip and zlib raise many types for broken files
         detail = " ".join(str(error).split())  # some span several lines: the message stays one line
@@ -173,7 +191,8 @@ def find_ground_truth(folders, channel_names, seg_channel_name, reasons=None, da
         found = label_maps(folder, reasons)
         if not found:
             try:  # the truth needs no modality
-                cases, problems = find_cases(folder, (), seg_channel_name, data_format=data_format)
+                cases, problems = find_cases(folder, channel_names, seg_channel_name, data_format=data_format,
+                                             need_images=False)
             except CaseError:  # missing or holding no cases: the other folders may have them
                 continue
             found = {case.name: case.seg_path for case in cases if case.seg_path is not None}
@@ -184,6 +203,16 @@ def find_ground_truth(folders, channel_names, seg_channel_name, reasons=None, da
         for name, path in found.items():
             truth.setdefault(name, path)
     return truth
+
+
+def check_apart(hp):
+    """CaseError naming both settings when prediction_dir overlaps a folder of the ground truth (raw_data_dir,
+    predict_input_dir): predictions written there would later be read as the ground truth, and score perfectly."""
+    for setting in ("raw_data_dir", "predict_input_dir"):
+        truth = getattr(hp, setting)
+        if truth is not None and (same_or_inside(hp.prediction_dir, truth) or same_or_inside(truth, hp.prediction_dir)):
+            raise CaseError(f"prediction_dir {hp.prediction_dir} and {setting} {truth} overlap: predictions and "
+                            "ground truth must be in separate folders")
 
 
 def load_labels(path, data_format="brats2020"):

@@ -1,10 +1,12 @@
 """Checkpoints: saving them, loading them with weights_only=True (a checkpoint from the internet cannot run code),
 rebuilding their network, the settings they were trained with, their ONNX model, and the random states they keep."""
 import glob
+import hashlib
 import json
 import pickle
 import random
 import re
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 
@@ -47,18 +49,35 @@ def save_checkpoint(state, path):
     check_plain(state)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+    def write(tmp):
+        try:
+            torch.save(state, tmp)
+        except RuntimeError as error:  # its zip writer's failed write (a full disk) says no errno
+            raise OSError((str(error).splitlines() or ["torch.save failed"])[0]) from error
+    atomic_write(path, write)
 
 
 def checkpoint_files(patterns):
-    """Paths and glob patterns (runs/x/fold_*/checkpoint_best.pt) -> the checkpoint files, in order, each once."""
+    """Paths and glob patterns (runs/x/fold_*/checkpoint_best.pt) -> the checkpoint files, in order, each once.
+    An existing file is taken as named (runs/exp[1]/checkpoint_best.pt), and a pattern that matches nothing is
+    tried again with its brackets taken literally (runs/exp[1]/fold_*/checkpoint_best.pt)."""
     paths = []
-    for pattern in patterns:
-        found = sorted(Path(p) for p in glob.glob(str(pattern))) if glob.has_magic(str(pattern)) else [Path(pattern)]
+    for pattern in map(str, patterns):
+        found = [Path(pattern)]
+        if glob.has_magic(pattern) and not Path(pattern).is_file():
+            literal = re.sub(r"[\[\]]", lambda bracket: f"[{bracket.group()}]", pattern)
+            found = sorted(Path(p) for p in glob.glob(pattern) or glob.glob(literal))
         if not found:
             raise FileNotFoundError(f"checkpoint {pattern}: no file matches (train a model with train.py first)")
         paths += [path for path in found if path not in paths]
     return paths
+
+
+def _is_pickle(path):
+    """True when the file starts as a pickle of protocol 2 or newer does (pickle.dump, torch.save's old format)."""
+    with open(path, "rb") as file:
+        return file.read(1) == pickle.PROTO
 
 
 def load_checkpoint(path, map_location="cpu"):
@@ -67,12 +86,19 @@ def load_checkpoint(path, map_location="cpu"):
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found (train a model with train.py first)")
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # a pickle of another protocol: refused below if it is not plain
+            warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
+            checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # damaged bytes fail in many ways inside the unpickler
         code = re.search(r"GLOBAL (\S+)", str(err))  # the refused import: a function or class to run
         if isinstance(err, pickle.UnpicklingError) and code:
             raise ValueError(f"{path}: checkpoint contains code objects ({code.group(1)}), not only tensors and "
                              "plain values, and was not loaded; only load checkpoints written by train.py") from None
+        refused = re.search(r"WeightsUnpickler error:\s*(.+)", str(err))  # PyTorch's advice around it is not ours
+        if isinstance(err, pickle.UnpicklingError) and refused and _is_pickle(path):
+            raise ValueError(f"{path}: refused as unsafe: a pickle that the safe loader (weights_only) cannot read "
+                             f"as tensors and plain values ({refused.group(1).strip()}), and was not loaded; only "
+                             "load checkpoints written by train.py") from None
         reason = (str(err).splitlines() or [type(err).__name__])[0]
         raise ValueError(f"{path}: corrupt or truncated checkpoint ({reason})") from None
     if not isinstance(checkpoint, dict):
@@ -156,14 +182,66 @@ def onnx_path(checkpoint):
     return Path(checkpoint) if Path(checkpoint).suffix == ".onnx" else Path(checkpoint).parent / ONNX_NAME
 
 
-def onnx_predictor(path, device):
-    """(export.py's ONNX model at path in ONNX Runtime as predict_case's network, a function windows -> logits
-    on CPU tensors; the settings it was trained with, from its metadata). The package is needed only here."""
+def weights_digest(state_dict):
+    """SHA-256 of a network's weights (names, types, shapes and values, in name order; wrapper prefixes dropped):
+    which network a checkpoint holds, whatever its file is called or wherever it was moved."""
+    digest = hashlib.sha256()
+    for key, value in sorted(strip_wrapper_prefixes(state_dict).items()):
+        tensor = value.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{key} {tensor.dtype} {tuple(value.shape)}\n".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def onnx_source(checkpoint, path):
+    """What export.py records of the checkpoint a model.onnx is made from (metadata source_checkpoint)."""
+    return {"path": str(Path(path).resolve()), "epoch": checkpoint.get("epoch"),
+            "weights_sha256": weights_digest(checkpoint["model"])}
+
+
+def onnx_settings(path, metadata):
+    """The TRAINED_SETTINGS of export.py's metadata (JSON values) -> {key: value}; ValueError for a model
+    without them (not exported by export.py), naming the file."""
+    missing = [key for key in (*TRAINED_SETTINGS, "source_checkpoint") if key not in metadata]
+    if missing:
+        raise ValueError(f"{path}: no metadata of export.py ({', '.join(missing)} missing): not a model exported by "
+                         "this project, whose settings (channels, window, crop) it would have to guess; export the "
+                         "checkpoint with python export.py")
+    try:
+        return {key: json.loads(metadata[key]) for key in TRAINED_SETTINGS}
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: metadata that is not JSON ({error})") from None
+
+
+def check_onnx_source(path, metadata, checkpoint_path):
+    """ValueError naming both files unless the ONNX model at path was exported from the network of checkpoint_path."""
+    try:
+        source = json.loads(metadata["source_checkpoint"])
+    except json.JSONDecodeError:
+        source = None
+    if not isinstance(source, dict) or "weights_sha256" not in source:
+        raise ValueError(f"{path}: does not record the weights of its checkpoint (an older export.py); export "
+                         f"{checkpoint_path} again with python export.py")
+    if not Path(checkpoint_path).is_file():
+        raise FileNotFoundError(f"{checkpoint_path}: checkpoint not found, so {path} cannot be checked against it; "
+                                "name the ONNX model itself (checkpoint: .../model.onnx) to use it alone")
+    checkpoint = load_checkpoint(checkpoint_path)
+    if "model" not in checkpoint or weights_digest(checkpoint["model"]) != source["weights_sha256"]:
+        raise ValueError(f"{path}: exported from {source.get('path')} (epoch {source.get('epoch')}), not from the "
+                         f"checkpoint asked for, {checkpoint_path} (epoch {checkpoint.get('epoch')}): another network; "
+                         f"export it with python export.py checkpoint={checkpoint_path}")
+
+
+def onnx_predictor(checkpoint_path, device):
+    """(export.py's ONNX model of the checkpoint at checkpoint_path, or the .onnx file it names, in ONNX Runtime as
+    predict_case's network, a function windows -> logits on CPU tensors; the settings it was trained with, from its
+    metadata). A model.onnx beside a checkpoint must hold that checkpoint's network. The package is needed only here."""
     try:
         import onnxruntime
     except ImportError:
         raise ValueError("backend: onnxruntime needs the onnxruntime package: "
                          "pip install -r requirements-onnx.txt") from None
+    path = onnx_path(checkpoint_path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no ONNX model (python export.py writes it beside the checkpoint)")
     wanted = ["CUDAExecutionProvider"] * (device.type == "cuda") + ["CPUExecutionProvider"]
@@ -173,10 +251,13 @@ def onnx_predictor(path, device):
     except Exception as error:  # ONNX Runtime's own exception types, e.g. for a damaged file
         raise ValueError(f"{path}: not a readable ONNX model ({(str(error).splitlines() or ['?'])[0]})") from None
     metadata = session.get_modelmeta().custom_metadata_map
+    settings = onnx_settings(path, metadata)
+    if path != Path(checkpoint_path):
+        check_onnx_source(path, metadata, checkpoint_path)
 
     def logits(windows):  # (B, C, wx, wy, wz) -> (B, C_out, wx, wy, wz) float32
         return torch.from_numpy(session.run(None, {"image": np.ascontiguousarray(windows.cpu().numpy())})[0])
-    return logits, {key: json.loads(metadata[key]) for key in TRAINED_SETTINGS if key in metadata}
+    return logits, settings
 
 
 def rng_state():

@@ -143,13 +143,14 @@ def _named_otherwise(data_format):
             if (other.separator, other.suffixes) != (own.separator, own.suffixes)]
 
 
-def match_case_files(stems, channel_names, seg_name, data_format):
+def match_case_files(stems, channel_names, seg_name, data_format, need_images=True):
     """File stems of one case folder -> (stem per channel in channel order, segmentation stem or None).
 
     ValueError when a modality is missing or found twice. When the files follow another convention the
-    message names it and the setting to change; a folder that mixes conventions is said to."""
+    message names it and the setting to change; a folder that mixes conventions is said to. need_images False
+    (the ground truth needs no modality): no image is looked for, the segmentation is found as with them."""
     images, missing = [], []
-    for channel in channel_names:
+    for channel in channel_names if need_images else ():
         found = _with_suffix(stems, file_suffix(channel, data_format))
         if len(found) > 1:
             raise ValueError(f"several files for '{channel}': {sorted(found)}")
@@ -166,13 +167,21 @@ def match_case_files(stems, channel_names, seg_name, data_format):
                              f"missing modality {', '.join(missing)}")
         raise ConventionMismatch(f"files named as in {CONVENTIONS[next(iter(others))].description} (e.g. {example}), "
                                  f"not as data_format {data_format} names them: set data_format: {setting}")
-    rest = [stem for stem in stems if stem not in images]
+    return images, segmentation_stem(stems, channel_names, seg_name, data_format)
+
+
+def segmentation_stem(stems, channel_names, seg_name, data_format):
+    """The segmentation among the file stems of a case folder, or None; the one rule of every script. The file
+    named {case}{separator}{seg_name}, else the one file whose name holds seg_name, as BraTS 2020 case 355's
+    W39_1998.09.19_Segm; never a modality's file (a case whose name holds "seg"). ValueError for several."""
+    modality = tuple(file_suffix(channel, data_format) for channel in channel_names)
+    rest = [stem for stem in stems if not stem.lower().endswith(modality)]
     segs = _with_suffix(rest, CONVENTIONS[data_format].separator + seg_name.lower())
-    if not segs:  # a misnamed segmentation (BraTS 2020 case 355): the one seg-like file left
+    if not segs:  # a misnamed segmentation: the one seg-like file left
         segs = [stem for stem in rest if seg_name.lower() in stem.lower()]
     if len(segs) > 1:
         raise ValueError(f"several segmentation files: {sorted(segs)}")
-    return images, (segs[0] if segs else None)
+    return segs[0] if segs else None
 
 
 # ---------------------------------------------------------------- the grid

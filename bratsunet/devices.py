@@ -12,16 +12,30 @@ import torch
 import torch.distributed as dist
 
 
+class DeviceError(ValueError, RuntimeError):
+    """A device setting this machine cannot serve: a bad setting (ValueError, one line from every script) met at
+    run time (RuntimeError, as PyTorch would raise)."""
+
+
+def visible_devices(cuda_available, mps_available):
+    """'cpu, cuda:0, cuda:1': the devices this PyTorch sees, for messages about a device it does not."""
+    gpus = [f"cuda:{index}" for index in range(torch.cuda.device_count())] if cuda_available else []
+    return ", ".join(["cpu", *gpus, *["mps"] * bool(mps_available)])
+
+
 def resolve_device(name, local_rank=0, world_size=1, cuda_available=None, mps_available=None):
     """hp.device -> torch.device. Under torchrun process k takes GPU LOCAL_RANK (choose GPUs with
-    CUDA_VISIBLE_DEVICES). Without CUDA, auto falls back to Apple's GPU (MPS), then the CPU."""
+    CUDA_VISIBLE_DEVICES). Without CUDA, auto falls back to Apple's GPU (MPS), then the CPU. A device this
+    PyTorch does not see: DeviceError naming the setting and the devices it sees."""
     cuda_available = torch.cuda.is_available() if cuda_available is None else cuda_available
     mps_available = torch.backends.mps.is_available() if mps_available is None else mps_available
+    sees = f"it sees: {visible_devices(cuda_available, mps_available)}"
     if name == "auto":
         name = "cuda" if cuda_available else "mps" if mps_available else "cpu"
     if name.startswith("cuda"):
         if not cuda_available:
-            raise RuntimeError(f"device: {name}, but this PyTorch sees no CUDA GPU (use device: auto or cpu)")
+            raise DeviceError(f"device: {name}, but this PyTorch sees no CUDA GPU ({sees}; a CPU-only build of "
+                              "PyTorch, or no driver): use device: auto or cpu")
         if ":" in name and world_size > 1:
             raise ValueError(f"device: {name} names one GPU, but torchrun started {world_size} processes: "
                              "use device: cuda or auto (process k takes GPU LOCAL_RANK)")
@@ -29,11 +43,11 @@ def resolve_device(name, local_rank=0, world_size=1, cuda_available=None, mps_av
         count = torch.cuda.device_count()
         if device.index >= count:
             which = f"device: {name}" if ":" in name else f"torchrun process LOCAL_RANK {local_rank}"
-            raise ValueError(f"{which} needs GPU {device.index}, but this machine shows {count} GPU(s) "
-                             "(CUDA_VISIBLE_DEVICES, --nproc_per_node)")
+            raise DeviceError(f"{which} needs GPU {device.index}, but this machine shows {count} GPU(s) "
+                              f"(CUDA_VISIBLE_DEVICES, --nproc_per_node; {sees})")
         return device
     if name == "mps" and not mps_available:
-        raise RuntimeError("device: mps, but this PyTorch sees no Apple GPU (use device: auto or cpu)")
+        raise DeviceError(f"device: mps, but this PyTorch sees no Apple GPU ({sees}): use device: auto or cpu")
     return torch.device(name)
 
 

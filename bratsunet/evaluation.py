@@ -17,7 +17,7 @@ from tqdm import tqdm
 from bratsunet.cases import CaseError, find_ground_truth, label_maps, load_labels
 from bratsunet.console import progress_bar
 from bratsunet.conventions import CONVENTIONS, REGION_NAMES, internal_to_brats
-from bratsunet.files import atomic_write
+from bratsunet.files import archives_in, atomic_write
 from bratsunet.metrics import HD95_EMPTY, METRICS, SUMMARY_METRICS, region_metrics
 from bratsunet.pictures import DPI, REGION_COLORS
 
@@ -64,15 +64,21 @@ def failure_row(name, truth_path, data_format="brats2020"):
 def evaluate_folders(pred_dir, truth_dirs, channel_names, seg_channel_name, data_format="brats2020", *, expected=()):
     """Label maps of pred_dir against the ground truth in truth_dirs (a folder or a list of them)
     -> (rows: one dict of columns(regions) per evaluated case, not_evaluated: {case: reason}).
-    expected: the cases that should have a prediction; one with ground truth but none gets a failure_row."""
+    expected: the cases that should have a prediction; one with ground truth but none gets a failure_row, and the
+    predictions of other cases (training or validation cases beside the test cases) are left out (ignored_predictions).
+    """
     rows, not_evaluated = [], {}
     predictions = label_maps(pred_dir, not_evaluated)
     if not predictions and not not_evaluated:
         raise CaseError(f"{pred_dir}: no predictions ({{case}}.nii.gz files): run predict.py first")
+    if expected:
+        predictions = {name: path for name, path in predictions.items() if name in expected}
+        not_evaluated = {name: reason for name, reason in not_evaluated.items() if name in expected}
     truth_dirs = [truth_dirs] if isinstance(truth_dirs, (str, Path)) else list(truth_dirs)
     unusable, regions = {}, CONVENTIONS[data_format].regions
     truth = find_ground_truth(truth_dirs, channel_names, seg_channel_name, unusable, data_format)
     searched = " or ".join(f"{folder}" + ("" if Path(folder).is_dir() else " (does not exist)")
+                           + "".join(f" (it holds {name}: unpack it first)" for name in archives_in(folder)[:1])
                            for folder in truth_dirs)
     for name, path in progress_bar(predictions.items(), description="evaluate", unit="case"):
         if name not in truth:
@@ -86,12 +92,21 @@ def evaluate_folders(pred_dir, truth_dirs, channel_names, seg_channel_name, data
             continue
         rows.append({"case": name, **{f"{metric}_{region}": metrics[region][metric]
                                       for metric in METRICS for region in regions}})
-    for name in sorted(set(expected) & set(truth) - set(predictions) - set(not_evaluated)):
+    for name in sorted(set(expected) - set(predictions) - set(not_evaluated)):
+        if name not in truth:  # said, never dropped without a word
+            not_evaluated[name] = unusable.get(name, f"no ground truth under {searched}") + " (nor a prediction)"
+            continue
         try:
             rows.append(failure_row(name, truth[name], data_format))
         except CaseError as error:
             not_evaluated[name] = str(error)
     return sorted(rows, key=lambda row: row["case"]), not_evaluated
+
+
+def ignored_predictions(pred_dir, expected):
+    """The cases of pred_dir's label maps that are not expected (none when the expected cases are unknown)."""
+    problems = {}
+    return sorted({*label_maps(pred_dir, problems), *problems} - set(expected)) if expected else []
 
 
 def missing_predictions(rows, pred_dir):
@@ -150,14 +165,26 @@ def official_metrics(hp, rows, truth_dirs, missing):
     return lesion_wise_metrics(pairs, missing, hp.lesion_wise_task, hp.data_format)
 
 
+def percentiles(values, quantiles):
+    """np.percentile's linear interpolation of sorted values, where infinite values stay infinite: numpy's
+    inf - inf makes the median of [1, inf, inf] NaN (with a RuntimeWarning), here it is inf."""
+    position = np.asarray(quantiles, dtype=np.float64) / 100 * (len(values) - 1)
+    below, above = values[np.floor(position).astype(int)], values[np.ceil(position).astype(int)]
+    with np.errstate(invalid="ignore"):  # inf - inf, in the entries where below is taken
+        between = below + (above - below) * (position - np.floor(position))
+    return np.where((below == above) | (position == np.floor(position)), below, between)
+
+
 def statistics_of(values):
-    """mean, std (ddof 1), median, 25% and 75% of the finite or infinite values; NaN ones are left out."""
-    values = np.array(values, dtype=np.float64)
+    """mean, std (ddof 1), median, 25% and 75% of the finite or infinite values; NaN ones are left out. With an
+    infinite value the mean and std are infinite, the quartiles where they fall."""
+    values = np.sort(np.array(values, dtype=np.float64))
     values = values[~np.isnan(values)]
     if not len(values):
         return dict.fromkeys(STATISTICS, np.nan)
-    q25, median, q75 = np.percentile(values, [25, 50, 75])
-    std = values.std(ddof=1) if len(values) > 1 else 0.0
+    q25, median, q75 = percentiles(values, [25, 50, 75])
+    infinite = not np.isfinite(values).all()
+    std = 0.0 if len(values) == 1 else np.inf if infinite else values.std(ddof=1)
     return dict(zip(STATISTICS, (values.mean(), std, median, q25, q75)))
 
 

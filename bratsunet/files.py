@@ -6,6 +6,7 @@ import contextlib
 import errno
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -15,6 +16,15 @@ LEFTOVERS = {"__MACOSX", "Thumbs.db", "desktop.ini", "$RECYCLE.BIN", "System Vol
 TEMPORARY = re.compile(r"\.tmp\d+-.+")  # the names atomic_write gives its temporary files, and only those
 LOCK = ".lock"  # held by the run that writes into a folder (sole_writer)
 NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # a full disk or quota, a read-only disk: every later write fails
+ARCHIVES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".7z", ".rar")  # a download not yet unpacked
+
+
+class WriteError(OSError):
+    """A file could not be written (a full disk, a quota, a read-only disk): the later writes of a run would fail
+    alike, so a run stops at the first one rather than report its cases as bad."""
+
+    def __str__(self):  # the message alone, without "[Errno 28]"
+        return str(self.strerror)
 
 
 def is_leftover(name):
@@ -42,17 +52,38 @@ def folders_with_nifti(raw_dir):
         seen.add(identity)
 
 
+def archives_in(folder):
+    """The names of the archives directly in folder (a download to unpack first), sorted."""
+    folder = Path(folder)
+    return sorted(path.name for path in folder.iterdir() if path.is_file() and path.name.lower().endswith(ARCHIVES)
+                  and not is_leftover(path.name)) if folder.is_dir() else []
+
+
+def _disk_full(folder):
+    """True when folder's disk has (almost) no room left: the cause of a failed write that gave no errno (numpy's
+    short write, torch.save's zip writer). Asked while the partial file still takes its room."""
+    try:
+        return shutil.disk_usage(folder).free < 2 ** 20
+    except OSError:
+        return False
+
+
 def atomic_write(path, write):
-    """write(temporary_path) beside path, then rename into place: never a half-written file."""
+    """write(temporary_path) beside path, then rename into place: never a half-written file. Any OSError becomes
+    a WriteError naming path."""
     path = Path(path)
     tmp = path.with_name(f".tmp{os.getpid()}-{path.name}")  # keeps the suffix (.npy, .nii.gz)
     try:
         write(tmp)
         os.replace(tmp, path)
     except BaseException as error:
+        number = error.errno if isinstance(error, OSError) else None
+        if isinstance(error, OSError) and number is None and _disk_full(path.parent):
+            number = errno.ENOSPC
         tmp.unlink(missing_ok=True)
         if isinstance(error, OSError):
-            raise OSError(error.errno, f"cannot write {path}: {error.strerror or error}") from error
+            reason = os.strerror(number) if number else (str(error).splitlines() or [type(error).__name__])[0]
+            raise WriteError(number, f"cannot write {path}: {reason}") from error
         raise
 
 
@@ -76,9 +107,23 @@ def sole_writer(folder, setting):
     """Hold folder's lock file while this run writes into it (after output_folder's checks): a second run on
     the same folder stops with a message rather than remove the first one's temporary files. Once the lock
     is held, the temporary files of a killed run are removed. The operating system drops the lock when the
-    process ends, even on a SIGKILL, so no stale lock is ever left."""
+    process ends, even on a SIGKILL, so no stale lock is ever left; the lock file goes when the run ends."""
     folder = output_folder(folder, setting)
-    with open(folder / LOCK, "a") as lock:
+    with _locked(folder / LOCK, f"{folder}: another run is writing into this {setting}; run again once it has "
+                                "finished"):
+        for path in folder.iterdir():
+            if TEMPORARY.fullmatch(path.name) and path.is_file():
+                path.unlink()
+        yield folder
+
+
+@contextlib.contextmanager
+def _locked(path, busy):
+    """Hold the lock file at path (OSError(busy) when another process holds it); the file is removed when done,
+    so no run folder keeps it. Removed while still locked: a run that opened it meanwhile sees it is gone
+    (another inode than the path's) and takes a new one."""
+    while True:
+        lock = open(path, "a")
         try:
             if os.name == "nt":
                 import msvcrt
@@ -87,12 +132,21 @@ def sole_writer(folder, setting):
                 import fcntl
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except (BlockingIOError, PermissionError):
-            raise OSError(f"{folder}: another run is writing into this {setting}; run again once it has "
-                          "finished") from None
-        for path in folder.iterdir():
-            if TEMPORARY.fullmatch(path.name) and path.is_file():
+            lock.close()
+            raise OSError(busy) from None
+        try:
+            if os.name == "nt" or os.path.samestat(os.fstat(lock.fileno()), os.stat(path)):
+                break
+        except FileNotFoundError:  # removed by the run that held it: take the new one
+            pass
+        lock.close()
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):  # Windows cannot remove a file that is open: it stays, unlocked
+            if os.name != "nt":
                 path.unlink()
-        yield folder
+        lock.close()
 
 
 def same_or_inside(inner, outer):

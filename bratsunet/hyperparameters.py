@@ -170,7 +170,7 @@ SCHEMA = {
     "deep_supervision": (_bool, None, ""),
     "target": (_choice(*losses.TARGETS), None, ""),
     "loss": (_choice(*losses.LOSSES), None, ""),
-    "patch_size": (_list_of(_int, 3), _positive, "each > 0"),
+    "patch_size": (_list_of(_int, 3), lambda s: all(0 < side <= 512 for side in s), "each between 1 and 512"),
     "batch_size": (_int, _positive, "> 0"),
     "optimizer": (_choice("adamw", "sgd"), None, ""),
     "learning_rate": (_float, _positive, "> 0"),
@@ -229,6 +229,9 @@ def _convert(key, value, base_dir, where):
         typed = (base_dir / typed).resolve()
     if isinstance(typed, tuple) and all(isinstance(path, Path) for path in typed):  # a comma list of paths
         typed = tuple(path if path.is_absolute() else (base_dir / path).resolve() for path in typed)
+        whole = _PATH(value) if isinstance(value, str) else None
+        if whole is not None and (base_dir / whole).exists():  # a file whose name holds a comma: taken as named
+            typed = (base_dir / whole).resolve()
     return typed
 
 

@@ -17,9 +17,9 @@ from bratsunet.checkpoints import checkpoint_files, load_model, onnx_path, onnx_
 from bratsunet.console import progress_bar
 from bratsunet.conventions import internal_to_brats, output_names
 from bratsunet.devices import resolve_device, run_settings, use_device
-from bratsunet.files import NO_ROOM, atomic_write, output_folder
+from bratsunet.files import WriteError, atomic_write, output_folder
 from bratsunet.losses import logits_to_probabilities, probabilities_to_labels
-from bratsunet.manifest import fold_dir, read_manifest
+from bratsunet.manifest import fold_dir, open_array, read_manifest
 from bratsunet.preprocessing import preprocess
 
 
@@ -200,9 +200,22 @@ def predict_file(members, case, hp):
                             case.data_format)  # in the input's convention
 
 
+def check_fold_count(hp):
+    """ValueError when run_dir holds the runs of other folds than num_folds names: an ensemble of some of the
+    folds (or of one, with num_folds 1) is not the k-fold model, and crossval.py refuses the same."""
+    folds = sorted(int(path.name[5:]) for path in Path(hp.run_dir).glob("fold_*")
+                   if re.fullmatch(r"fold_\d+", path.name) and path.is_dir())
+    if folds and folds != list(range(hp.num_folds)):
+        lacking = sorted(set(range(hp.num_folds)) - set(folds))
+        todo = f"train fold {', '.join(map(str, lacking))} first" if lacking else f"set num_folds: {max(folds) + 1}"
+        raise ValueError(f"{hp.run_dir}: holds the runs of folds {', '.join(map(str, folds))}, but num_folds is "
+                         f"{hp.num_folds}: {todo}, or name the checkpoints (checkpoint: ...)")
+
+
 def checkpoint_paths(hp):
     """The files of hp.checkpoint (paths and globs, each file once), or run_dir's best checkpoint of every fold."""
     if hp.checkpoint is None:
+        check_fold_count(hp)
         return [fold_dir(hp, fold) / "checkpoint_best.pt" for fold in range(hp.num_folds)]
     return checkpoint_files(hp.checkpoint if isinstance(hp.checkpoint, tuple) else [hp.checkpoint])
 
@@ -217,8 +230,8 @@ def load_for_inference(hp, device, path=None):
             raise ValueError(f"checkpoint names {len(paths)} files; one is needed here")
         path = paths[0]
     if hp.backend == "onnxruntime":
-        path = onnx_path(path)
         model, settings = onnx_predictor(path, device)
+        path = onnx_path(path)
         hp = hp.replace(precision="fp32", channels_last=False)  # the exported model is float32
     else:
         model, checkpoint = load_model(path, device, hp)
@@ -228,9 +241,10 @@ def load_for_inference(hp, device, path=None):
         settings = trained_settings(checkpoint)
     current = hp.to_dict()
     changed = [f"{key}={value}" for key, value in settings.items() if current[key] != value]
+    trained = hp.updated(settings, f"{path}: the settings it was trained with")  # checked as settings are
     if changed:
         print(f"{path.name} was trained with {', '.join(changed)}: predicting with those")
-    return model, hp.replace(**settings)
+    return model, trained
 
 
 def postprocessing_file(paths):
@@ -282,7 +296,7 @@ def predict_cases(hp, cases, model=None):
         try:
             written.append(predict_file(members, case, hp))
         except (CaseError, OSError) as error:
-            if isinstance(error, OSError) and error.errno in NO_ROOM:
+            if isinstance(error, WriteError):
                 raise  # a full disk: every later case would fail the same way, after all its work
             failed[case.name] = str(error)
             tqdm.write(f"skipped {case.name}: {error}")
@@ -308,7 +322,7 @@ def predict_validation(hp, names, overwrite=False):
         output_folder(hp.prediction_dir, "run_dir")
     for name in progress_bar(todo, description="predict validation", unit="case"):
         case = cases[name]
-        image = np.load(hp.prepared_dir / case["image"]).astype(np.float32)  # (C, x, y, z)
+        image = open_array(hp.prepared_dir / case["image"]).astype(np.float32)  # (C, x, y, z)
         reference = nib.Nifti1Image(np.zeros((1, 1, 1), np.uint8), np.array(case["affine"]))  # the raw grid
         write_prediction(ensemble_probabilities(members, image), case["crop_box"], case["original_shape"], reference,
                          hp, name, hp.data_format)

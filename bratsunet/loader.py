@@ -18,7 +18,7 @@ import torch
 
 from bratsunet import augmentation
 from bratsunet.augmentation import MODES as AUGMENT_MODES
-from bratsunet.manifest import labelled_entries
+from bratsunet.manifest import labelled_entries, open_array
 
 # Tumor voxels remembered per case for centring patches: an evenly spaced subset of all of them,
 # so a worker holds at most 80 kB per case instead of a list of up to ~10^5 voxels.
@@ -28,8 +28,7 @@ MAX_FOREGROUND_VOXELS = 10_000
 def open_case(prepared_dir, entry):
     """Memory-mapped (image float16 (C, x, y, z), seg uint8 (x, y, z)) of one case, shapes checked."""
     image_path, seg_path = Path(prepared_dir) / entry["image"], Path(prepared_dir) / entry["seg"]
-    image = np.load(image_path, mmap_mode="r")
-    seg = np.load(seg_path, mmap_mode="r")
+    image, seg = open_array(image_path), open_array(seg_path)
     if image.ndim != 4 or image.shape[1:] != seg.shape:
         raise ValueError(f"{seg_path}: shape {seg.shape} does not match image {image_path.name} {image.shape}")
     return image, seg

@@ -69,6 +69,21 @@ def check_prepared_settings(manifest, hp):
                          f"({'; '.join(differ)}): set them back, or run prepare_dataset.py again")
 
 
+def open_array(path):
+    """A prepared .npy memory-mapped (only the header is read now); ValueError naming the file when it is not an
+    array of numbers as prepare_dataset.py writes them (Python objects, a damaged header)."""
+    try:
+        array = np.load(path, mmap_mode="r")
+    except (ValueError, OSError, EOFError) as error:
+        reason = (str(error).splitlines() or [type(error).__name__])[0]
+        raise ValueError(f"{path}: not a prepared array ({reason}); delete it and run prepare_dataset.py "
+                         "again") from None
+    if array.dtype.kind not in "biuf":
+        raise ValueError(f"{path}: not a prepared array (dtype {array.dtype}); delete it and run prepare_dataset.py "
+                         "again")
+    return array
+
+
 def labelled_entries(prepared_dir, case_names):
     """Manifest entries of case_names, each checked to exist and to have a segmentation."""
     manifest_path = Path(prepared_dir) / "dataset.json"
@@ -83,6 +98,7 @@ def labelled_entries(prepared_dir, case_names):
             if not (Path(prepared_dir) / cases[name][key]).is_file():
                 raise FileNotFoundError(f"{Path(prepared_dir) / cases[name][key]}: listed in {manifest_path} but "
                                         "missing; run prepare_dataset.py again")
+            open_array(Path(prepared_dir) / cases[name][key])  # its header: a readable array of numbers
         entries.append(cases[name])
     if not entries:
         raise ValueError(f"{manifest_path}: no cases to load")

@@ -118,6 +118,19 @@ def validate(net, volumes, hp, device, rank=0, world_size=1):
     return {**row, "dice_mean": float(dice.mean()), "accuracy": float(np.mean([a for _, _, a in results]))}, first
 
 
+def continue_schedule(optimizer, scheduler, done, hp):
+    """A resumed run's learning rates: lr_factor of the current settings from the first step after epoch `done`,
+    times the current learning_rate. A raised epochs stretches the rest of the schedule over the new total (the
+    scheduler would otherwise keep its old base rate and the optimizer the old schedule's last rate, near 0); a
+    changed learning_rate applies from now on. With unchanged settings: the rates the run would have had."""
+    step = done * hp.steps_per_epoch
+    scheduler.last_epoch = step
+    scheduler.base_lrs = [hp.learning_rate] * len(optimizer.param_groups)
+    for group in optimizer.param_groups:
+        group["initial_lr"] = hp.learning_rate
+        group["lr"] = hp.learning_rate * lr_factor(step, hp)  # as LambdaLR computes it
+
+
 def resume_state(hp, net, optimizer, scheduler, scaler, main_process, split):
     """Restore run_dir/checkpoint_last.pt in place -> (completed epochs, best score, metrics rows)."""
     path = hp.run_dir / "checkpoint_last.pt"
@@ -142,6 +155,7 @@ def resume_state(hp, net, optimizer, scheduler, scaler, main_process, split):
     net.load_state_dict(weights)
     optimizer.load_state_dict(checkpoint["optimizer"])
     scheduler.load_state_dict(checkpoint["scheduler"])
+    continue_schedule(optimizer, scheduler, checkpoint["epoch"], hp)
     if checkpoint["scaler"] and scaler.is_enabled():  # empty when saved without fp16 (e.g. on a CPU)
         scaler.load_state_dict(checkpoint["scaler"])
     checkpoints.set_rng_state(checkpoint["rng"])
@@ -149,7 +163,12 @@ def resume_state(hp, net, optimizer, scheduler, scaler, main_process, split):
         before = checkpoint["hyperparameters"]
         changed = [f"{k} {before.get(k)} -> {v}" for k, v in hp.to_dict().items()
                    if k != "resume" and before.get(k) != v]
-        print(f"resuming {path} after epoch {checkpoint['epoch']}" + f"; changed: {', '.join(changed)}" * bool(changed))
+        schedule = [key for key in ("epochs", "learning_rate", "lr_schedule", "warmup_epochs", "steps_per_epoch")
+                    if before.get(key) != getattr(hp, key)]
+        rate = f"; the learning rate continues at {optimizer.param_groups[0]['lr']:.3g}: {hp.lr_schedule} over " \
+               f"{hp.epochs} epochs from learning_rate {hp.learning_rate:g}" if schedule else ""
+        print(f"resuming {path} after epoch {checkpoint['epoch']}" + f"; changed: {', '.join(changed)}" * bool(changed)
+              + rate)
     return checkpoint["epoch"], checkpoint["best_score"], checkpoint["metrics"]
 
 
@@ -162,7 +181,7 @@ def start_run_dir(run_dir, hp):
         if not hp.overwrite:
             raise ValueError(f"{run_dir} holds a trained run ({trained[0]}): resume=True continues it, "
                              "overwrite=True starts it over, or set another run_dir")
-        for name in RUN_FILES:
+        for name in (*RUN_FILES, checkpoints.ONNX_NAME):  # an old export stands for the old run's network
             (run_dir / name).unlink(missing_ok=True)
 
 

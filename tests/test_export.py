@@ -1,6 +1,7 @@
 """export.py and predict.py's backend: onnxruntime: ONNX Runtime against PyTorch on random windows of several
 sizes and on the whole real case, another architecture's shapes, the metadata, and the one-line errors."""
 import json
+import shutil
 import sys
 
 import nibabel as nib
@@ -11,7 +12,7 @@ from scipy import ndimage
 
 import export
 import predict
-from bratsunet import checkpoints, hyperparameters, inference, network
+from bratsunet import checkpoints, hyperparameters, inference, network, training
 
 onnx = pytest.importorskip("onnx", reason="onnx is not installed (pip install -r requirements-onnx.txt)")
 onnxruntime = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (requirements-onnx.txt)")
@@ -152,3 +153,78 @@ def test_onnx_backend_names_what_is_missing(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"^backend: onnxruntime needs the onnxruntime package: pip install -r "
                                          r"requirements-onnx\.txt$"):
         inference.load_for_inference(hp, torch.device("cpu"))
+
+
+# ---------------------------------------------------------------- a model.onnx stands for exactly its checkpoint
+
+def copy_of_small(exported, tmp_path):
+    """(settings with backend onnxruntime, a copy of the small model's folder: checkpoint_best.pt, model.onnx)."""
+    hp, _, path = exported["small"]
+    folder = tmp_path / "run"
+    shutil.copytree(path.parent, folder)
+    return hp.replace(run_dir=folder, backend="onnxruntime"), folder
+
+
+def test_an_onnx_model_exported_from_another_checkpoint_is_refused_naming_both(exported, tmp_path, monkeypatch,
+                                                                               tiny_raw):
+    hp, folder = copy_of_small(exported, tmp_path)
+    source = exported["small"][2].parent / "checkpoint_best.pt"
+    session = onnxruntime.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert json.loads(session.get_modelmeta().custom_metadata_map["source_checkpoint"]) == {
+        "path": str(source), "epoch": 7,
+        "weights_sha256": checkpoints.weights_digest(torch.load(source, weights_only=True)["model"])}
+    inference.load_for_inference(hp, torch.device("cpu"))  # a moved folder: the same network, still its model
+    # export.py checkpoint=run/checkpoint_last.pt, and a later epoch became checkpoint_best.pt
+    shutil.copy(folder / "checkpoint_best.pt", folder / "checkpoint_last.pt")
+    write_checkpoint(folder, SMALL, seed=1)
+    best = folder / "checkpoint_best.pt"
+    monkeypatch.setattr(sys, "argv", ["predict.py", f"run_dir={folder}", "backend=onnxruntime",
+                                      f"predict_input_dir={tiny_raw}", f"prediction_dir={tmp_path / 'p'}"])
+    with pytest.raises(SystemExit) as stop:
+        predict.main()
+    assert str(stop.value.code) == (f"error: {folder / 'model.onnx'}: exported from {source} (epoch 7), not from the "
+                                    f"checkpoint asked for, {best} (epoch 7): another network; export it with python "
+                                    f"export.py checkpoint={best}")
+    assert not (tmp_path / "p").exists()
+    inference.load_for_inference(hp.replace(checkpoint=folder / "checkpoint_last.pt"), torch.device("cpu"))
+    inference.load_for_inference(hp.replace(checkpoint=folder / "model.onnx"), torch.device("cpu"))  # named itself
+
+
+def test_the_weights_digest_tells_networks_apart_whatever_their_wrapper(exported):
+    weights = exported["small"][1].state_dict()
+    digest = checkpoints.weights_digest(weights)
+    assert checkpoints.weights_digest({f"module.{k}": v for k, v in weights.items()}) == digest  # DDP's names
+    changed = {k: v.clone() for k, v in weights.items()}
+    next(iter(changed.values())).view(-1)[0] += 1e-6
+    assert checkpoints.weights_digest(changed) != digest
+
+
+def test_train_overwrite_removes_the_old_runs_onnx_model(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    for name in ("checkpoint_last.pt", "checkpoint_best.pt", "metrics.csv", "model.onnx"):
+        (run_dir / name).write_bytes(b"the old run's")
+    training.start_run_dir(run_dir, hyperparameters.load(overrides={"overwrite": True}))
+    assert list(run_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("change, expected", [
+    ("no metadata", ": no metadata of export.py (channel_names, patch_size, crop_margin, target, source_checkpoint "
+                    "missing): not a model exported by this project"),
+    ("a window of 100000^3", ": the settings it was trained with: 'patch_size' must be each between 1 and 512, got "
+                             "[100000, 100000, 100000]"),
+    ("an older export", ": does not record the weights of its checkpoint (an older export.py); export "),
+])
+def test_an_onnx_model_without_the_projects_metadata_or_with_bad_values_is_refused(exported, tmp_path, change,
+                                                                                   expected):
+    hp, folder = copy_of_small(exported, tmp_path)
+    proto = onnx.load(str(folder / "model.onnx"))
+    props = {prop.key: prop.value for prop in proto.metadata_props}
+    props = {} if change == "no metadata" else {**props, **({"patch_size": json.dumps([100000] * 3)} if "window" in
+                                                            change else {"source_checkpoint": '"checkpoint_best.pt"'})}
+    del proto.metadata_props[:]
+    onnx.helper.set_model_props(proto, props)
+    onnx.save(proto, str(folder / "model.onnx"))
+    with pytest.raises(ValueError) as error:
+        inference.load_for_inference(hp, torch.device("cpu"))
+    assert str(error.value).startswith(f"{folder / 'model.onnx'}{expected}")

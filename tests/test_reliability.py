@@ -94,6 +94,16 @@ def truncated(compressed):
     return cut
 
 
+def flipped_byte(path):  # one bit flipped mid-file, as a bad disk or a copy gone wrong leaves it
+    path = with_compression(path, False)
+    target = path.with_name(path.name + ".gz")
+    data = bytearray(gzip.compress(path.read_bytes(), compresslevel=0))  # stored: the stream itself stays valid
+    data[len(data) // 2] ^= 0x01
+    target.write_bytes(bytes(data))
+    path.unlink()
+    return target
+
+
 def not_nifti(path):  # a web server's error page saved under the file's name
     path.write_bytes(b"<!DOCTYPE html><html><body><h1>404 Not Found</h1></body></html>\n" * 20)
     return path
@@ -171,6 +181,10 @@ BREAKS = [
     Break("cut_gz_truth", "truncated .nii.gz segmentation", "seg", truncated(True), UNREADABLE, None, UNREADABLE,
           prediction_too=True),
     Break("cut_nii_t1", "truncated .nii image", "t1", truncated(False), UNREADABLE, UNREADABLE, None),
+    Break("crc_t1ce", "one byte flipped in a .nii.gz image", "t1ce", flipped_byte, "CRC check failed",
+          "CRC check failed", None),
+    Break("crc_truth", "one byte flipped in a .nii.gz segmentation", "seg", flipped_byte, "CRC check failed", None,
+          "CRC check failed", prediction_too=True),
     Break("html_flair", "not NIfTI, named .nii (an HTML error page)", "flair", not_nifti, UNREADABLE, UNREADABLE,
           None),
     Break("html_truth", "not NIfTI, named .nii (segmentation)", "seg", not_nifti, UNREADABLE, None, UNREADABLE,
@@ -296,7 +310,7 @@ def runs(tmp_path_factory, tiny_raw):
     (root / "perfect").mkdir()
     for case in [GOOD] + [row.case for row in BREAKS]:
         copy_label_map(tiny_raw / SOURCE / f"{SOURCE}_seg.nii", root / "perfect" / f"{case}.nii.gz")
-    hp_truth = hp.replace(prediction_dir=root / "perfect", run_dir=root / "evaluate", predict_input_dir=None)
+    hp_truth = hp.replace(prediction_dir=root / "perfect", run_dir=root / "evaluate")  # every case expected
     reasons = {}
     results["evaluate"] = (hp_truth.run_dir, evaluate_recording(hp_truth, reasons), reasons, named)
 

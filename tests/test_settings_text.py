@@ -16,8 +16,9 @@ SCRIPTS = ("prepare_dataset", "train", "predict", "evaluate", "rendering", "expo
 
 @pytest.fixture
 def reads(monkeypatch):
-    """The keys read from the settings: every hp.key looked up, except keys the code itself set (hp.replace, e.g.
-    the settings a checkpoint brings, or train.py's run_dir/fold_K). Cleared by the test between scripts."""
+    """The keys read from the settings: every hp.key looked up, except keys the code itself set (hp.replace or
+    hp.updated, e.g. the settings a checkpoint brings, or train.py's run_dir/fold_K). Cleared by the test between
+    scripts."""
     seen, updated, lookup = set(), Hyperparameters.updated, Hyperparameters.__getattr__
 
     def recording(self, key):
@@ -27,7 +28,7 @@ def reads(monkeypatch):
 
     def tracking(self, changes, where, base_dir=None):
         copy = updated(self, changes, where, base_dir)
-        in_code = set(changes) if where == "replace()" else set()
+        in_code = set() if where == "command line" else set(changes)  # replace(), a checkpoint's settings
         object.__setattr__(copy, "_set_in_code", self.__dict__.get("_set_in_code", set()) | in_code)
         return copy
 
