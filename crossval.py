@@ -29,12 +29,17 @@ import time
 
 import numpy as np
 
-from bratsunet import cases, conventions, devices, evaluation, hyperparameters, inference
+from bratsunet import cases, conventions, devices, evaluation, inference, settings_text
 from bratsunet.cases import CaseError
 from bratsunet.files import atomic_write
 from bratsunet.manifest import fold_cases, fold_dir, read_manifest, split_cases
+from bratsunet.pictures import DPI
 
 import train
+
+
+# What crossval() reads: keys, and groups of hyperparameters.txt for all their keys (--help lists them).
+SETTINGS = train.SETTINGS + ("raw_data_dir", "seg_channel_name", "et_search_max")
 
 
 def train_folds(hp):
@@ -111,7 +116,7 @@ def plot_threshold(means, best, path):
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
     figure.tight_layout()
-    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=DPI))
 
 
 def summary_table(rows, rows_with, et_min_voxels):
@@ -164,7 +169,7 @@ def crossval(hp):
 
 
 def main():
-    hp = hyperparameters.from_command_line()
+    hp = settings_text.from_command_line(__doc__, SETTINGS)
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         devices.run_torchrun_process(crossval, hp)  # ends the process
     try:

@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 
-from bratsunet import generator, hyperparameters
+from bratsunet import generator, settings_text
 from bratsunet.cases import CaseError
 from bratsunet.conventions import REGION_NAMES
 
@@ -18,6 +18,10 @@ import predict
 import prepare_dataset
 import rendering
 import train
+
+
+# What run_demo() reads: keys, and groups of hyperparameters.txt for all their keys (--help lists them).
+SETTINGS = ("data", "generated data", "model", "loss", "training", "inference", "evaluation", "rendering")
 
 
 def run_demo(hp):
@@ -56,7 +60,7 @@ def print_report(seconds, rows):
 
 
 def main():
-    hp = hyperparameters.from_command_line()
+    hp = settings_text.from_command_line(__doc__, SETTINGS)
     try:
         seconds, rows = run_demo(hp)
     except (CaseError, OSError, ValueError) as error:  # a bad setting (a device it lacks), a full disk: one line

@@ -23,7 +23,7 @@ lesion_wise: True adds the lesion-wise metrics BraTS ranks on since 2023, comput
 brats-evaluation (configuration lesion_wise_task) as the challenge computes them; their columns keep the
 package's names (lesionwise_dsc_mean_et, global_dsc_wt, ...), the metrics above stay the default.
 """
-from bratsunet import hyperparameters
+from bratsunet import settings_text
 from bratsunet.cases import CaseError, check_apart, find_cases, find_ground_truth, label_convention, label_maps
 from bratsunet.conventions import REGION_NAMES
 from bratsunet.evaluation import (LESION_WISE_METRICS, STATISTICS, columns, evaluate_folders, ignored_predictions,
@@ -32,6 +32,11 @@ from bratsunet.evaluation import (LESION_WISE_METRICS, STATISTICS, columns, eval
 from bratsunet.files import output_folder
 from bratsunet.manifest import default_prediction_cases, read_manifest
 from bratsunet.metrics import HD95_EMPTY
+
+# What evaluate() reads: keys, and groups of hyperparameters.txt for all their keys (--help lists them).
+SETTINGS = ("raw_data_dir", "prepared_dir", "run_dir", "prediction_dir", "predict_input_dir", "channel_names",
+            "seg_channel_name", "data_format", "fold", "evaluation")
+
 
 def expected_cases(hp):
     """(names, description) of the cases predict.py takes: predict_input_dir's (case folders or label maps), else
@@ -120,7 +125,7 @@ def evaluate(hp):
 
 
 def main():
-    hp = hyperparameters.from_command_line()
+    hp = settings_text.from_command_line(__doc__, SETTINGS)
     try:
         evaluate(hp)
     except (CaseError, OSError) as error:

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bratsunet import hyperparameters
+from bratsunet import hyperparameters, settings_text
 from bratsunet.checkpoints import load_model, onnx_path, onnx_source, trained_settings
 from bratsunet.conventions import ALL_REGIONS, CONVENTIONS, file_suffix, output_names
 from bratsunet.files import atomic_write
@@ -40,6 +40,10 @@ NORMALIZATION = ("channels in channel_names order, float32, axes (x, y, z) as st
                  "bounding box of the voxels where any channel is non-zero (the brain of a skull-stripped scan) "
                  "plus crop_margin voxels; z-score per channel over those brain voxels of the whole volume (subtract "
                  "their mean, divide by their standard deviation), the background stays 0")
+
+
+# What export() reads: keys, and groups of hyperparameters.txt for all their keys (--help lists them).
+SETTINGS = ("checkpoint", "run_dir", "num_folds")
 
 
 def labels_rule(target, disk_labels):
@@ -142,7 +146,7 @@ def export(hp):
 
 
 def main():
-    hp = hyperparameters.from_command_line()
+    hp = settings_text.from_command_line(__doc__, SETTINGS)
     try:
         export(hp)
     except (OSError, ValueError) as error:

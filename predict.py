@@ -31,13 +31,20 @@ window ran), "crop_box" ((start, stop) per axis in the full grid), "original_sha
 (WT, TC, ET (, RC) for target regions, the label names for target labels). Average the files' probabilities,
 then losses.probabilities_to_labels and inference.labels_in_input_grid give the ensemble's labels.
 """
-from bratsunet import hyperparameters
+from bratsunet import settings_text
 from bratsunet.cases import CaseError, check_apart, find_cases
 from bratsunet.devices import resolve_device
 from bratsunet.inference import load_ensemble, predict_cases
 from bratsunet.manifest import default_prediction_cases, read_manifest
 
 
+
+
+# What predict() reads: keys, and groups of hyperparameters.txt for all their keys (--help lists them).
+SETTINGS = ("raw_data_dir", "prepared_dir", "run_dir", "prediction_dir", "seg_channel_name", "data_format",
+            "allow_any_grid", "num_folds", "fold", "device", "precision", "channels_last", "checkpoint",
+            "predict_input_dir", "sw_overlap", "sw_batch_size", "tta_mirror", "et_min_voxels", "save_probabilities",
+            "overwrite", "backend")
 
 
 def cases_to_predict(hp):
@@ -68,7 +75,7 @@ def predict(hp):
 
 
 def main():
-    hp = hyperparameters.from_command_line()
+    hp = settings_text.from_command_line(__doc__, SETTINGS)
     try:
         predict(hp)
     except (CaseError, OSError, ValueError) as error:

@@ -11,13 +11,19 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
-from bratsunet import hyperparameters
+from bratsunet import settings_text
 from bratsunet.cases import CaseError, find_cases, label_convention, load_case, no_segmentation
+from bratsunet.console import progress_bar
 from bratsunet.files import NO_ROOM, WriteError, atomic_write, sole_writer
 from bratsunet.manifest import FORMAT_VERSION, MANIFEST, SPLIT_SETTINGS, assign_splits, check_source, read_manifest
 from bratsunet.preprocessing import preprocess
+
+
+# What prepare_dataset() reads: keys, and groups of hyperparameters.txt for all their keys (--help lists them).
+SETTINGS = ("raw_data_dir", "prepared_dir", "run_dir", "channel_names", "seg_channel_name", "data_format",
+            "allow_any_grid", "bg_threshold", "crop_margin", "test_fraction", "num_folds", "val_fraction", "seed",
+            "num_workers")
 
 
 def _settings(hp):
@@ -95,7 +101,7 @@ def _run_one(case, settings, prepared_dir):
 def _prepare_all(cases, settings, prepared_dir, num_workers):
     """{name: (record, reason)} over all cases, in worker processes when num_workers > 0."""
     results = {}
-    bar = tqdm(total=len(cases), desc="prepare", unit="case")
+    bar = progress_bar(total=len(cases), description="prepare", unit="case")
     if num_workers > 0 and len(cases) > 1:
         try:
             with ProcessPoolExecutor(max_workers=min(num_workers, len(cases))) as pool:
@@ -219,7 +225,7 @@ def print_summary(manifest, prepared_dir):
 
 
 def main():
-    hp = hyperparameters.from_command_line()
+    hp = settings_text.from_command_line(__doc__, SETTINGS)
     try:
         prepare_dataset(hp)
     except (CaseError, OSError) as error:

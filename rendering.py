@@ -12,12 +12,17 @@ NIfTI's scanner millimetres (voxel index -> affine), so superior is up whatever 
 """
 import time
 
-from bratsunet import hyperparameters
+from bratsunet import settings_text
 from bratsunet.cases import CaseError, find_cases, first_predicted_case, load_channels, load_labels, prediction_path
 from bratsunet.conventions import meaning
 from bratsunet.inference import predict_cases
 from bratsunet.pictures import slice_overlay_png
 from bratsunet.scene3d import has_display, render_case
+
+
+# What render() reads: keys, and groups of hyperparameters.txt for all their keys (--help lists them).
+SETTINGS = ("raw_data_dir", "predict_input_dir", "prediction_dir", "run_dir", "channel_names", "seg_channel_name",
+            "data_format", "rendering", "checkpoint", "device")  # without a prediction: predict.py's too
 
 
 def find_case(hp, name):
@@ -67,14 +72,14 @@ def render(hp):
     render_case(image, truth, pred, nifti.affine, output, hp.render_errors, name, hp.render_turntable, case.data_format)
     if output is not None:
         slices = output.with_name(f"{output.stem}_slices.png")
-        slice_overlay_png(image, truth, pred, slices, nifti.affine, title=name)
+        slice_overlay_png(image, truth, pred, slices, nifti.affine, name, hp.data_format)
         written = [output, slices] + ([hp.render_turntable] if hp.render_turntable is not None else [])
         print(f"rendered {name} in {time.perf_counter() - start:.1f} s: " + ", ".join(str(p) for p in written))
     return output
 
 
 def main():
-    hp = hyperparameters.from_command_line()
+    hp = settings_text.from_command_line(__doc__, SETTINGS)
     try:
         render(hp)
     except (CaseError, OSError, ValueError) as error:  # bad case, no checkpoint, bad settings, a folder

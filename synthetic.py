@@ -3,12 +3,16 @@
     python synthetic.py                          # synthetic_cases cases of synthetic_shape, synthetic_style
     python synthetic.py --hp hyperparameters_synthetic.txt
 """
-from bratsunet import hyperparameters
+from bratsunet import settings_text
 from bratsunet.generator import generate_dataset
 
 
+# What main() reads: keys, and groups of hyperparameters.txt for all their keys (--help lists them).
+SETTINGS = ("raw_data_dir", "seed", "data_format", "generated data")
+
+
 def main():
-    hp = hyperparameters.from_command_line()
+    hp = settings_text.from_command_line(__doc__, SETTINGS)
     try:
         names = generate_dataset(hp.raw_data_dir, hp.synthetic_cases, hp.synthetic_shape, hp.seed,
                                  hp.synthetic_compress, True, hp.data_format, hp.synthetic_style)

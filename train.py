@@ -1,15 +1,17 @@
-"""Train the 3D U-Net on random patches; training.validate on whole volumes; checkpoint and plot every epoch.
+"""Train the 3D U-Net on random patches; validate on whole volumes; checkpoint and plot every epoch.
 
     python train.py                                  # settings from hyperparameters.txt
     python train.py epochs=5 batch_size=1 resume=True
-    python train.py fold=2                           # with num_folds > 1: training.validate on fold 2, train on the others
+    python train.py fold=2                           # with num_folds > 1: validate on fold 2, train on the others
     torchrun --nproc_per_node=4 train.py             # DistributedDataParallel, one process per GPU
 
 Writes to run_dir (with num_folds > 1: run_dir/fold_K): checkpoint_last.pt (every epoch) and
 checkpoint_best.pt (best mean Dice); through training_log.py metrics.csv (a row per epoch), curves.png and,
 with tensorboard: True, tensorboard/; at the end the validation cases predicted with checkpoint_best.pt into
-validation/ (the out-of-fold predictions crossval.py reads). Under torchrun batch_size is per process, the
-global batch is batch_size * processes, and a step sees the same patches as one process with that global batch.
+validation/ (the out-of-fold predictions crossval.py reads); log.txt, what the console showed (a resumed run
+appends), and settings.txt, the settings it ran with (`python train.py --hp settings.txt` runs it again). Under
+torchrun batch_size is per process, the global batch is batch_size * processes, and a step sees the same patches
+as one process with that global batch.
 """
 import contextlib
 import os
@@ -18,18 +20,22 @@ import time
 import torch
 import torch.distributed as dist
 
-from bratsunet import augmentation, checkpoints, hyperparameters, inference, losses, network, training, training_log
+from bratsunet import (augmentation, checkpoints, console, inference, losses, network, settings_text, training,
+                       training_log)
 from bratsunet.devices import resolve_device, run_settings, run_torchrun_process, start_process_group, use_device
 from bratsunet.files import sole_writer
 from bratsunet.loader import EpochSampler, PatchDataset, VolumeDataset, start_loader
 from bratsunet.manifest import check_prepared_settings, fold_cases, fold_dir, labels_convention, read_manifest
 
-
+# What train() reads: keys, and groups of hyperparameters.txt for all their keys (--help lists them).
+SETTINGS = ("prepared_dir", "run_dir", "channel_names", "data_format", "crop_margin", "num_folds", "seed", "model",
+            "loss", "training", "overwrite", "sw_overlap", "sw_batch_size", "tta_mirror", "backend")
 
 
 def train(hp):
     """Train fold hp.fold per hp (continuing its checkpoint_last.pt when hp.resume), then predict its validation
-    cases -> the last epoch's metrics row plus best_dice_mean and best_epoch."""
+    cases -> the last epoch's metrics row plus best_dice_mean and best_epoch. The main process keeps its console
+    in the fold's log.txt and the settings in its settings.txt."""
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = resolve_device(hp.device, int(os.environ.get("LOCAL_RANK", 0)), world_size)
     use_device(device)
@@ -42,15 +48,17 @@ def train(hp):
     network.check_patch_size(hp)
     train_names, val_names = fold_cases(manifest, hp)
     split = {"fold": hp.fold, "train": train_names, "val": val_names}  # kept in the checkpoints: resume checks it
-    hp = hp.replace(run_dir=fold_dir(hp))
-    training.check_run_source(hp.run_dir, hp.prepared_dir)  # another dataset's run: refused before any work
+    fold_hp = hp.replace(run_dir=fold_dir(hp))  # settings.txt keeps hp: the run_dir given, not the fold's
+    training.check_run_source(fold_hp.run_dir, fold_hp.prepared_dir)  # another dataset's run: refused before any work
     # one training per run folder: a second one stops here, naming it (only process 0 writes)
-    with sole_writer(hp.run_dir, "run_dir") if rank == 0 else contextlib.nullcontext():
-        return train_fold(hp, device, precision, rank, world_size, split)
+    with sole_writer(fold_hp.run_dir, "run_dir") if rank == 0 else contextlib.nullcontext(), \
+            console.KeptConsole(enabled=rank == 0) as kept:
+        return train_fold(fold_hp, device, precision, rank, world_size, split, kept, hp)
 
 
-def train_fold(hp, device, precision, rank, world_size, split):
-    """The training of train(), in the run folder hp.run_dir it holds, on the cases of split."""
+def train_fold(hp, device, precision, rank, world_size, split, kept, ran_with):
+    """The training of train(), in the run folder hp.run_dir it holds, on the cases of split; its console kept by
+    kept, the settings ran_with written beside it."""
     main_process, train_names, val_names = rank == 0, split["train"], split["val"]
     dtype, use_scaler, channels_last = precision
     disk_labels = list(labels_convention(read_manifest(hp.prepared_dir)).disk_labels)  # msd, nnunet: dataset.json's
@@ -69,6 +77,8 @@ def train_fold(hp, device, precision, rank, world_size, split):
         done, best_score, rows = training.resume_state(hp, net, optimizer, scheduler, scaler, main_process, split)
     if main_process:
         training.start_run_dir(hp.run_dir, hp)
+        kept.keep_in(hp.run_dir / "log.txt", append=hp.resume)
+        settings_text.write_settings_file(ran_with, hp.run_dir / "settings.txt", "train.py")
         print(f"training on {device} x {world_size} process(es), {dtype or torch.float32}"
               f"{' with loss scaling' if use_scaler else ''}{', channels_last' * channels_last}, "
               f"{network.count_parameters(net):,} parameters, "
@@ -124,7 +134,7 @@ def train_fold(hp, device, precision, rank, world_size, split):
 
 
 def main():
-    hp = hyperparameters.from_command_line()
+    hp = settings_text.from_command_line(__doc__, SETTINGS)
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         run_torchrun_process(train, hp)  # ends the process
     try:

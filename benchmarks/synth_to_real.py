@@ -32,7 +32,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bratsunet import generator, hyperparameters
+from bratsunet import generator, hyperparameters, pictures
+from bratsunet.conventions import brats_to_internal
 from bratsunet.files import atomic_write
 
 SETTINGS = ROOT / "hyperparameters_synthetic.txt"
@@ -133,11 +134,12 @@ def run_recipe(name):
 
 def save_comparison_png(path=ROOT / "Images/synthetic_vs_real.png", real_case=SAMPLE, seed=0, style="randomized"):
     """Axial slices through the largest tumor-core section of a full-size generated case (case 1 of `seed`) and
-    of a real case: 4 modalities and the labels over FLAIR, 2 rows x 5 columns."""
+    of a real case: 4 modalities and the labels over FLAIR in the colours of every picture, 2 rows x 5 columns."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import nibabel as nib
+    from matplotlib.patches import Patch
     real_case = Path(real_case)
     if not real_case.is_dir():
         raise FileNotFoundError(f"{real_case}: real BraTS case folder not found (needed for the comparison)")
@@ -146,9 +148,11 @@ def save_comparison_png(path=ROOT / "Images/synthetic_vs_real.png", real_case=SA
     images, seg = generator.generate_case(generator.FULL_SHAPE, seed=(seed, 1), kind="tumor", style=style)
     rows = {f"{generator.style_name(style).decode() or 'phantom'} case 1, seed {seed}": {**images, "seg": seg},
             f"real {real_case.name}": real}
-    colours = np.array([[0, 0, 0, 0], [1, 0.2, 0.2, 0.6], [0.2, 0.9, 0.2, 0.45], [0, 0, 0, 0], [1, 0.9, 0, 0.6]])
+    colours = np.zeros((5, 4))  # RGBA per internal label: the pictures' colours at their opacity, background clear
+    for label, colour in pictures.LABEL_COLORS.items():
+        colours[label] = (*colour, pictures.ALPHA)
     crop = np.s_[20:230, 35:225]  # (x, y) around the brain
-    figure, axes = plt.subplots(2, 5, figsize=(20, 9.4), facecolor="black")
+    figure, axes = plt.subplots(2, 5, figsize=(12, 6.2), facecolor="black")
     for row, (title, volume) in zip(axes, rows.items()):
         z = int(np.argmax(np.isin(volume["seg"], (1, 4)).sum(axis=(0, 1))))
         for ax, channel in zip(row, channels):
@@ -156,15 +160,18 @@ def save_comparison_png(path=ROOT / "Images/synthetic_vs_real.png", real_case=SA
             gray = volume["flair" if channel == "seg" else channel]
             ax.imshow(gray[crop + (z,)].T, cmap="gray", vmin=0, vmax=np.percentile(gray[gray != 0], 99.5))
             if channel == "seg":
-                ax.imshow(colours[volume["seg"][crop + (z,)].T.astype(int)])
-            ax.set_title("labels 1 red, 2 green, 4 yellow" if channel == "seg" else f"{channel}, z = {z}", color="w")
+                ax.imshow(colours[brats_to_internal(volume["seg"][crop + (z,)]).T])
+            ax.set_title("labels over flair" if channel == "seg" else f"{channel}, z = {z}", color="w", fontsize=9)
             ax.axis("off")
         row[0].text(-0.04, 0.5, title, transform=row[0].transAxes, rotation=90, va="center", ha="right",
-                    color="white", fontsize=12)
-    figure.tight_layout()
+                    color="white", fontsize=9)
+    key = pictures.label_key([brats_to_internal(volume["seg"]) for volume in rows.values()])
+    figure.legend(handles=[Patch(facecolor=colour, label=name) for name, colour in key], loc="lower center",
+                  ncol=len(key), frameon=False, labelcolor="white", fontsize=9)
+    figure.tight_layout(rect=(0, 0.05, 1, 1))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=56, facecolor="black"))  # under 300 kB
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=pictures.DPI, facecolor="black"))
     plt.close(figure)
     return path
 

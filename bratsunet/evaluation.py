@@ -15,9 +15,11 @@ import numpy as np
 from tqdm import tqdm
 
 from bratsunet.cases import CaseError, find_ground_truth, label_maps, load_labels
+from bratsunet.console import progress_bar
 from bratsunet.conventions import REGION_NAMES, convention, internal_to_brats
 from bratsunet.files import archives_in, atomic_write
 from bratsunet.metrics import HD95_EMPTY, METRICS, SUMMARY_METRICS, region_metrics
+from bratsunet.pictures import DPI, REGION_COLORS
 
 STATISTICS = ("mean", "std", "median", "25%", "75%")
 LESION_WISE_METRICS = ("lesionwise_dsc_mean", "lesionwise_hd95_mean", "lesionwise_nsd_mean")  # summarized
@@ -78,7 +80,7 @@ def evaluate_folders(pred_dir, truth_dirs, channel_names, seg_channel_name, data
     searched = " or ".join(f"{folder}" + ("" if Path(folder).is_dir() else " (does not exist)")
                            + "".join(f" (it holds {name}: unpack it first)" for name in archives_in(folder)[:1])
                            for folder in truth_dirs)
-    for name, path in tqdm(predictions.items(), desc="evaluate", unit="case"):
+    for name, path in progress_bar(predictions.items(), description="evaluate", unit="case"):
         if name not in truth:
             not_evaluated[name] = unusable.get(name, f"no ground truth under {searched}")
             continue
@@ -141,7 +143,7 @@ def lesion_wise_metrics(pairs, missing, task, data_format="brats2020"):
     with _quiet():
         evaluator = Panoptica_Evaluator.load_from_config(brats_evaluation.config_path(task))
     results = []
-    for name, (pred_path, truth_path) in tqdm(pairs.items(), desc="lesion-wise", unit="case"):
+    for name, (pred_path, truth_path) in progress_bar(pairs.items(), description="lesion-wise", unit="case"):
         pred, truth = _official_labels(pred_path, data_format), _official_labels(truth_path, data_format)
         with _quiet():
             results.append(brats_evaluation.evaluate_single_exam(pred, truth, name, evaluator))
@@ -202,14 +204,42 @@ def write_csv(rows, path, fieldnames=COLUMNS):
     atomic_write(path, write)
 
 
-def plot_boxes(rows, path, regions=REGION_NAMES):
-    """Box plots of Dice and HD95 per region over the cases."""
+FEW_CASES = 30  # up to this many cases a box plot also shows each case as a point
+
+
+def box_figure(rows, regions=REGION_NAMES):
+    """Box plots of Dice and HD95 per region over the cases, in the regions' colors, with a key to their marks;
+    with few cases every case as a point too."""
     import matplotlib.figure
-    figure = matplotlib.figure.Figure(figsize=(9, 4))  # no pyplot: no GUI backend on a server or in tests
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+    figure = matplotlib.figure.Figure(figsize=(9, 4.8))  # no pyplot: no GUI backend on a server or in tests
+    points = len(rows) <= FEW_CASES
     for axis, metric, title in zip(figure.subplots(1, 2), ("dice", "hd95"), ("Dice", "HD95 (mm)")):
         values = [[row[f"{metric}_{region}"] for row in rows] for region in regions]
-        axis.boxplot(values, tick_labels=regions, showmeans=True)
+        boxes = axis.boxplot(values, tick_labels=regions, showmeans=True, patch_artist=True, widths=0.5,
+                             medianprops={"color": "black"}, flierprops={"marker": "o", "markerfacecolor": "none"},
+                             meanprops={"marker": "^", "markerfacecolor": "white", "markeredgecolor": "black"})
+        for box, region in zip(boxes["boxes"], regions):
+            box.set(facecolor=(*REGION_COLORS[region], 0.35), edgecolor=REGION_COLORS[region])
+        if points:  # spread sideways by a fixed pattern (no randomness: the same picture every run)
+            for i, column in enumerate(values, start=1):
+                spread = 0.12 * (np.arange(len(column)) % 5 - 2) / 2
+                axis.plot(i + spread, column, ".", color="black", alpha=0.6, markersize=5)
         axis.set(title=f"{title}, {len(rows)} cases", **({"ylim": (-0.02, 1.02)} if metric == "dice" else {}))
         axis.grid(alpha=0.3, axis="y")
-    figure.tight_layout()
-    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
+    key = [Patch(facecolor="lightgrey", edgecolor="grey", label="box: 25th to 75th percentile"),
+           Line2D([], [], color="black", label="line: median"),
+           Line2D([], [], marker="^", color="black", markerfacecolor="white", linestyle="none", label="triangle: mean"),
+           Line2D([], [], color="grey", label="whiskers: to the last case within 1.5 box lengths"),
+           Line2D([], [], marker="o", color="grey", markerfacecolor="none", linestyle="none", label="circle: beyond")]
+    if points:
+        key.append(Line2D([], [], marker=".", color="black", linestyle="none", label="dot: one case"))
+    figure.legend(handles=key, loc="lower center", ncol=3, frameon=False, fontsize=8)
+    figure.tight_layout(rect=(0, 0.13, 1, 1))
+    return figure
+
+
+def plot_boxes(rows, path, regions=REGION_NAMES):
+    figure = box_figure(rows, regions)
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=DPI))

@@ -14,9 +14,9 @@ from typing import NamedTuple
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
-from tqdm import tqdm
 
 from bratsunet import conventions
+from bratsunet.console import progress_bar
 from bratsunet.files import atomic_write
 
 MODALITIES = ("flair", "t1", "t1ce", "t2")
@@ -495,7 +495,7 @@ def generate_dataset(out_dir, n_cases, shape=FULL_SHAPE, seed=0, compress=False,
                          "brats2023, brats2024) only")
     names = [conventions.CONVENTIONS[data_format].case_name.format(index) for index in range(1, n_cases + 1)]
     mark = style_name(style)
-    for index, name in enumerate(tqdm(names, desc="synthetic cases", disable=not progress), start=1):
+    for index, name in enumerate(progress_bar(names, description="synthetic cases", disable=not progress), start=1):
         # Files are written atomically: a case is complete when all five are ours, of this shape and style.
         paths = case_paths(out_dir, name, compress, data_format).values()
         if not all(_our_file(path) == (tuple(shape), mark) for path in paths):

@@ -368,27 +368,31 @@ def differences(hp):
     return {k: v for k, v in hp.to_dict().items() if v != defaults[k]}
 
 
+ENVIRONMENT = "BRATSUNET_HP"  # a settings file for every script without --hp (an IDE's run configuration, a shell)
+
+
 def from_command_line(argv=None):
-    """Parse `[--hp FILE] [key=value ...]`, print the settings that differ from the defaults."""
+    """Parse `[--hp FILE] [key=value ...]` (without --hp: the file the environment variable BRATSUNET_HP names,
+    if set), print the settings that differ from the defaults. settings_text.from_command_line adds --help."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "-h" in argv or "--help" in argv:
-        print("usage: python SCRIPT.py [--hp FILE] [key=value ...]\nkeys (see hyperparameters.txt): "
-              + ", ".join(SCHEMA))
-        raise SystemExit(0)
-    path = None
-    if "--hp" in argv:
+    path = os.environ.get(ENVIRONMENT) or None
+    from_environment = path is not None
+    if "--hp" in argv:  # wins over the environment
         at = argv.index("--hp")
         if at + 1 >= len(argv):
             raise SystemExit("error: command line: --hp needs a file")
-        path = argv[at + 1]
+        path, from_environment = argv[at + 1], False
         del argv[at:at + 2]
     try:
         hp = load(path, overrides=argv)
     except HyperparameterError as error:
-        raise SystemExit(f"error: {error}") from None
+        raise SystemExit(f"error: {error}" + f" ({ENVIRONMENT}={path})" * from_environment) from None
     if hasattr(sys.stdout, "reconfigure"):  # a folder name that is not UTF-8 prints as \udcNN, not a crash
         sys.stdout.reconfigure(errors="backslashreplace")
     changed = differences(hp)
-    if changed and os.environ.get("RANK", "0") == "0":  # under torchrun, once
-        print("settings that differ from the defaults: " + ", ".join(f"{k}={v}" for k, v in changed.items()))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, once
+        if from_environment:
+            print(f"settings file {path} (from {ENVIRONMENT})")
+        if changed:
+            print("settings that differ from the defaults: " + ", ".join(f"{k}={v}" for k, v in changed.items()))
     return hp

@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from bratsunet.cases import CaseError, load_case
 from bratsunet.checkpoints import checkpoint_files, load_model, onnx_path, onnx_predictor, trained_settings
+from bratsunet.console import progress_bar
 from bratsunet.conventions import internal_to_brats, output_names
 from bratsunet.devices import resolve_device, run_settings, use_device
 from bratsunet.files import WriteError, atomic_write, output_folder
@@ -288,7 +289,7 @@ def predict_cases(hp, cases, model=None):
     members = model if isinstance(model, list) else [(model, hp)]
     output_folder(hp.prediction_dir, "prediction_dir")
     written, already, failed = [], [], {}
-    for case in tqdm(cases, desc="predict", unit="case"):
+    for case in progress_bar(cases, description="predict", unit="case"):
         if not hp.overwrite and all(path.is_file() for path in output_paths(hp, case.name)):
             already.append(case.name)
             continue
@@ -320,7 +321,7 @@ def predict_validation(hp, names, overwrite=False):
         manifest = read_manifest(hp.prepared_dir)
         cases, data_format = manifest["cases"], labels_convention(manifest)  # the labels of the raw data
         output_folder(hp.prediction_dir, "run_dir")
-    for name in tqdm(todo, desc="predict validation", unit="case"):
+    for name in progress_bar(todo, description="predict validation", unit="case"):
         case = cases[name]
         image = open_array(hp.prepared_dir / case["image"]).astype(np.float32)  # (C, x, y, z)
         reference = nib.Nifti1Image(np.zeros((1, 1, 1), np.uint8), np.array(case["affine"]))  # the raw grid

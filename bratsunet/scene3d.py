@@ -25,29 +25,31 @@ from vtkmodules.vtkRenderingCore import (vtkActor, vtkCamera, vtkPolyDataMapper,
                                          vtkRenderWindowInteractor, vtkTextActor, vtkTextProperty, vtkTextRenderer,
                                          vtkWindowToImageFilter)
 
-from bratsunet.conventions import INTERNAL_LABEL_NAMES, convention, whole_tumor
+from bratsunet.conventions import whole_tumor
 from bratsunet.files import atomic_write
 from bratsunet.metrics import dice_per_region
-from bratsunet.pictures import ERROR_COLORS, LABEL_COLORS
+from bratsunet.pictures import DPI, ERROR_COLORS, LABEL_COLORS, TRUE_POSITIVE_COLOR, error_key, label_key
 from bratsunet.preprocessing import crop_box
 
-# The colors of pictures.py's slice pictures (its LABEL_COLORS explains the hues), with opacities.
-# Surfaces seen through each other blend only along the hue arc between their own colors (the tests rely on it).
-LABEL_STYLE = {  # internal label: (color, opacity), outermost first
-    2: (LABEL_COLORS[2], 0.30),  # edema, drawn as the envelope of the whole tumor it surrounds
-    3: (LABEL_COLORS[3], 0.60),  # enhancing tumor
-    1: (LABEL_COLORS[1], 1.00),  # necrotic and non-enhancing core
-    4: (LABEL_COLORS[4], 0.60),  # resection cavity (BraTS 2024), apart from the tumor
+# The colors of pictures.py (its LABEL_COLORS explains the hues), opaque: a translucent surface would tint what lies
+# inside it (red core seen through green edema looks orange), and the key would lie. Instead the surfaces that
+# enclose others show only their far side (a cutaway facing the camera from wherever it looks), so the core inside
+# is seen in its own color.
+LABEL_STYLE = {  # internal label: (color, far side only), outermost first
+    2: (LABEL_COLORS[2], True),  # edema, drawn as the envelope of the whole tumor it surrounds
+    3: (LABEL_COLORS[3], True),  # enhancing tumor, the rim around the necrotic core
+    1: (LABEL_COLORS[1], False),  # necrotic and non-enhancing core
+    4: (LABEL_COLORS[4], False),  # resection cavity (BraTS 2024), apart from the tumor
 }
 
 
-ERROR_STYLE = {name: (color, 0.85) for name, color in ERROR_COLORS.items()}
+ERROR_STYLE = {name: (color, 1.0) for name, color in ERROR_COLORS.items()}  # opaque: no cyan-magenta blends
 
 
 BRAIN_COLOR, BRAIN_OPACITY = (0.85, 0.85, 0.85), 0.12
 
 
-CONTEXT_COLOR, CONTEXT_OPACITY = (1.0, 1.0, 1.0), 0.10  # the true tumor, faint, around the errors
+CONTEXT_COLOR, CONTEXT_OPACITY = TRUE_POSITIVE_COLOR, 0.10  # the tumor found, faint, around the errors
 
 
 BACKGROUND = (0.07, 0.07, 0.07)
@@ -101,7 +103,7 @@ def brain_surface(image, step=2):
     return mask_surface(mask, step=step, iterations=10)
 
 
-def surface_actor(polydata, affine, color, opacity):
+def surface_actor(polydata, affine, color, opacity, far_side_only=False):
     if np.linalg.det(affine[:3, :3]) < 0:  # a mirroring affine turns the triangles inside out (unlit)
         reverse = vtkReverseSense()
         reverse.SetInputData(polydata)
@@ -119,20 +121,21 @@ def surface_actor(polydata, affine, color, opacity):
     actor.GetProperty().SetColor(color)
     actor.GetProperty().SetOpacity(opacity)
     actor.GetProperty().SetSpecular(0.2 if opacity > 0.5 else 0.0)
+    actor.GetProperty().SetFrontfaceCulling(far_side_only)  # the triangles facing the camera are left out
     return actor
 
 
 def label_actors(labels, affine):
     """One actor per tumor label present in internal labels (X, Y, Z), in LABEL_STYLE order. Edema
     surrounds the core: its surface is the whole tumor's envelope, so no second surface lies on the core's."""
-    return [surface_actor(cropped_surface(whole_tumor(labels) if label == 2 else labels == label), affine, color,
-                          opacity) for label, (color, opacity) in LABEL_STYLE.items() if (labels == label).any()]
+    return [surface_actor(cropped_surface(whole_tumor(labels) if label == 2 else labels == label), affine, color, 1.0,
+                          far_side) for label, (color, far_side) in LABEL_STYLE.items() if (labels == label).any()]
 
 
 def error_actors(truth, pred, affine):
-    """False positive and false negative tumor (whole tumor, any label), around a faint true tumor."""
+    """False positive and false negative tumor (whole tumor, any label), beside the faint tumor found."""
     true, predicted = whole_tumor(truth), whole_tumor(pred)
-    masks = [(true, CONTEXT_COLOR, CONTEXT_OPACITY), (predicted & ~true, *ERROR_STYLE["false positive"]),
+    masks = [(true & predicted, CONTEXT_COLOR, CONTEXT_OPACITY), (predicted & ~true, *ERROR_STYLE["false positive"]),
              (true & ~predicted, *ERROR_STYLE["false negative"])]
     return [surface_actor(cropped_surface(m), affine, color, opacity) for m, color, opacity in masks if m.any()]
 
@@ -233,12 +236,7 @@ def build_window(brain_image, truth, pred, affine=None, show_errors=True, title=
         views.append(("Prediction", label_actors(pred, affine), note))
     if show_errors and truth is not None and pred is not None:
         views.append(("Errors", error_actors(truth, pred, affine), error_note(truth, pred, affine)))
-    disk_labels = convention(data_format).disk_labels  # the legend names the labels as the files hold them
-    entries = [(f"{INTERNAL_LABEL_NAMES[label]} ({disk_labels[label]})", color)
-               for label, (color, _) in LABEL_STYLE.items()
-               if any((labels == label).any() for labels in volumes)]  # the labels on show
-    if len(views) == 3:
-        entries += [(name, color) for name, (color, _) in ERROR_STYLE.items()]
+    entries = label_key(volumes, data_format) + (error_key() if len(views) == 3 else [])  # the colors on show
 
     brain = brain_surface(brain_image)
     tumor = np.argwhere(np.logical_or.reduce([labels > 0 for labels in volumes]))  # (N, 3) voxel indices
@@ -313,7 +311,7 @@ def render_case(brain_image, truth, pred, affine=None, output_png=None, show_err
     if offscreen:
         pixels = window_pixels(window)
         Path(output_png).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(output_png, lambda tmp: Image.fromarray(pixels).save(tmp, format="PNG"))
+        atomic_write(output_png, lambda tmp: Image.fromarray(pixels).save(tmp, format="PNG", dpi=(DPI, DPI)))
     if turntable is not None:
         Path(turntable).parent.mkdir(parents=True, exist_ok=True)
         save_turntable(window, turntable)

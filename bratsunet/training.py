@@ -13,7 +13,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from bratsunet import augmentation, checkpoints, conventions, inference, losses, metrics, network, training_log
+from bratsunet import augmentation, checkpoints, conventions, inference, losses, metrics, network
+from bratsunet.console import progress_bar
 from bratsunet.devices import run_settings
 from bratsunet.files import output_folder
 
@@ -52,7 +53,7 @@ def train_epoch(train_model, batches, optimizer, scheduler, scaler, loss_fn, hp,
     loss_sum, loss_count, skipped = 0.0, 0, 0
     channels_last = run_settings(hp.precision, hp.channels_last, device)[2]
     params = [p for p in train_model.parameters() if p.requires_grad]
-    bar = training_log.progress_bar(hp.steps_per_epoch, f"epoch {epoch}/{hp.epochs}", disable=not main_process)
+    bar = progress_bar(total=hp.steps_per_epoch, description=f"epoch {epoch}/{hp.epochs}", disable=not main_process)
     start = time.perf_counter()
     for step, batch in enumerate(batches, start=1):
         image, labels = augmentation.to_device(batch, device, hp.patch_size)  # (B, C, px, py, pz), (B, px, py, pz)

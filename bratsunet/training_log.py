@@ -1,5 +1,5 @@
 """What training shows and leaves behind after every epoch: metrics.csv, curves.png and the plots pane,
-TensorBoard, the printed line and the progress bar. train.py trains; this file reports.
+TensorBoard and the printed line. train.py trains; this file reports.
 
 Only the main process (rank 0) writes. Everything is rewritten from the metrics rows that checkpoints keep,
 so a resumed run continues the same files: metrics.csv and curves.png are written whole each epoch, and
@@ -16,10 +16,10 @@ import sys
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from bratsunet import conventions, files
-from bratsunet.pictures import slice_picture
+from bratsunet.manifest import read_manifest
+from bratsunet.pictures import DPI, REGION_COLORS, slice_picture
 
 METRIC_COLUMNS = ("epoch", "train_loss", "lr", "dice_WT", "dice_TC", "dice_ET", "dice_mean", "accuracy",
                   "skipped_steps", "seconds")
@@ -56,13 +56,15 @@ def inline_backend():
 def draw_curves(rows, figure):
     """Training loss; Dice per region and mean Dice (= mean F1); voxel accuracy: three axes in figure."""
     axes = figure.subplots(1, 3)
-    axes[0].plot([row["epoch"] for row in rows], [row["train_loss"] for row in rows], "o-", label="training loss")
+    axes[0].plot([row["epoch"] for row in rows], [row["train_loss"] for row in rows], "o-", color="black",
+                 label="training loss")
     validated = [row for row in rows if row["dice_mean"] is not None]
     epochs = [row["epoch"] for row in validated]
     for region in conventions.REGION_NAMES:
-        axes[1].plot(epochs, [row[f"dice_{region}"] for row in validated], "o-", label=f"Dice {region}")
+        axes[1].plot(epochs, [row[f"dice_{region}"] for row in validated], "o-", color=REGION_COLORS[region],
+                     label=f"Dice {region}")
     axes[1].plot(epochs, [row["dice_mean"] for row in validated], "ko--", label="mean Dice (F1)")
-    axes[2].plot(epochs, [row["accuracy"] for row in validated], "o-", label="voxel accuracy")
+    axes[2].plot(epochs, [row["accuracy"] for row in validated], "o-", color="dimgray", label="voxel accuracy")
     for axis, title in zip(axes, ("loss", "validation Dice (F1)", "validation accuracy")):
         axis.set(title=title, xlabel="epoch")
         axis.xaxis.get_major_locator().set_params(integer=True)
@@ -83,7 +85,7 @@ def plot_curves(rows, path, show=False):
         from matplotlib.figure import Figure
         figure = Figure((13, 3.8))
     draw_curves(rows, figure)
-    files.atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
+    files.atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=DPI))
     if window:
         plt.show(block=False)
         plt.pause(0.001)
@@ -93,14 +95,6 @@ def plot_curves(rows, path, show=False):
 
 
 # ---------------------------------------------------------------- the console
-
-def progress_bar(total, description, disable):
-    """The bar of an epoch's steps. In an IPython console (Spyder, PyCharm, Jupyter) on stdout, where the
-    epoch's line replaces it: on stderr the console shows it apart, in red, and keeps the blank line it
-    leaves when cleared. Elsewhere on stderr, so that `python train.py > log.txt` logs no bars."""
-    return tqdm(total=total, desc=description, disable=disable, leave=False,
-                file=sys.stdout if "IPython" in sys.modules else None)
-
 
 def summary_line(row, hp, best, device):
     dice = "" if row["dice_mean"] is None else (
@@ -150,6 +144,7 @@ class TrainingLog:
         meanings = [conventions.meaning(channel) for channel in hp.channel_names]  # flair, or 2023's t2f
         self.channel = meanings.index("flair") if "flair" in meanings else 0  # the image of the picture
         self.writer = open_tensorboard(hp.run_dir / "tensorboard", completed_epochs + 1) if hp.tensorboard else None
+        self.cases = read_manifest(hp.prepared_dir)["cases"] if hp.tensorboard else {}  # their affines: orientation
 
     def to_tensorboard(self, row, volumes=None, pred=None):
         """The epoch's scalars, and with pred (the labels predicted for volumes[0]) its picture. Called before
@@ -160,7 +155,9 @@ class TrainingLog:
         picture, tag = None, None
         if pred is not None:
             name, image, truth = volumes[0]  # (C, x, y, z), (x, y, z)
-            picture, tag = slice_picture(np.asarray(image[self.channel]), np.asarray(truth), pred), f"validation/{name}"
+            picture = slice_picture(np.asarray(image[self.channel]), np.asarray(truth), pred,
+                                    self.cases.get(name, {}).get("affine"), name, self.hp.data_format)
+            tag = f"validation/{name}"
         add_to_tensorboard(self.writer, row, picture, tag)
 
     def write(self, rows, best, device):

@@ -123,7 +123,9 @@ def test_two_processes_train_like_one_process_with_the_same_global_batch(tmp_pat
     assert two.stdout.count("epoch 2/2  loss") == 1
     assert two.stdout.count("non-finite loss at epoch 1 step 2: skipped") == 1
     assert sorted(p.name for p in (tmp_path / "run2").iterdir()) == [
-        "checkpoint_best.pt", "checkpoint_last.pt", "curves.png", "metrics.csv", "validation"]
+        "checkpoint_best.pt", "checkpoint_last.pt", "curves.png", "log.txt", "metrics.csv", "settings.txt", "validation"]
+    log = (tmp_path / "run2" / "log.txt").read_text()  # rank 0's console, once
+    assert log.count("epoch 2/2  loss") == 1 and log.count("non-finite loss at epoch 1 step 2: skipped") == 1
     rows = {p: torch.load(tmp_path / f"run{p}" / "checkpoint_last.pt", weights_only=True)["metrics"] for p in (2, None)}
     assert [row["skipped_steps"] for row in rows[2]] == [row["skipped_steps"] for row in rows[None]] == [1, 0]
     for row2, row1 in zip(rows[2], rows[None]):
@@ -184,6 +186,17 @@ def test_killed_run_resumes_under_torchrun_with_another_process_count(tmp_path, 
         assert done.stdout.count(f"epoch {epoch}/{epochs}  loss") == 1
     with open(run_dir / "metrics.csv") as file:
         assert [line.split(",")[0] for line in file.read().splitlines()[1:]] == [str(e) for e in range(1, epochs + 1)]
+    # log.txt: what the killed run printed (each line written as printed; it was killed as its checkpoint
+    # appeared, before or after that epoch's line), then the resumed run's, appended
+    log = (run_dir / "log.txt").read_text().splitlines()
+    resuming = next(i for i, line in enumerate(log)  # "...; changed: epochs 100 -> 3, batch_size 2 -> 1"
+                    if line.startswith(f"resuming {run_dir / 'checkpoint_last.pt'} after epoch {killed['epoch']};"))
+    assert log[0].startswith("training on cpu x 1 process(es)") and resuming > 0
+    before = [line.split()[1] for line in log[:resuming] if line.startswith("epoch ")]
+    assert before == [f"{epoch}/100" for epoch in range(1, len(before) + 1)] and len(before) >= killed["epoch"] - 1
+    assert log[resuming + 1].startswith("training on cpu x 2 process(es)")
+    assert [line.split()[1] for line in log[resuming:] if line.startswith("epoch ")] == [
+        f"{epoch}/{epochs}" for epoch in range(killed["epoch"] + 1, epochs + 1)]
 
     # validation split over 2 processes (cases 0, 2 and 1) gives the numbers of one process on the same weights
     hp = hyperparameters.load(settings)

@@ -254,3 +254,20 @@ def test_a_full_size_case_takes_under_2_s_of_cpu():
     metrics = evaluation.evaluate_pair(files[0], files[1])
     assert time.process_time() - start < 2.0
     assert 0.5 < metrics["WT"]["dice"] < 1.0
+
+
+def test_box_plot_explains_its_marks_and_shows_few_cases_as_points():
+    from matplotlib.colors import to_rgb
+    from bratsunet import evaluation, pictures
+    rows = [{f"{metric}_{region}": value for metric in ("dice", "hd95") for region in ("WT", "TC", "ET")}
+            for value in (0.2, 0.5, 0.7, 0.9)]
+    figure = evaluation.box_figure(rows)
+    key = [text.get_text() for text in figure.legends[0].get_texts()]
+    assert key[:3] == ["box: 25th to 75th percentile", "line: median", "triangle: mean"] and key[-1] == "dot: one case"
+    for axes in figure.axes:
+        dots = [line for line in axes.lines if line.get_marker() == "." and line.get_linestyle() == "None"]
+        assert sorted(len(line.get_ydata()) for line in dots) == [4, 4, 4]  # every case of every region
+        boxes = [patch for patch in axes.patches]
+        assert [to_rgb(box.get_edgecolor()) for box in boxes] == [pictures.REGION_COLORS[r] for r in ("WT", "TC", "ET")]
+    many = evaluation.box_figure(rows * 10)  # 40 cases: the boxes alone
+    assert "dot: one case" not in [text.get_text() for text in many.legends[0].get_texts()]

@@ -113,9 +113,31 @@ def test_a_resection_cavity_has_its_own_color_and_is_no_tumor_error(tmp_path):
     pred = np.where(truth == 4, 0, truth)  # the cavity missed, the tumor perfect
     views = viewports(render_to_png(tmp_path / "case.png", image, truth, pred, affine, data_format="brats2024"))
     palette = {**LABEL_COLORS, "cavity": LABEL_STYLE[4][0]}
-    # the orange cavity hue also catches red core seen through green edema: compare with the prediction
     assert color_counts(views[0], palette)["cavity"] > color_counts(views[1], palette)["cavity"] + 300
     assert sum(color_counts(views[2], ERROR_COLORS).values()) == 0  # a cavity is no tumor: no error
+
+
+def hue_distance(pixels, colors):
+    """Degrees from each vivid pixel's hue to the nearest hue of colors (RGB 0..1)."""
+    _, hue = vivid_hues(pixels)
+    centers = np.array([colorsys.rgb_to_hsv(*color)[0] for color in colors])
+    distance = np.abs(hue[:, None] - centers[None])
+    return 360 * np.minimum(distance, 1 - distance).min(axis=1)
+
+
+def test_every_color_of_a_render_is_one_of_its_key(tmp_path):
+    """Nothing blends into a color the key does not name: the core inside edema is red, not orange."""
+    image, truth, affine = generated("tumor", seed=1)
+    pred = truth.copy()
+    pred[truth == 2] = np.where(np.indices(SHAPE)[0][truth == 2] < SHAPE[0] // 2, 0, 2)  # missed edema: errors
+    pixels = render_to_png(tmp_path / "case.png", image, truth, pred, affine)
+    key = [color for _, color in pictures.label_key([truth, pred]) + pictures.error_key()]
+    for view in viewports(pixels):
+        distance = hue_distance(view, key)
+        assert np.mean(distance > 8) < 0.005, f"{np.mean(distance > 8):.1%} of the colors are none of the key's"
+    core = hue_distance(viewports(pixels)[0], [LABEL_COLORS["core"]]) < 8
+    assert core.sum() > 200  # the core is seen, in its own red
+    assert Image.open(tmp_path / "case.png").info["dpi"] == pytest.approx((pictures.DPI, pictures.DPI), abs=0.1)
 
 
 def test_superior_is_up_whatever_the_storage_order(tmp_path):
@@ -142,6 +164,9 @@ def test_real_sample_full_size_renders_fast_and_shows_all_labels(tmp_path, sampl
         counts = color_counts(view, LABEL_COLORS)
         assert min(counts.values()) > 200, counts
     assert min(color_counts(errors, ERROR_COLORS).values()) > 50
+    key = [color for _, color in pictures.label_key([truth, pred]) + pictures.error_key()]
+    for view in (target, prediction, errors):  # no blend the key does not name (orange core, blue-violet errors)
+        assert np.mean(hue_distance(view, key) > 8) < 0.005
 
 
 def test_turntable_turns_once_around(tmp_path):
@@ -162,11 +187,15 @@ def test_turntable_turns_once_around(tmp_path):
     assert camera.GetViewUp()[2] > 0.99  # turned around the vertical axis
 
 
-def test_slice_overlay_shows_label_colors(tmp_path):
+def test_slice_overlay_shows_label_colors_and_their_key(tmp_path):
     image, truth, affine = generated("tumor", seed=1)
     pictures.slice_overlay_png(image, truth, truth, tmp_path / "slices.png", affine)
-    counts = color_counts(np.asarray(Image.open(tmp_path / "slices.png").convert("RGB")), LABEL_COLORS)
+    pixels = np.asarray(Image.open(tmp_path / "slices.png").convert("RGB"))
+    counts = color_counts(pixels, LABEL_COLORS)
     assert counts["edema"] > 50 and counts["enhancing"] > 10
+    for name, color in pictures.label_key([truth]) + pictures.error_key():  # the key's patches, in pure color
+        assert np.all(pixels == np.round(255 * np.array(color)), axis=-1).sum() > 50, name
+    assert Image.open(tmp_path / "slices.png").info["dpi"] == pytest.approx((pictures.DPI, pictures.DPI), abs=0.1)
 
 
 def write_prediction(tiny_raw, prediction_dir, name):

@@ -53,7 +53,8 @@ def test_training_loss_falls_and_metrics_csv_has_a_row_per_epoch(full_run):
     assert float(rows[-1]["dice_mean"]) == pytest.approx(result["dice_mean"], rel=1e-5)
     assert (hp.run_dir / "curves.png").stat().st_size > 10_000
     assert sorted(p.name for p in hp.run_dir.iterdir()) == [
-        "checkpoint_best.pt", "checkpoint_last.pt", "curves.png", "metrics.csv", "validation"]  # no temporary files
+        "checkpoint_best.pt", "checkpoint_last.pt", "curves.png", "log.txt", "metrics.csv", "settings.txt",
+        "validation"]  # no temporary files
     # the validation cases predicted with the best checkpoint, probabilities too: the out-of-fold predictions
     val_names = manifest.split_cases(manifest.read_manifest(hp.prepared_dir))[1]
     assert sorted(p.name for p in (hp.run_dir / "validation").iterdir()) == sorted(

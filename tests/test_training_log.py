@@ -3,6 +3,9 @@ and train.py in a real IPython kernel with the inline backend, as Spyder and PyC
 import base64
 import csv
 import io
+import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -11,8 +14,7 @@ import pytest
 from PIL import Image
 
 import train
-from bratsunet.pictures import REGION_COLORS, slice_picture
-from bratsunet import checkpoints, hyperparameters, training_log
+from bratsunet import checkpoints, generator, hyperparameters, pictures, training_log
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"num_workers": 0, "features": "4, 8, 16", "patch_size": "16, 16, 16", "batch_size": 2, "epochs": 2,
@@ -55,30 +57,52 @@ def test_tensorboard_logs_each_epoch_once_across_a_resume(tmp_path, tiny_prepare
                         *((f"dice/{r}", f"dice_{r}") for r in ("WT", "TC", "ET", "mean"))]:
         assert [step for step, _ in scalars[tag]] == [1, 2, 3], tag  # epoch 2 of the killed run purged
         assert [value for _, value in scalars[tag]] == pytest.approx([float(r[column]) for r in rows], rel=1e-5)
-    [(tag, pictures)] = images.items()
-    assert tag.startswith("validation/BraTS20_Training_") and [step for step, _ in pictures] == [1, 2, 3]
-    truth_panel = pictures[-1][1][:, : pictures[-1][1].shape[1] // 2]
-    for color in REGION_COLORS.values():  # the true outline of every region is drawn
-        assert np.all(truth_panel == color, axis=-1).any()
+    [(tag, shown)] = images.items()
+    assert tag.startswith("validation/BraTS20_Training_") and [step for step, _ in shown] == [1, 2, 3]
+    for name, color in pictures.label_key([np.array([1, 2, 3])]):  # the key of the picture: every tumor label
+        assert np.all(shown[-1][1] == np.round(255 * np.array(color)), axis=-1).sum() > 20, name
 
 
-def test_slice_picture_outlines_truth_and_prediction_on_the_slice_with_most_tumor():
-    image = np.zeros((20, 16, 6), dtype=np.float32)
-    image[2:18, 2:14] = 1.0 + np.arange(6)  # brighter with z
-    truth = np.zeros((20, 16, 6), dtype=np.uint8)
-    truth[5:10, 4:12, 3] = 2  # edema, 5 x 8: the most tumor on slice 3
-    truth[5:7, 4:6, 1] = 3
-    pred = np.zeros_like(truth)
-    pred[6:9, 5:8, 3] = 1  # core, 3 x 3
-    picture = slice_picture(image, truth, pred)
-    assert picture.shape == (16, 40, 3) and picture.dtype == np.uint8
-    truth_panel, pred_panel = picture[:, :20], picture[:, 20:]
-    green, red = REGION_COLORS["WT"], REGION_COLORS["TC"]
-    assert np.all(truth_panel == green, axis=-1).sum() == 5 * 8 - 3 * 6  # the ring around the 5 x 8 box
-    assert not np.all(truth_panel == red, axis=-1).any()
-    assert np.all(pred_panel == red, axis=-1).sum() == 8  # TC outline of the 3 x 3 core, WT drawn under it
-    # rows run along y with the last row on top: voxel (x, y) = (5, 4) is at row 15 - 4, column 5
-    assert tuple(truth_panel[15 - 4, 5]) == green and tuple(truth_panel[15, 0]) == (0, 0, 0)
+def corner_case():
+    """A 40 x 36 x 12 brain in the BraTS orientation (storage x toward the left, y toward the back) with its tumor in
+    the patient's right anterior corner, on slice 7: edema around a core -> (image, truth, affine)."""
+    shape = (40, 36, 12)
+    affine = generator.brats_affine(shape)
+    image = np.zeros(shape, np.float32)
+    image[2:38, 2:34, 2:10] = np.random.default_rng(0).uniform(50, 150, (36, 32, 8))
+    truth = np.zeros(shape, np.uint8)
+    truth[3:12, 3:12, 5:9] = 2  # small x and y indices: the patient's right (x) and front (y) in this orientation
+    truth[5:9, 5:9, 7] = 1
+    return image, truth, affine
+
+
+def green(pixels):
+    """Where the pixels (..., 3) are edema-green over grey: green well above red and blue."""
+    pixels = pixels.astype(float) / (255 if pixels.dtype == np.uint8 else 1)
+    return (pixels[..., 1] > pixels[..., 0] + 0.15) & (pixels[..., 1] > pixels[..., 2] + 0.15)
+
+
+def test_tensorboard_picture_is_the_slice_overlay_oriented_and_labelled():
+    image, truth, affine = corner_case()
+    corner, middle = affine @ [3, 3, 0, 1], affine @ [30, 30, 0, 1]
+    assert corner[0] > middle[0] and corner[1] > middle[1]  # index 3 lies to the right and to the front (RAS+)
+    figure = pictures.slice_figure(image, truth, truth, affine, "case")
+    assert [axes.get_title() for axes in figure.axes] == ["Target", "Prediction", "Errors"]
+    target = figure.axes[0].images[0].get_array()  # (rows, columns, 3) as shown
+    tumor = np.argwhere(green(target))
+    height, width = target.shape[:2]
+    assert len(tumor) > 20 and tumor[:, 0].mean() < height / 3 and tumor[:, 1].mean() < width / 3  # top left
+
+    picture = pictures.slice_picture(image, truth, truth, affine, "case")  # TensorBoard's: the same figure
+    assert picture.dtype == np.uint8 and picture.shape[1] >= 900
+    panel = picture[: int(0.86 * picture.shape[0]), : picture.shape[1] // 3]  # the first panel, above the key
+    brain, tumor = np.argwhere(panel.max(-1) > 40), np.argwhere(green(panel))
+    assert len(tumor) > 50
+    top, left, bottom, right = *brain.min(0), *brain.max(0)
+    assert tumor[:, 0].mean() < top + (bottom - top) / 3 and tumor[:, 1].mean() < left + (right - left) / 3
+    for name, color in pictures.label_key([truth]) + pictures.error_key():  # the key's patches, in pure color
+        assert np.all(picture == np.round(255 * np.array(color)), axis=-1).sum() > 20, name
+    assert [name for name, _ in pictures.label_key([truth])] == ["edema (2)", "necrotic and non-enhancing core (1)"]
 
 
 def test_tensorboard_is_imported_only_when_asked_and_named_when_missing(tmp_path, monkeypatch):
@@ -138,11 +162,88 @@ def test_train_in_an_ipython_kernel_shows_one_plot_per_epoch_and_clean_bars(tmp_
         assert np.array_equal(picture, np.asarray(Image.open(io.BytesIO(base64.b64decode(reference["image/png"])))
                                                   .convert("RGB")))
     lines = as_shown(stdout)
-    # the bars of the epochs went to stdout, where the epoch's line replaces them; on stderr only the bar of
-    # the out-of-fold predictions at the end, predict.py's own
-    assert all(line.startswith("predict validation:") for line in as_shown(stderr) if line), stderr
+    # every bar went to stdout, where the line that reports its result replaces it: nothing on stderr (red in Spyder)
+    assert stderr == "", stderr
     epoch_lines = [i for i, line in enumerate(lines) if line.startswith("epoch ")]
     assert [lines[i][:9] for i in epoch_lines] == ["epoch 1/2", "epoch 2/2"]
     assert all(" loss " in lines[i] and "%|" not in lines[i] for i in epoch_lines)
     assert epoch_lines[1] == epoch_lines[0] + 1  # no blank or bar lines
     assert [line.split(" into ")[0] for line in lines[epoch_lines[1] + 1:]] == ["predicted 2 validation case(s)", ""]
+
+
+STAND_IN = '''"""A stand-in for PyCharm's plots tool window backend (module://backend_interagg, which ships inside
+PyCharm, not on the package index): an Agg canvas whose show() hands each open figure's PNG to the IDE and then
+closes the figure, as that backend does. Here the PNGs go into the folder $SHOWN_DIR, numbered."""
+import itertools
+import os
+
+from matplotlib._pylab_helpers import Gcf
+from matplotlib.backend_bases import FigureManagerBase
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+numbers = itertools.count()
+
+
+class FigureManager(FigureManagerBase):
+    def show(self):
+        self.canvas.figure.savefig(os.path.join(os.environ["SHOWN_DIR"], f"{next(numbers)}.png"), format="png")
+        Gcf.destroy(self.num)
+
+
+class FigureCanvas(FigureCanvasAgg):
+    manager_class = FigureManager
+
+
+def show(*args, **kwargs):
+    for manager in Gcf.get_all_fig_managers():
+        manager.show()
+'''
+
+
+def pycharm_run(tmp_path, tiny_prepared, env):
+    """python train.py as PyCharm's Run button starts it (PYCHARM_HOSTED=1), with env -> (process, its run_dir)."""
+    settings = tmp_path / "hp.txt"
+    settings.write_text("".join(f"{key}: {value}\n" for key, value in
+                                {**TINY, "prepared_dir": tiny_prepared, "run_dir": tmp_path / "run"}.items()))
+    env = {**os.environ, "PYCHARM_HOSTED": "1", **env}
+    done = subprocess.run([sys.executable, str(REPO / "train.py"), "--hp", str(settings)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done, tmp_path / "run"
+
+
+def test_pycharm_plots_tool_window_gets_one_picture_of_the_curves_per_epoch(tmp_path, tiny_prepared):
+    (tmp_path / "pycharm_plots_stand_in.py").write_text(STAND_IN)
+    shown = tmp_path / "shown"
+    shown.mkdir()
+    done, run_dir = pycharm_run(tmp_path, tiny_prepared, {
+        "MPLBACKEND": "module://pycharm_plots_stand_in", "SHOWN_DIR": str(shown),
+        "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])})
+    rows = checkpoints.load_checkpoint(run_dir / "checkpoint_last.pt")["metrics"]
+    pictures_shown = sorted(shown.iterdir(), key=lambda path: int(path.stem))
+    assert len(pictures_shown) == len(rows) == 2  # one per epoch, none empty or repeated
+    for k, path in enumerate(pictures_shown, start=1):
+        from matplotlib.figure import Figure
+        expected = io.BytesIO()
+        training_log.draw_curves(rows[:k], Figure((13, 3.8))).savefig(expected, format="png")
+        assert np.array_equal(np.asarray(Image.open(path).convert("RGB")),
+                              np.asarray(Image.open(expected).convert("RGB")))
+    assert "epoch 2/2  loss" in done.stdout and "%|" not in done.stderr  # the bars on stdout, none in red
+
+
+def test_pycharm_run_with_a_window_backend_draws_its_curves_without_waiting(tmp_path, tiny_prepared):
+    """PyCharm without its plots tool window: a Tk window under Xvfb; training goes on while it is open."""
+    missing = [tool for tool in ("Xvfb", "xdotool") if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"{' and '.join(missing)} not installed (apt-get install xvfb xdotool; .ci/run installs them)")
+    pytest.importorskip("tkinter", reason="this Python has no Tk")
+    server = subprocess.Popen(["Xvfb", "-displayfd", "1", "-screen", "0", "1600x900x24", "-nolisten", "tcp"],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        display = f":{server.stdout.readline().strip()}"
+        done, run_dir = pycharm_run(tmp_path, tiny_prepared, {"DISPLAY": display, "MPLBACKEND": "TkAgg"})
+    finally:
+        server.terminate()
+        server.wait(10)
+    assert "epoch 2/2  loss" in done.stdout and (run_dir / "curves.png").is_file()
+    assert "Traceback" not in done.stderr and "%|" not in done.stderr
