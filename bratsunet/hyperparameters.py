@@ -315,18 +315,19 @@ DEMO_FOLDERS = {"raw_data_dir": "data/raw", "prepared_dir": "data/prepared", "ru
                 "prediction_dir": "runs/demo/predictions"}
 
 
-def own_folders(hp):
+def own_folders(values):
     """{key: folder} for the folders left at the demo's while the data is another: with a raw_data_dir other than
     the demo's, prepared_dir becomes data/{its name}_prepared and run_dir runs/{its name}; prediction_dir follows
-    run_dir (run_dir/predictions). A dataset's arrays, runs and predictions never land in the demo's folders."""
+    run_dir (run_dir/predictions). A dataset's arrays, runs and predictions never land in the demo's folders.
+    values: the typed settings {key: value} (read here, not by the script)."""
     demo = {key: DEFAULT_FILE.parent / folder for key, folder in DEMO_FOLDERS.items()}
-    own, name = {}, hp.raw_data_dir.name if hp.raw_data_dir else ""
-    if hp.raw_data_dir not in (None, demo["raw_data_dir"]):
+    own, name = {}, values["raw_data_dir"].name if values["raw_data_dir"] else ""
+    if values["raw_data_dir"] not in (None, demo["raw_data_dir"]):
         own.update({key: folder for key, folder in (("prepared_dir", demo["raw_data_dir"].parent / f"{name}_prepared"),
                                                     ("run_dir", demo["run_dir"].parent / name))
-                    if getattr(hp, key) == demo[key]})
-    run_dir = own.get("run_dir", hp.run_dir)
-    if hp.prediction_dir == demo["prediction_dir"] and run_dir != demo["run_dir"]:
+                    if values[key] == demo[key]})
+    run_dir = own.get("run_dir", values["run_dir"])
+    if values["prediction_dir"] == demo["prediction_dir"] and run_dir != demo["run_dir"]:
         own["prediction_dir"] = run_dir / "predictions"
     return own
 
@@ -347,7 +348,7 @@ def load(path=None, overrides=None):
         hp = hp.updated(dict(_split_override(item) for item in overrides), "command line", Path.cwd())
     else:
         hp = hp.updated(overrides or {}, "command line")
-    return hp.updated(own_folders(hp), "own_folders")
+    return hp.updated(own_folders(hp._values), "own_folders")
 
 
 def _split_override(item):

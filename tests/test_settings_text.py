@@ -113,7 +113,7 @@ def test_settings_file_of_a_run_reads_back_the_same(tmp_path):
 
 
 def test_a_value_that_cannot_be_written_back_is_named(tmp_path, capsys):
-    hp = hyperparameters.load(overrides={"run_dir": tmp_path / "runs #2"})  # ' #' starts a comment in a file
+    hp = hyperparameters.load(overrides={"run_dir": tmp_path / "runs #2", "prediction_dir": tmp_path / "p"})  # " #" starts a comment
     settings_text.write_settings_file(hp, tmp_path / "settings.txt", "train.py")
     assert "run_dir cannot be written so that --hp reads it back the same" in capsys.readouterr().out
 
