@@ -16,7 +16,8 @@ from tqdm import tqdm
 from bratsunet import hyperparameters
 from bratsunet.cases import CaseError, find_cases, load_case, no_segmentation
 from bratsunet.files import NO_ROOM, atomic_write, sole_writer
-from bratsunet.manifest import FORMAT_VERSION, MANIFEST, SPLIT_SETTINGS, assign_splits, read_manifest
+from bratsunet.manifest import (FORMAT_VERSION, GRADES_FILE, MANIFEST, SPLIT_RULE, SPLIT_SETTINGS, assign_splits,
+                                case_grades, read_manifest)
 from bratsunet.preprocessing import preprocess
 
 
@@ -113,11 +114,28 @@ def _prepare_all(cases, settings, prepared_dir, num_workers):
     return results
 
 
-def check_resplit(prepared_dir, splits, hp):
-    """A split unlike dataset.json's: CaseError when run_dir holds a run, trained on the old one; else said."""
+def earlier_manifest(prepared_dir):
+    """The dataset.json already in prepared_dir, or None (not split yet, or unreadable)."""
     try:
-        old = read_manifest(prepared_dir)
-    except (FileNotFoundError, ValueError):  # not split yet, or unreadable
+        return read_manifest(prepared_dir)
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def kept_cuts(old, hp):
+    """The cuts of the earlier split when it was made by this rule with these settings: cases that come or go then
+    move no other case. None otherwise."""
+    was = (old or {}).get("settings", {})
+    keys = [key for key in SPLIT_SETTINGS if key != "val_fraction" or hp.num_folds == 1]
+    if was.get("split_rule") != SPLIT_RULE or any(was.get(key) != getattr(hp, key) for key in keys):
+        return None
+    return was.get("split_cuts")
+
+
+def check_resplit(old, splits, hp):
+    """A split unlike the earlier dataset.json's: CaseError when run_dir holds a run trained on the old one; else
+    said."""
+    if old is None:
         return
     before = {name: [case["split"], case.get("fold")] for name, case in old["cases"].items()
               if case["split"] != "unlabeled"}
@@ -126,11 +144,13 @@ def check_resplit(prepared_dir, splits, hp):
     was, added, gone = old.get("settings", {}), len(set(splits) - set(before)), len(set(before) - set(splits))
     reasons = ", ".join([f"{key} {was.get(key)} -> {getattr(hp, key)}" for key in SPLIT_SETTINGS
                          if was.get(key) != getattr(hp, key) and (key != "val_fraction" or hp.num_folds == 1)]
-                        + [f"{added} new case(s)"] * bool(added) + [f"{gone} case(s) gone"] * bool(gone))
+                        + [f"{added} new case(s)"] * bool(added) + [f"{gone} case(s) gone"] * bool(gone)
+                        + [f"the split rule: {SPLIT_RULE}"] * (was.get("split_rule") != SPLIT_RULE)) or \
+        f"the grades of {GRADES_FILE}"
     runs = [path for path in (hp.run_dir / "checkpoint_last.pt", *hp.run_dir.glob("fold_*/checkpoint_last.pt"))
             if path.is_file()]
     if runs:
-        raise CaseError(f"{Path(prepared_dir) / MANIFEST}: its split would change ({reasons}) under the runs trained "
+        raise CaseError(f"{Path(hp.prepared_dir) / MANIFEST}: its split would change ({reasons}) under the runs trained "
                         f"on it ({runs[0]}): set the settings back, prepare into a new prepared_dir, or delete this "
                         "dataset.json to split anew")
     print(f"split again ({reasons}): no run in {hp.run_dir} trained on the old split")
@@ -164,14 +184,17 @@ def build_manifest(hp, settings, cases, problems, results):
     kept = {name: r for name, r in records.items() if not r.get("filtered")}
     unlabeled = {case.name: no_segmentation(case, hp.seg_channel_name) + "; prepared as unlabeled" for case in cases
                  if case.seg_path is None and case.name in kept}
-    splits = assign_splits([n for n, r in kept.items() if r["seg"]], hp)
-    check_resplit(hp.prepared_dir, splits, hp)
+    grades, old = case_grades(hp.raw_data_dir), earlier_manifest(hp.prepared_dir)
+    splits, cuts = assign_splits([n for n, r in kept.items() if r["seg"]], hp, grades, kept_cuts(old, hp))
+    check_resplit(old, splits, hp)
     for name, record in kept.items():
         record.pop("fingerprint")
         record["split"], record["fold"] = splits.get(name, ["unlabeled", None])
+        if name in grades:
+            record["grade"] = grades[name]
     return {"version": FORMAT_VERSION, "channel_names": list(hp.channel_names),
             "settings": {**settings, **{key: getattr(hp, key) for key in SPLIT_SETTINGS},
-                         "raw_data_dir": str(hp.raw_data_dir)},
+                         "split_rule": SPLIT_RULE, "split_cuts": cuts, "raw_data_dir": str(hp.raw_data_dir)},
             "cases": dict(sorted(kept.items())), "filtered": dict(sorted(filtered.items())),
             "skipped": dict(sorted(skipped.items())), "unlabeled": dict(sorted(unlabeled.items()))}
 
@@ -185,6 +208,12 @@ def print_summary(manifest, prepared_dir):
     for label, count in folds + [("test", splits.count("test")), ("unlabeled", splits.count("unlabeled")),
                                  ("filtered", len(manifest["filtered"])), ("skipped", len(manifest["skipped"]))]:
         print(f"{label:<14} {count:>5}")
+    for grade in sorted({case["grade"] for case in cases if "grade" in case}):  # the strata of the split
+        of = [case for case in cases if case.get("grade") == grade]
+        count = lambda split, fold=None: sum(c["split"] == split and (fold is None or c["fold"] == fold) for c in of)
+        parts = [f"train {count('train')}", f"validation {count('val')}"] if num_folds == 1 else [
+            "folds " + " + ".join(str(count("val", k)) for k in range(num_folds))]
+        print(f"  grade {grade}: {', '.join(parts)}, test {count('test')} ({GRADES_FILE})")
     for title in ("filtered", "skipped", "unlabeled"):
         for name, reason in manifest.get(title, {}).items():
             print(f"  {title} {name}: {reason}")

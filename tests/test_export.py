@@ -35,7 +35,7 @@ def write_checkpoint(folder, settings, seed=0):
             module.running_var.uniform_(0.5, 2.0)
     state = {"model_args": network.model_args(hp), "model": net.state_dict(), "hyperparameters": hp.to_dict(),
              "epoch": 7, "best_score": 0.5}
-    checkpoints.save_checkpoint(state, folder / "checkpoint_best.pt")
+    checkpoints.save_checkpoint(state, folder / "checkpoint_final.pt")  # export.py's default
     return hp, net.eval()
 
 
@@ -87,7 +87,7 @@ def test_another_architecture_exports_with_its_own_shapes_and_metadata(exported)
     with torch.no_grad():
         expected = net(image).numpy()  # eval mode: one head, the running batch statistics
     assert np.abs(session.run(None, {"image": image.numpy()})[0] - expected).max() < 1e-4
-    assert sorted(p.name for p in path.parent.iterdir()) == ["checkpoint_best.pt", "model.onnx"]  # no leftovers
+    assert sorted(p.name for p in path.parent.iterdir()) == ["checkpoint_final.pt", "model.onnx"]  # no leftovers
 
 
 def test_onnx_backend_predicts_the_real_case_as_pytorch_does(exported, sample_case, tmp_path):
@@ -112,14 +112,14 @@ def test_onnx_backend_predicts_the_real_case_as_pytorch_does(exported, sample_ca
 
 
 def test_export_of_a_corrupt_checkpoint_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys):
-    (tmp_path / "checkpoint_best.pt").write_bytes(b"PK\x03\x04 not a checkpoint")
+    (tmp_path / "checkpoint_final.pt").write_bytes(b"PK\x03\x04 not a checkpoint")
     monkeypatch.setattr(sys, "argv", ["export.py", f"run_dir={tmp_path}"])
     with pytest.raises(SystemExit) as stop:
         export.main()
     message = str(stop.value.code)
-    assert message.startswith(f"error: {tmp_path / 'checkpoint_best.pt'}: corrupt or truncated checkpoint")
+    assert message.startswith(f"error: {tmp_path / 'checkpoint_final.pt'}: corrupt or truncated checkpoint")
     assert "\n" not in message
-    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint_best.pt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint_final.pt"]
 
 
 def test_checkpoint_globs_export_one_model_per_folder_and_refuse_a_shared_one(tmp_path):
