@@ -11,7 +11,7 @@ Which cases do what (the split is written once into dataset.json by prepare_data
   names the checkpoint (train.py does this at the end of every fold);
 - together these out-of-fold predictions cover every labelled case outside the test split, each predicted by the
   one model that did not train on it: they give the cross-validation result (run_dir/crossval.csv, the printed
-  summary, the number papers report, and crossval_boxplot.png) and tune the postprocessing
+  summary, the number papers report, kept in crossval_log.txt, and crossval_boxplot.png) and tune the postprocessing
   (run_dir/postprocessing.json, and postprocessing.png: the mean ET Dice of every threshold tried);
 - the test split plays no part here: predict.py (the ensemble of the folds) and evaluate.py report it.
 
@@ -32,7 +32,7 @@ import time
 
 import numpy as np
 
-from bratsunet import cases, conventions, devices, evaluation, inference, settings_text, training
+from bratsunet import cases, console, conventions, devices, evaluation, inference, settings_text, training
 from bratsunet.cases import CaseError
 from bratsunet.files import atomic_write
 from bratsunet.manifest import fold_cases, fold_dir, read_manifest, split_cases
@@ -140,12 +140,21 @@ def summary_table(rows, rows_with, et_min_voxels):
 
 def crossval(hp):
     """Train the missing folds, then the cross-validation result and the ET threshold over the out-of-fold
-    predictions: writes run_dir/crossval.csv and run_dir/postprocessing.json -> the postprocessing record."""
+    predictions: writes run_dir/crossval.csv, run_dir/postprocessing.json and what it printed of them in
+    run_dir/crossval_log.txt -> the postprocessing record."""
     manifest = read_manifest(hp.prepared_dir, hp.data_format)
     fold_cases(manifest, hp)  # dataset.json must hold hp.num_folds folds: say so before any training
     results = train_folds(hp)
     if int(os.environ.get("RANK", 0)) != 0:  # under torchrun: the evaluation once, in the main process
         return None
+    with console.KeptConsole() as kept:  # each fold's console is in its own log.txt
+        kept.keep_in(hp.run_dir / "crossval_log.txt")
+        return cross_validation_result(hp, manifest, results)
+
+
+def cross_validation_result(hp, manifest, results):
+    """crossval()'s evaluation of the out-of-fold predictions of the trained folds (results: {fold: (train()'s
+    result, seconds)})."""
     data_format = cases.label_convention(hp.data_format, [hp.raw_data_dir])  # msd, nnunet: their dataset.json's
     rows, not_evaluated, missing, sources = out_of_fold_rows(hp, manifest, data_format)
     if not rows:

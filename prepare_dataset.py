@@ -160,9 +160,9 @@ def check_resplit(old, splits, hp, before_work=False):
     runs = [path for path in (hp.run_dir / "checkpoint_last.pt", *hp.run_dir.glob("fold_*/checkpoint_last.pt"))
             if path.is_file()]
     if runs:
-        raise CaseError(f"{Path(hp.prepared_dir) / MANIFEST}: its split would change ({reasons}) under the runs trained "
-                        f"on it ({runs[0]}): set the settings back, prepare into a new prepared_dir, or delete this "
-                        "dataset.json to split anew")
+        raise CaseError(f"{Path(hp.prepared_dir) / MANIFEST}: its split would change ({reasons}) under the runs "
+                        f"trained on it ({runs[0]}): set the settings back, prepare into a new prepared_dir, or delete "
+                        "this dataset.json to split anew")
     if not before_work:
         print(f"split again ({reasons}): no run in {hp.run_dir} trained on the old split")
 

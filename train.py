@@ -95,8 +95,8 @@ def train_fold(hp, device, precision, rank, world_size, split, kept, ran_with):
     for epoch in range(done + 1, hp.epochs + 1):
         start, lr = time.perf_counter(), optimizer.param_groups[0]["lr"]  # the epoch's first learning rate
         sampler.set_epoch(epoch)
-        train_loss, skipped = training.train_epoch(train_model, loader, optimizer, scheduler, scaler, loss_fn, hp, device,
-                                          dtype, epoch, world_size, main_process)
+        train_loss, skipped = training.train_epoch(train_model, loader, optimizer, scheduler, scaler, loss_fn, hp,
+                                                   device, dtype, epoch, world_size, main_process)
         diverged = network.non_finite_weights(net)  # the same in every process: the gradients are all-reduced
         if diverged:
             raise ValueError(f"epoch {epoch}: the weights became NaN or Inf ({', '.join(diverged[:3])}); stopped "
@@ -116,9 +116,9 @@ def train_fold(hp, device, precision, rank, world_size, split, kept, ran_with):
             log.to_tensorboard(row, volumes, labels)
             state = {"model_args": network.model_args(hp), "model": net.state_dict(), "epoch": epoch,
                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "scaler": scaler.state_dict(), "best_score": best_score, "metrics": rows, "rng": checkpoints.rng_state(),
-                     "hyperparameters": hp.to_dict(), "world_size": world_size, "split": split,
-                     "disk_labels": disk_labels}
+                     "scaler": scaler.state_dict(), "best_score": best_score, "metrics": rows,
+                     "rng": checkpoints.rng_state(), "hyperparameters": hp.to_dict(), "world_size": world_size,
+                     "split": split, "disk_labels": disk_labels}
             saved = epoch % hp.save_every == 0 or epoch == hp.epochs  # the GPUs wait while these are written
             if saved:
                 checkpoints.save_checkpoint(state, hp.run_dir / "checkpoint_last.pt")

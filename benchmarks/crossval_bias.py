@@ -37,7 +37,7 @@ def main():
         net, checkpoint = checkpoints.load_model(run.run_dir / "checkpoint_best.pt", device)
         epochs[fold] = checkpoint["epoch"]
         inference.predict_validation(run.replace(run_dir=run.run_dir / "best"), split_cases(manifest, fold)[1], net,
-                                     checkpoint["epoch"])
+                                     checkpoint["epoch"], checkpoint="checkpoint_best.pt")
     final, cases = out_of_fold_scores(hp, manifest, lambda fold: fold_dir(hp, fold) / "validation")
     best, _ = out_of_fold_scores(hp, manifest, lambda fold: fold_dir(hp, fold) / "best" / "validation")
     print(f"\n{cases} out-of-fold cases of {hp.num_folds} folds; checkpoint_best.pt of epochs "

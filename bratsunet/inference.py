@@ -313,16 +313,16 @@ def predict_cases(hp, cases, model=None):
     return written
 
 
-def predict_validation(hp, names, net, epoch, rank=0, world_size=1, overwrite=False):
+def predict_validation(hp, names, net, epoch, rank=0, world_size=1, overwrite=False, checkpoint=FINAL_CHECKPOINT):
     """The out-of-fold predictions of the fold whose run is in hp.run_dir: its validation cases `names`, from their
     prepared arrays as validation saw them (prepared_dir is all a fold needs), with net, the network of the fold's
-    checkpoint_final.pt (the weights of its last epoch, `epoch`), into run_dir/validation: label maps in the raw grid
-    (crop box, shape and affine from dataset.json) and probabilities, no postprocessing (crossval.py tunes it on them),
-    and VALIDATION_RECORD, the checkpoint that made them; those of another checkpoint are made again. Under torchrun
+    `checkpoint` (checkpoint_final.pt: the weights of its last epoch, `epoch`), into run_dir/validation: label maps
+    in the raw grid (crop box, shape and affine from dataset.json) and probabilities, no postprocessing (crossval.py
+    tunes it on them), and VALIDATION_RECORD, the checkpoint that made them; those of another are made again. Under torchrun
     every process predicts its share and process 0 writes them all, a case per process at a time, so that no
     process waits longer than that -> the names predicted now."""
     hp = hp.replace(prediction_dir=hp.run_dir / "validation", save_probabilities=True, et_min_voxels=0)
-    record, source = hp.prediction_dir / VALIDATION_RECORD, {"checkpoint": FINAL_CHECKPOINT, "epoch": epoch}
+    record, source = hp.prediction_dir / VALIDATION_RECORD, {"checkpoint": checkpoint, "epoch": epoch}
 
     def to_do():  # process 0's files decide
         redo = overwrite or not record.is_file() or json.loads(record.read_text()) != source
@@ -352,6 +352,6 @@ def predict_validation(hp, names, net, epoch, rank=0, world_size=1, overwrite=Fa
     if rank == 0:
         if todo:
             atomic_write(record, lambda tmp: tmp.write_text(json.dumps(source)))
-        print(f"predicted {len(todo)} validation case(s) into {hp.prediction_dir} with {FINAL_CHECKPOINT} (epoch "
+        print(f"predicted {len(todo)} validation case(s) into {hp.prediction_dir} with {checkpoint} (epoch "
               f"{epoch})" + f", {len(names) - len(todo)} already there" * (len(todo) < len(names)))
     return todo

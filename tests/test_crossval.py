@@ -237,6 +237,9 @@ def test_the_test_split_never_reaches_training_selection_or_tuning(cv_run):
         assert (hp.run_dir / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert record["cases"] == 8 and 0 <= record["et_min_voxels"] <= 300
     assert record["mean_dice_ET"]["with"] >= record["mean_dice_ET"]["without"]
+    kept = (hp.run_dir / "crossval_log.txt").read_text()  # the printed result, kept beside crossval.csv
+    assert "==== cross-validation: 8 out-of-fold case(s) of 2 fold(s) ====" in kept and "| WT |" in kept
+    assert "fold 1: out-of-fold predictions of checkpoint_final.pt, epoch 2" in kept and "epoch 1/2" not in kept
 
 
 def test_predict_takes_the_test_split_with_the_fold_ensemble_and_evaluate_expects_it(cv_run, capsys):
