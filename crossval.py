@@ -5,15 +5,18 @@ out-of-fold predictions, and the enhancing-tumor threshold tuned on them.
     python crossval.py --hp hyperparameters_brats2020_gpu.txt
 
 Which cases do what (the split is written once into dataset.json by prepare_dataset.py):
-- fold K trains on the other folds; its validation cases select its checkpoint_best.pt and are then predicted
-  with it into run_dir/fold_K/validation/ (train.py does this at the end of every fold);
+- fold K trains on the other folds; its validation cases give the curves (and checkpoint_best.pt), and at the end
+  of the fold they are predicted with its final weights (checkpoint_final.pt, the last epoch, as nnU-Net does:
+  no checkpoint chosen on the cases it is scored on) into run_dir/fold_K/validation/, whose predicted_with.json
+  names the checkpoint (train.py does this at the end of every fold);
 - together these out-of-fold predictions cover every labelled case outside the test split, each predicted by the
   one model that did not train on it: they give the cross-validation result (run_dir/crossval.csv, the printed
   summary, the number papers report, and crossval_boxplot.png) and tune the postprocessing
   (run_dir/postprocessing.json, and postprocessing.png: the mean ET Dice of every threshold tried);
 - the test split plays no part here: predict.py (the ensemble of the folds) and evaluate.py report it.
 
-The folds run one after another in this process (under torchrun: in one process group, rank 0 evaluating). Each
+The folds run one after another in this process (under torchrun: in one process group; process 0's disk decides
+which folds to resume, all processes predict the out-of-fold cases, process 0 writes and evaluates them). Each
 can also run on its own (`python train.py fold=K`, on another machine or under torchrun): this script then trains
 only what is missing. A stopped fold resumes; a fold that has reached `epochs` is only checked against
 dataset.json and its missing validation predictions made.
@@ -29,7 +32,7 @@ import time
 
 import numpy as np
 
-from bratsunet import cases, conventions, devices, evaluation, inference, settings_text
+from bratsunet import cases, conventions, devices, evaluation, inference, settings_text, training
 from bratsunet.cases import CaseError
 from bratsunet.files import atomic_write
 from bratsunet.manifest import fold_cases, fold_dir, read_manifest, split_cases
@@ -45,11 +48,12 @@ SETTINGS = train.SETTINGS + ("raw_data_dir", "seg_channel_name", "et_search_max"
 def train_folds(hp):
     """Train every fold that has not reached hp.epochs, one after another -> {fold: (train()'s result, seconds)}."""
     results = {}
+    rank = devices.process_device(hp.device, training.PROCESS_GROUP_TIMEOUT)[0]  # under torchrun: the group, once
     for fold in range(hp.num_folds):
-        if int(os.environ.get("RANK", 0)) == 0:
+        if rank == 0:
             print(f"\n==== fold {fold} of {hp.num_folds} ====")
         start = time.perf_counter()
-        resume = (fold_dir(hp, fold) / "checkpoint_last.pt").is_file()
+        resume = devices.on_rank0((fold_dir(hp, fold) / "checkpoint_last.pt").is_file)
         result = train.train(hp.replace(fold=fold, resume=resume))
         results[fold] = result, time.perf_counter() - start
     return results
@@ -58,19 +62,22 @@ def train_folds(hp):
 def out_of_fold_rows(hp, manifest, data_format):
     """Every fold's validation predictions against the ground truth under raw_data_dir, label maps of data_format (a
     Convention) -> (rows with a "fold" column, {case: reason} of predictions not evaluated, cases without a
-    prediction, scored as failures)."""
-    rows, not_evaluated, missing = [], {}, []
+    prediction, scored as failures, {fold: the checkpoint that made its predictions})."""
+    rows, not_evaluated, missing, sources = [], {}, [], {}
     for fold in range(hp.num_folds):
         folder = fold_dir(hp, fold) / "validation"
         names = split_cases(manifest, fold)[1]
         if not names:  # num_folds 1 with val_fraction 0
             continue
+        record = folder / inference.VALIDATION_RECORD
+        source = json.loads(record.read_text()) if record.is_file() else {}
+        sources[f"fold_{fold}"] = f"{source.get('checkpoint', 'unknown')}, epoch {source.get('epoch', 'unknown')}"
         fold_rows, problems = evaluation.evaluate_folders(folder, [hp.raw_data_dir], hp.channel_names,
                                                         hp.seg_channel_name, data_format, expected=names)
         rows += [{"fold": fold, **row} for row in fold_rows]
         not_evaluated.update(problems)
         missing += evaluation.missing_predictions(fold_rows, folder)
-    return rows, not_evaluated, missing
+    return rows, not_evaluated, missing, sources
 
 
 def search_et_threshold(voxels, dice_kept, dice_removed, max_voxels):
@@ -140,7 +147,7 @@ def crossval(hp):
     if int(os.environ.get("RANK", 0)) != 0:  # under torchrun: the evaluation once, in the main process
         return None
     data_format = cases.label_convention(hp.data_format, [hp.raw_data_dir])  # msd, nnunet: their dataset.json's
-    rows, not_evaluated, missing = out_of_fold_rows(hp, manifest, data_format)
+    rows, not_evaluated, missing, sources = out_of_fold_rows(hp, manifest, data_format)
     if not rows:
         reasons = "; ".join(f"{name}: {reason}" for name, reason in not_evaluated.items()) or "no validation cases"
         raise CaseError(f"{hp.run_dir}: no out-of-fold prediction could be evaluated ({reasons[:300]})")
@@ -151,13 +158,15 @@ def crossval(hp):
     plot_threshold(means, best, hp.run_dir / "postprocessing.png")
     record = {"et_min_voxels": best, "mean_dice_ET": {"without": float(means[0]), "with": float(means[best])},
               "searched": f"0 .. {hp.et_search_max} voxels", "cases": len(rows), "num_folds": hp.num_folds,
-              "tuned_on": "out-of-fold predictions in fold_K/validation (never the test split)"}
+              "tuned_on": "out-of-fold predictions in fold_K/validation (never the test split)",
+              "out_of_fold_predictions_of": sources}  # crossval.csv's numbers come from these checkpoints
     atomic_write(hp.run_dir / "postprocessing.json", lambda tmp: tmp.write_text(json.dumps(record, indent=1)))
 
     print(f"\n==== cross-validation: {len(rows)} out-of-fold case(s) of {hp.num_folds} fold(s) ====")
     for fold, (result, seconds) in results.items():
         best_dice = "none" if result["best_dice_mean"] is None else f"{result['best_dice_mean']:.3f}"
-        print(f"fold {fold}: best validation mean Dice {best_dice} (epoch {result['best_epoch']}), {seconds:.0f} s")
+        print(f"fold {fold}: out-of-fold predictions of {sources.get(f'fold_{fold}', 'none')}; best validation "
+              f"mean Dice {best_dice} (epoch {result['best_epoch']}), {seconds:.0f} s")
     print(summary_table(rows, rows_with, best))
     if missing:
         print(f"{len(missing)} case(s) without an out-of-fold prediction, scored as failures: {', '.join(missing)}")

@@ -1,7 +1,7 @@
 """A trained checkpoint -> an ONNX model that runs without this repository (C++, C#, 3D Slicer, ONNX Runtime).
 
     pip install -r requirements-onnx.txt            # onnx, onnxscript (the exporter), onnxruntime (the check)
-    python export.py                                # run_dir/checkpoint_best.pt -> run_dir/model.onnx (each fold's)
+    python export.py                                # run_dir/checkpoint_final.pt -> run_dir/model.onnx (each fold's)
     python export.py "checkpoint=runs/cv/fold_*/checkpoint_best.pt"   # each fold: runs/cv/fold_K/model.onnx
 
 The model.onnx is written beside its checkpoint (several checkpoints in one folder are refused: they would

@@ -16,7 +16,8 @@ from bratsunet import settings_text
 from bratsunet.cases import CaseError, find_cases, label_convention, load_case, no_segmentation
 from bratsunet.console import progress_bar
 from bratsunet.files import NO_ROOM, WriteError, atomic_write, sole_writer
-from bratsunet.manifest import FORMAT_VERSION, MANIFEST, SPLIT_SETTINGS, assign_splits, check_source, read_manifest
+from bratsunet.manifest import (FORMAT_VERSION, GRADES_FILE, MANIFEST, SPLIT_RULE, SPLIT_SETTINGS, assign_splits,
+                                case_grades, check_source, read_manifest)
 from bratsunet.preprocessing import preprocess
 
 
@@ -123,49 +124,60 @@ def _prepare_all(cases, settings, prepared_dir, num_workers):
     return results
 
 
-def _split_reasons(old, hp, labelled):
-    """Why splitting the labelled case names would not give dataset.json `old`'s split: its split settings that
-    differ, and the cases that come or go, as texts (none: the same split)."""
-    before = {name for name, case in old["cases"].items() if case["split"] != "unlabeled"}
-    was, added, gone = old.get("settings", {}), len(set(labelled) - before), len(before - set(labelled))
-    return ([f"{key} {was.get(key)} -> {getattr(hp, key)}" for key in SPLIT_SETTINGS
-             if was.get(key) != getattr(hp, key) and (key != "val_fraction" or hp.num_folds == 1)]
-            + [f"{added} new case(s)"] * bool(added) + [f"{gone} case(s) gone"] * bool(gone))
-
-
-def check_resplit(hp, labelled, splits=None):
-    """CaseError when the split of prepared_dir's dataset.json would change under a run trained on it (in run_dir).
-    Before the work (splits None) from what is known then: the settings, and the labelled cases found (labelled)
-    less those dataset.json filtered or skipped; after it, from the new split itself (said when it changes)."""
+def earlier_manifest(prepared_dir):
+    """The dataset.json already in prepared_dir, or None (not split yet, or unreadable)."""
     try:
-        old = read_manifest(hp.prepared_dir)
-    except (FileNotFoundError, ValueError):  # not split yet, or unreadable
+        return read_manifest(prepared_dir)
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def kept_cuts(old, hp):
+    """The cuts of the earlier split when it was made by this rule with these settings: cases that come or go then
+    move no other case. None otherwise."""
+    was = (old or {}).get("settings", {})
+    keys = [key for key in SPLIT_SETTINGS if key != "val_fraction" or hp.num_folds == 1]
+    if was.get("split_rule") != SPLIT_RULE or any(was.get(key) != getattr(hp, key) for key in keys):
+        return None
+    return was.get("split_cuts")
+
+
+def check_resplit(old, splits, hp, before_work=False):
+    """A split unlike the earlier dataset.json's: CaseError when run_dir holds a run trained on the old one; else
+    said (after the work)."""
+    if old is None:
         return
-    if splits is None:
-        labelled = set(labelled) - set(old.get("filtered", {})) - set(old.get("skipped", {}))
-    elif splits == {name: [case["split"], case.get("fold")] for name, case in old["cases"].items()
-                    if case["split"] != "unlabeled"}:
+    before = {name: [case["split"], case.get("fold")] for name, case in old["cases"].items()
+              if case["split"] != "unlabeled"}
+    if before == splits:
         return
-    reasons = ", ".join(_split_reasons(old, hp, labelled))
-    if not reasons:
-        return
+    was, added, gone = old.get("settings", {}), len(set(splits) - set(before)), len(set(before) - set(splits))
+    reasons = ", ".join([f"{key} {was.get(key)} -> {getattr(hp, key)}" for key in SPLIT_SETTINGS
+                         if was.get(key) != getattr(hp, key) and (key != "val_fraction" or hp.num_folds == 1)]
+                        + [f"{added} new case(s)"] * bool(added) + [f"{gone} case(s) gone"] * bool(gone)
+                        + [f"the split rule: {SPLIT_RULE}"] * (was.get("split_rule") != SPLIT_RULE)) or \
+        f"the grades of {GRADES_FILE}"
     runs = [path for path in (hp.run_dir / "checkpoint_last.pt", *hp.run_dir.glob("fold_*/checkpoint_last.pt"))
             if path.is_file()]
     if runs:
-        raise CaseError(f"{Path(hp.prepared_dir) / MANIFEST}: its split would change ({reasons}) under the runs "
-                        f"trained on it ({runs[0]}): set the settings back, prepare into a new prepared_dir, or delete "
-                        "this dataset.json to split anew")
-    if splits is not None:
+        raise CaseError(f"{Path(hp.prepared_dir) / MANIFEST}: its split would change ({reasons}) under the runs trained "
+                        f"on it ({runs[0]}): set the settings back, prepare into a new prepared_dir, or delete this "
+                        "dataset.json to split anew")
+    if not before_work:
         print(f"split again ({reasons}): no run in {hp.run_dir} trained on the old split")
 
 
 def check_before_work(hp, cases):
     """What refuses a run, said before any case is prepared: cases too few for the folds, a split that would change
-    under a trained run. (prepared_dir from another raw_data_dir was refused before the cases were looked for.)"""
+    under a trained run, as far as the cases found tell (those dataset.json filtered or skipped left out).
+    (prepared_dir from another raw_data_dir was refused before the cases were looked for.)"""
     labelled = [case.name for case in cases if case.seg_path is not None]
-    assign_splits(labelled, hp)  # CaseError when even all of them are too few for num_folds
-    check_resplit(hp, labelled)
-
+    grades, old = case_grades(hp.raw_data_dir), earlier_manifest(hp.prepared_dir)
+    assign_splits(labelled, hp, grades)  # CaseError when even all of them are too few for num_folds
+    if old is not None:
+        left_out = set(old.get("filtered", {})) | set(old.get("skipped", {}))
+        labelled = [name for name in labelled if name not in left_out]
+        check_resplit(old, assign_splits(labelled, hp, grades, kept_cuts(old, hp))[0], hp, before_work=True)
 
 def prepare_dataset(hp):
     """Prepare every case of hp.raw_data_dir into hp.prepared_dir; returns the manifest. A prepared folder
@@ -197,15 +209,17 @@ def build_manifest(hp, settings, cases, problems, results):
     kept = {name: r for name, r in records.items() if not r.get("filtered")}
     unlabeled = {case.name: no_segmentation(case, hp.seg_channel_name) + "; prepared as unlabeled" for case in cases
                  if case.seg_path is None and case.name in kept}
-    labelled = [name for name, record in kept.items() if record["seg"]]
-    splits = assign_splits(labelled, hp)
-    check_resplit(hp, labelled, splits)  # what could not be known before: cases filtered or skipped anew
+    grades, old = case_grades(hp.raw_data_dir), earlier_manifest(hp.prepared_dir)
+    splits, cuts = assign_splits([n for n, r in kept.items() if r["seg"]], hp, grades, kept_cuts(old, hp))
+    check_resplit(old, splits, hp)  # what could not be known before: cases filtered or skipped anew
     for name, record in kept.items():
         record.pop("fingerprint")
         record["split"], record["fold"] = splits.get(name, ["unlabeled", None])
+        if name in grades:
+            record["grade"] = grades[name]
     return {"version": FORMAT_VERSION, "channel_names": list(hp.channel_names),
             "settings": {**settings, **{key: getattr(hp, key) for key in SPLIT_SETTINGS},
-                         "raw_data_dir": str(hp.raw_data_dir)},
+                         "split_rule": SPLIT_RULE, "split_cuts": cuts, "raw_data_dir": str(hp.raw_data_dir)},
             "cases": dict(sorted(kept.items())), "filtered": dict(sorted(filtered.items())),
             "skipped": dict(sorted(skipped.items())), "unlabeled": dict(sorted(unlabeled.items()))}
 
@@ -219,6 +233,12 @@ def print_summary(manifest, prepared_dir):
     for label, count in folds + [("test", splits.count("test")), ("unlabeled", splits.count("unlabeled")),
                                  ("filtered", len(manifest["filtered"])), ("skipped", len(manifest["skipped"]))]:
         print(f"{label:<14} {count:>5}")
+    for grade in sorted({case["grade"] for case in cases if "grade" in case}):  # the strata of the split
+        of = [case for case in cases if case.get("grade") == grade]
+        count = lambda split, fold=None: sum(c["split"] == split and (fold is None or c["fold"] == fold) for c in of)
+        parts = [f"train {count('train')}", f"validation {count('val')}"] if num_folds == 1 else [
+            "folds " + " + ".join(str(count("val", k)) for k in range(num_folds))]
+        print(f"  grade {grade}: {', '.join(parts)}, test {count('test')} ({GRADES_FILE})")
     for title in ("filtered", "skipped", "unlabeled"):
         for name, reason in manifest.get(title, {}).items():
             print(f"  {title} {name}: {reason}")

@@ -1,30 +1,31 @@
-"""Train the 3D U-Net on random patches; validate on whole volumes; checkpoint and plot every epoch.
+"""Train the 3D U-Net on random patches; validate on whole volumes; checkpoint and plot every save_every epochs.
 
     python train.py                                  # settings from hyperparameters.txt
     python train.py epochs=5 batch_size=1 resume=True
     python train.py fold=2                           # with num_folds > 1: validate on fold 2, train on the others
     torchrun --nproc_per_node=4 train.py             # DistributedDataParallel, one process per GPU
 
-Writes to run_dir (with num_folds > 1: run_dir/fold_K): checkpoint_last.pt (every epoch) and
-checkpoint_best.pt (best mean Dice); through training_log.py metrics.csv (a row per epoch), curves.png and,
-with tensorboard: True, tensorboard/; at the end the validation cases predicted with checkpoint_best.pt into
-validation/ (the out-of-fold predictions crossval.py reads); log.txt, what the console showed (a resumed run
-appends), and settings.txt, the settings it ran with (`python train.py --hp settings.txt` runs it again). Under
-torchrun batch_size is per process, the global batch is batch_size * processes, and a step sees the same patches
-as one process with that global batch.
+Writes to run_dir (with num_folds > 1: run_dir/fold_K): checkpoint_last.pt (every save_every epochs and at
+the end: what resume continues), checkpoint_best.pt (best mean validation Dice) and checkpoint_final.pt (the
+last epoch: what predict.py and cross-validation use); through training_log.py metrics.csv (a row per epoch),
+curves.png (with checkpoint_last.pt) and, with tensorboard: True, tensorboard/; at the end the validation
+cases predicted with the final weights into validation/ (the out-of-fold predictions crossval.py reads);
+log.txt, what the console showed (a resumed run appends), and settings.txt, the settings it ran with
+(`python train.py --hp settings.txt` runs it again). Under torchrun batch_size is per process, the global batch
+is batch_size * processes, and a step sees the same patches as one process with that global batch.
 """
 import contextlib
 import os
+import shutil
 import time
 
 import torch
-import torch.distributed as dist
 
 from bratsunet import (augmentation, checkpoints, console, inference, losses, network, settings_text, training,
                        training_log)
-from bratsunet.devices import resolve_device, run_settings, run_torchrun_process, start_process_group, use_device
-from bratsunet.files import sole_writer
-from bratsunet.loader import EpochSampler, PatchDataset, VolumeDataset, start_loader
+from bratsunet.devices import process_device, run_settings, run_torchrun_process
+from bratsunet.files import atomic_write, sole_writer
+from bratsunet.loader import EpochSampler, PatchDataset, VolumeDataset, foreground_classes, start_loader
 from bratsunet.manifest import check_prepared_settings, fold_cases, fold_dir, labels_convention, read_manifest
 
 # What train() reads: keys, and groups of hyperparameters.txt for all their keys (--help lists them).
@@ -36,11 +37,7 @@ def train(hp):
     """Train fold hp.fold per hp (continuing its checkpoint_last.pt when hp.resume), then predict its validation
     cases -> the last epoch's metrics row plus best_dice_mean and best_epoch. The main process keeps its console
     in the fold's log.txt and the settings in its settings.txt."""
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = resolve_device(hp.device, int(os.environ.get("LOCAL_RANK", 0)), world_size)
-    use_device(device)
-    if world_size > 1 and not dist.is_initialized():  # one group per process: crossval.py's folds share it
-        start_process_group(device, training.PROCESS_GROUP_TIMEOUT)
+    rank, world_size, device = process_device(hp.device, training.PROCESS_GROUP_TIMEOUT)
     precision = run_settings(hp.precision, hp.channels_last, device)  # (autocast dtype, loss scaling, channels_last)
 
     manifest = read_manifest(hp.prepared_dir, hp.data_format)
@@ -62,9 +59,10 @@ def train_fold(hp, device, precision, rank, world_size, split, kept, ran_with):
     main_process, train_names, val_names = rank == 0, split["train"], split["val"]
     dtype, use_scaler, channels_last = precision
     disk_labels = list(labels_convention(read_manifest(hp.prepared_dir)).disk_labels)  # msd, nnunet: dataset.json's
-    patches = PatchDataset(hp.prepared_dir, train_names, hp.patch_size, hp.foreground_fraction,
-                                   hp.augment, hp.seed, hp.steps_per_epoch * hp.batch_size * world_size,
-                                   augmentation.runs_on_device(hp.augment, hp.augment_on, device))
+    patches = PatchDataset(hp.prepared_dir, train_names, hp.patch_size, hp.foreground_fraction, hp.augment, hp.seed,
+                           hp.steps_per_epoch * hp.batch_size * world_size,
+                           augmentation.runs_on_device(hp.augment, hp.augment_on, device), hp.patch_sampling,
+                           hp.batch_size * world_size, foreground_classes(hp.patch_sampling, hp.data_format, hp.target))
     volumes = VolumeDataset(hp.prepared_dir, val_names) if val_names else None
     sampler = EpochSampler(hp.steps_per_epoch, hp.batch_size, rank, world_size)
     net, train_model = training.build_for_training(hp, device, world_size, main_process)
@@ -86,7 +84,7 @@ def train_fold(hp, device, precision, rank, world_size, split, kept, ran_with):
               f"{f' (fold {hp.fold} of {hp.num_folds})' * (hp.num_folds > 1)}, global batch "
               f"{hp.batch_size * world_size}, epochs {done + 1}..{hp.epochs}")
         if volumes is None:
-            print("no validation cases: checkpoint_best.pt is the latest epoch")
+            print("no validation cases: checkpoint_best.pt is the latest epoch saved")
         if done >= hp.epochs:
             print(f"{hp.run_dir} has trained {done} epochs already; raise epochs to train on")
     show = world_size == 1 and training_log.interactive_plots()
@@ -121,14 +119,22 @@ def train_fold(hp, device, precision, rank, world_size, split, kept, ran_with):
                      "scaler": scaler.state_dict(), "best_score": best_score, "metrics": rows, "rng": checkpoints.rng_state(),
                      "hyperparameters": hp.to_dict(), "world_size": world_size, "split": split,
                      "disk_labels": disk_labels}
-            checkpoints.save_checkpoint(state, hp.run_dir / "checkpoint_last.pt")
-            if improved:
+            saved = epoch % hp.save_every == 0 or epoch == hp.epochs  # the GPUs wait while these are written
+            if saved:
+                checkpoints.save_checkpoint(state, hp.run_dir / "checkpoint_last.pt")
+            if epoch == hp.epochs:
+                checkpoints.save_checkpoint(state, hp.run_dir / checkpoints.FINAL_CHECKPOINT)
+            if improved and (volumes is not None or saved):
                 checkpoints.save_checkpoint(state, hp.run_dir / "checkpoint_best.pt")
-            log.write(rows, improved and volumes is not None, device)
+            log.write(rows, improved and volumes is not None, device, curves=saved)
     if main_process:
         log.close()
-    if main_process and val_names:  # the out-of-fold predictions; redone when this call trained
-        inference.predict_validation(hp, val_names, overwrite=done < hp.epochs)
+        final = hp.run_dir / checkpoints.FINAL_CHECKPOINT
+        if done >= hp.epochs and not final.is_file():  # a run finished before final checkpoints were written
+            atomic_write(final, lambda tmp: shutil.copyfile(hp.run_dir / "checkpoint_last.pt", tmp))
+    if val_names:  # the out-of-fold predictions, with the final weights; redone when this call trained
+        inference.predict_validation(hp, val_names, net, rows[-1]["epoch"] if rows else done, rank, world_size,
+                                     overwrite=done < hp.epochs)
     best_epochs = [row["epoch"] for row in rows if row["dice_mean"] is not None and row["dice_mean"] == best_score]
     return {**(rows[-1] if rows else {}), "best_dice_mean": best_score, "best_epoch": (best_epochs or [None])[0]}
 

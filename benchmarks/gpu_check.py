@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bratsunet.cases import find_cases, load_case
-from bratsunet.loader import EpochSampler, PatchDataset, start_loader
+from bratsunet.loader import EpochSampler, PatchDataset, foreground_classes, start_loader
 from bratsunet import augmentation, checkpoints, devices, hyperparameters, inference, losses, manifest, network, training
 
 WARMUP_STEPS = 3  # cuDNN's kernel search (cudnn.benchmark) and the caching allocator settle in these
@@ -78,7 +78,7 @@ def time_steps(hp, device, steps):
     start, done = time.perf_counter(), 0
     while done < steps and time.perf_counter() - start < TIMED_SECONDS:
         run(1)
-        synchronize(device)  # train_epoch's loss.item() synchronizes each step already
+        synchronize(device)  # train_epoch reads its totals once per call: the step is timed whole
         done += 1
     rate = done / (time.perf_counter() - start)
     memory = "n/a (CPU)" if device.type != "cuda" else f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
@@ -114,8 +114,9 @@ def measure_loader(hp, device, results):
     train_names, _ = manifest.split_cases(manifest.read_manifest(hp.prepared_dir, hp.data_format))
     batches = 10 * max(hp.num_workers, 2)  # well past what the workers prefetch while the first batch loads
     on_device = augmentation.runs_on_device(hp.augment, hp.augment_on, device)  # as train.py decides
-    patches = PatchDataset(hp.prepared_dir, train_names, hp.patch_size, hp.foreground_fraction,
-                                   hp.augment, hp.seed, (batches + 1) * hp.batch_size, on_device)
+    patches = PatchDataset(hp.prepared_dir, train_names, hp.patch_size, hp.foreground_fraction, hp.augment, hp.seed,
+                           (batches + 1) * hp.batch_size, on_device, hp.patch_sampling, hp.batch_size,
+                           foreground_classes(hp.patch_sampling, hp.data_format, hp.target))  # as train.py does
     sampler = EpochSampler(batches + 1, hp.batch_size, 0, 1)
     sampler.set_epoch(1)
     loader = iter(start_loader(patches, sampler, hp.batch_size, hp.num_workers, device))

@@ -124,7 +124,7 @@ def main():
         seconds, _ = best_time(lambda: inference.predict_cases(whole, [case]), device)
         rows.append(("ours: whole case (read, preprocess, infer, write)", default, channels_last, seconds, None))
 
-    print(f"\n| path | precision | channels_last | seconds | max abs probability difference vs ours fp32 |\n|---|---|---|---|---|")
+    print("\n| path | precision | channels_last | seconds | max abs probability difference vs ours fp32 |\n|---|---|---|---|---|")
     for path, precision, channels_last, seconds, difference in rows:
         print(f"| {path} | {precision} | {channels_last} | {seconds:.2f} | {'' if difference is None else f'{difference:.2e}'} |")
     ours_fp32, monai_fp32, onnx_fp32, ours_default, monai_default = (row[3] for row in rows[:5])

@@ -62,8 +62,8 @@ def main(n_cases=4):
                                    check=True, capture_output=True, text=True)
             results[name] = json.loads(child.stdout.strip().splitlines()[-1])
     print(f"{n_cases} generated cases of 240x240x155 (.nii, int16), {raw_bytes / 1e6:.0f} MB raw, one process\n")
-    print(f"| approach | s/case | peak memory (MB) | written (MB) | written / raw |")
-    print(f"| --- | --- | --- | --- | --- |")
+    print("| approach | s/case | peak memory (MB) | written (MB) | written / raw |")
+    print("| --- | --- | --- | --- | --- |")
     for name, r in results.items():
         print(f"| {name} | {r['seconds_per_case']:.2f} | {r['peak_mb']:.0f} | {r['bytes_written'] / 1e6:.0f} "
               f"| {r['bytes_written'] / raw_bytes:.0%} |")

@@ -22,6 +22,10 @@ TRAINED_SETTINGS = ("channel_names", "patch_size", "crop_margin", "target")
 
 ONNX_NAME = "model.onnx"  # what export.py writes beside a checkpoint, and backend: onnxruntime reads
 
+# The last epoch's weights: the fold ensemble and the out-of-fold predictions use them (checkpoint_best.pt was
+# chosen on the validation cases, so scores on them would be optimistic).
+FINAL_CHECKPOINT = "checkpoint_final.pt"
+
 
 # what torch.load(weights_only=True) accepts; anything else would make the checkpoint unloadable
 _PLAIN_LEAVES = (bool, int, float, complex, str, bytes, type(None), torch.device, torch.dtype)

@@ -136,6 +136,27 @@ def start_process_group(device, timeout):
                             device_id=device if device.type == "cuda" else None)
 
 
+def process_device(name, timeout):
+    """(rank, world size, this process's device, made current). Under torchrun the process group is joined once:
+    crossval.py's folds share it."""
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = resolve_device(name, int(os.environ.get("LOCAL_RANK", 0)), world_size)
+    use_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        start_process_group(device, timeout)
+    return rank, world_size, device
+
+
+def on_rank0(job):
+    """job() in process 0, its result given to every process: under torchrun, what process 0's disk holds decides
+    (node-local disks may differ, and processes that decide apart wait for each other for good)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return job()
+    value = [job() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(value, src=0)
+    return value[0]
+
+
 def end_torchrun_process(code):
     """Exit a torchrun process now, without the interpreter's shutdown. Gloo's worker threads free the
     tensors of a collective a moment after it returns, which takes the interpreter lock; when that moment

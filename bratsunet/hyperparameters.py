@@ -17,7 +17,7 @@ import re
 import sys
 from pathlib import Path
 
-from bratsunet import augmentation, conventions, losses, network
+from bratsunet import augmentation, conventions, loader, losses, network
 
 DEFAULT_FILE = Path(__file__).resolve().parents[1] / "hyperparameters.txt"  # beside the scripts
 
@@ -169,8 +169,11 @@ SCHEMA = {
     "features": (_list_of(_int), lambda f: len(f) >= 2 and _positive(f), "at least 2 levels, each > 0"),
     "norm": (_choice(*network.NORMS), None, ""),
     "deep_supervision": (_bool, None, ""),
+    "downsampling": (_choice(*network.DOWNSAMPLING), None, ""),
     "target": (_choice(*losses.TARGETS), None, ""),
     "loss": (_choice(*losses.LOSSES), None, ""),
+    "batch_dice": (_bool, None, ""),
+    "dice_smooth": (_float, _positive, "> 0"),
     "patch_size": (_list_of(_int, 3), lambda s: all(0 < side <= 512 for side in s), "each between 1 and 512"),
     "batch_size": (_int, _positive, "> 0"),
     "optimizer": (_choice("adamw", "sgd"), None, ""),
@@ -183,6 +186,7 @@ SCHEMA = {
     "steps_per_epoch": (_int, _positive, "> 0"),
     "val_every": (_int, _positive, "> 0"),
     "foreground_fraction": (_float, _fraction, "between 0 and 1"),
+    "patch_sampling": (_choice(*loader.SAMPLING), None, ""),
     "augment": (_augment, None, ""),
     "augment_on": (_choice(*augmentation.PLACES), None, ""),
     "grad_clip": (_float, _non_negative, ">= 0"),
@@ -192,6 +196,7 @@ SCHEMA = {
     "channels_last": (_auto_or(_bool), None, ""),
     "compile": (_bool, None, ""),
     "resume": (_bool, None, ""),
+    "save_every": (_int, _positive, "> 0"),
     "tensorboard": (_bool, None, ""),
     "checkpoint": (_optional(_paths), None, ""),
     "predict_input_dir": (_PATH, None, ""),

@@ -10,17 +10,21 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from bratsunet.cases import CaseError, load_case
-from bratsunet.checkpoints import checkpoint_files, load_model, onnx_path, onnx_predictor, trained_settings
+from bratsunet.checkpoints import (FINAL_CHECKPOINT, checkpoint_files, load_model, onnx_path, onnx_predictor,
+                                   trained_settings)
 from bratsunet.console import progress_bar
 from bratsunet.conventions import internal_to_brats, output_names
-from bratsunet.devices import resolve_device, run_settings, use_device
+from bratsunet.devices import on_rank0, resolve_device, run_settings, use_device
 from bratsunet.files import WriteError, atomic_write, output_folder
 from bratsunet.losses import logits_to_probabilities, probabilities_to_labels
 from bratsunet.manifest import fold_dir, labels_convention, open_array, read_manifest
 from bratsunet.preprocessing import preprocess
+
+VALIDATION_RECORD = "predicted_with.json"  # in run_dir/validation: the checkpoint and epoch of the predictions
 
 
 def window_starts(size, window, stride):
@@ -213,10 +217,11 @@ def check_fold_count(hp):
 
 
 def checkpoint_paths(hp):
-    """The files of hp.checkpoint (paths and globs, each file once), or run_dir's best checkpoint of every fold."""
+    """The files of hp.checkpoint (paths and globs, each file once), or the final checkpoint (the last epoch) of
+    run_dir, of every fold: as nnU-Net, no checkpoint chosen on the cases it is scored on."""
     if hp.checkpoint is None:
         check_fold_count(hp)
-        return [fold_dir(hp, fold) / "checkpoint_best.pt" for fold in range(hp.num_folds)]
+        return [fold_dir(hp, fold) / FINAL_CHECKPOINT for fold in range(hp.num_folds)]
     return checkpoint_files(hp.checkpoint if isinstance(hp.checkpoint, tuple) else [hp.checkpoint])
 
 
@@ -308,25 +313,45 @@ def predict_cases(hp, cases, model=None):
     return written
 
 
-def predict_validation(hp, names, overwrite=False):
+def predict_validation(hp, names, net, epoch, rank=0, world_size=1, overwrite=False):
     """The out-of-fold predictions of the fold whose run is in hp.run_dir: its validation cases `names`, from their
-    prepared arrays as validation saw them (prepared_dir is all a fold needs), with its checkpoint_best.pt, into
-    run_dir/validation: label maps in the raw grid (crop box, shape and affine from dataset.json) and probabilities,
-    no postprocessing (crossval.py tunes it on them) -> the names predicted now."""
-    hp = hp.replace(checkpoint=hp.run_dir / "checkpoint_best.pt", prediction_dir=hp.run_dir / "validation",
-                    save_probabilities=True, et_min_voxels=0)
-    todo = [name for name in names if overwrite or not all(path.is_file() for path in output_paths(hp, name))]
-    if todo:
-        members, hp = load_ensemble(hp, resolve_device(hp.device))
-        manifest = read_manifest(hp.prepared_dir)
-        cases, data_format = manifest["cases"], labels_convention(manifest)  # the labels of the raw data
+    prepared arrays as validation saw them (prepared_dir is all a fold needs), with net, the network of the fold's
+    checkpoint_final.pt (the weights of its last epoch, `epoch`), into run_dir/validation: label maps in the raw grid
+    (crop box, shape and affine from dataset.json) and probabilities, no postprocessing (crossval.py tunes it on them),
+    and VALIDATION_RECORD, the checkpoint that made them; those of another checkpoint are made again. Under torchrun
+    every process predicts its share and process 0 writes them all, a case per process at a time, so that no
+    process waits longer than that -> the names predicted now."""
+    hp = hp.replace(prediction_dir=hp.run_dir / "validation", save_probabilities=True, et_min_voxels=0)
+    record, source = hp.prediction_dir / VALIDATION_RECORD, {"checkpoint": FINAL_CHECKPOINT, "epoch": epoch}
+
+    def to_do():  # process 0's files decide
+        redo = overwrite or not record.is_file() or json.loads(record.read_text()) != source
+        return [name for name in names if redo or not all(path.is_file() for path in output_paths(hp, name))]
+
+    todo = on_rank0(to_do)
+    if todo and rank == 0:
         output_folder(hp.prediction_dir, "run_dir")
-    for name in progress_bar(todo, description="predict validation", unit="case"):
-        case = cases[name]
-        image = open_array(hp.prepared_dir / case["image"]).astype(np.float32)  # (C, x, y, z)
-        reference = nib.Nifti1Image(np.zeros((1, 1, 1), np.uint8), np.array(case["affine"]))  # the raw grid
-        write_prediction(ensemble_probabilities(members, image), case["crop_box"], case["original_shape"], reference,
-                         hp, name, data_format)
-    print(f"predicted {len(todo)} validation case(s) into {hp.prediction_dir}"
-          + f", {len(names) - len(todo)} already there" * (len(todo) < len(names)))
+        record.unlink(missing_ok=True)  # written again when every case is
+    manifest = read_manifest(hp.prepared_dir)
+    cases, data_format = manifest["cases"], labels_convention(manifest)  # the labels of the raw data
+    net.eval()
+    for first in progress_bar(range(0, len(todo), world_size), description="predict validation", unit="case",
+                              disable=rank != 0):
+        mine = todo[first + rank] if first + rank < len(todo) else None
+        probabilities = None if mine is None else ensemble_probabilities(
+            [(net, hp)], open_array(hp.prepared_dir / cases[mine]["image"]).astype(np.float32))  # (C_out, x, y, z)
+        results = [(mine, probabilities)]
+        if world_size > 1:
+            results = [None] * world_size if rank == 0 else None
+            dist.gather_object((mine, None if mine is None else probabilities.cpu()), results, dst=0)
+        for name, probabilities in (results if rank == 0 else []):
+            if name is not None:
+                reference = nib.Nifti1Image(np.zeros((1, 1, 1), np.uint8), np.array(cases[name]["affine"]))
+                write_prediction(probabilities, cases[name]["crop_box"], cases[name]["original_shape"], reference,
+                                 hp, name, data_format)
+    if rank == 0:
+        if todo:
+            atomic_write(record, lambda tmp: tmp.write_text(json.dumps(source)))
+        print(f"predicted {len(todo)} validation case(s) into {hp.prediction_dir} with {FINAL_CHECKPOINT} (epoch "
+              f"{epoch})" + f", {len(names) - len(todo)} already there" * (len(todo) < len(names)))
     return todo

@@ -1,6 +1,8 @@
 """Training data: patch sampling and the datasets over the arrays that prepare_dataset.py writes, and the DataLoader.
 
-PatchDataset gives random training patches (part of them centred on tumor, augmented by augmentation.py);
+PatchDataset gives random training patches (part of them centred on tumor, augmented by augmentation.py), each
+inside the volume: a patch centred on a voxel near the border is shifted inwards (nnU-Net lets such a patch
+reach past the volume's far side, padded), and only a volume smaller than the patch is padded, with zeros;
 VolumeDataset gives whole prepared volumes for validation. Both memory-map the .npy files when an
 item is read, never in __init__, so a dataset object is small to pickle (DataLoader workers started
 with spawn on Windows/macOS) and each worker process reads only the voxels it needs.
@@ -16,13 +18,30 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bratsunet import augmentation
+from bratsunet import augmentation, conventions
 from bratsunet.augmentation import MODES as AUGMENT_MODES
 from bratsunet.manifest import labelled_entries, open_array
 
-# Tumor voxels remembered per case for centring patches: an evenly spaced subset of all of them,
-# so a worker holds at most 80 kB per case instead of a list of up to ~10^5 voxels.
+# Voxels remembered per case and class for centring patches: an evenly spaced subset of all of them,
+# so a worker holds at most 80 kB per case and class instead of a list of up to ~10^5 voxels.
 MAX_FOREGROUND_VOXELS = 10_000
+# The patch_sampling setting's choices. per_patch: each patch is centred on a tumor voxel with probability
+# foreground_fraction, the voxel uniform over the tumor. nnunet (nnU-Net's data loader): the last
+# round(global batch x foreground_fraction) patches of every step are centred, on a class (region or label)
+# chosen first among those in the case, then on one of its voxels, so a small enhancing tumor is as often
+# the centre as the large edema.
+SAMPLING = ("per_patch", "nnunet")
+
+
+def foreground_classes(sampling, data_format, target):
+    """Classes a centred patch chooses from, as tuples of internal labels: any tumor label (per_patch), or
+    (nnunet) the regions the network predicts (WT, TC, ET, ...) or its labels but background."""
+    labels = range(1, len(conventions.CONVENTIONS[data_format].disk_labels))
+    if sampling == "per_patch":
+        return (tuple(labels),)
+    if target == "regions":
+        return tuple(conventions.ALL_REGIONS[name] for name in conventions.CONVENTIONS[data_format].regions)
+    return tuple((label,) for label in labels)
 
 
 def open_case(prepared_dir, entry):
@@ -50,7 +69,7 @@ class PatchDataset(torch.utils.data.Dataset):
     augment: none | light | nnunet (True and False, from settings before the three modes: light, none)."""
 
     def __init__(self, prepared_dir, case_names, patch_size, foreground_fraction, augment, seed,
-                 samples_per_epoch, on_device=False):
+                 samples_per_epoch, on_device=False, sampling="per_patch", global_batch=1, classes=None):
         if len(patch_size) != 3 or min(patch_size) < 1:
             raise ValueError(f"patch_size must be 3 positive ints, got {patch_size}")
         if not 0 <= foreground_fraction <= 1:
@@ -63,6 +82,15 @@ class PatchDataset(torch.utils.data.Dataset):
         # uniform over the volume, so they contain tumor only as often as tumor fills the volume.
         # Tumor is a few percent of a brain: without this, most patches teach only "background".
         self.foreground_fraction = float(foreground_fraction)
+        if sampling not in SAMPLING:
+            raise ValueError(f"patch_sampling must be one of {', '.join(SAMPLING)}, got {sampling!r}")
+        self.sampling, self.global_batch = sampling, int(global_batch)
+        self.random_per_step = round(self.global_batch * (1 - self.foreground_fraction))  # nnunet: the first ones
+        if sampling == "nnunet" and self.foreground_fraction > 0 and self.random_per_step >= self.global_batch:
+            raise ValueError(f"patch_sampling nnunet with a global batch of {self.global_batch}: round("
+                             f"{self.global_batch} x (1 - foreground_fraction {self.foreground_fraction})) leaves no "
+                             "patch centred on tumor (as in nnU-Net); use a batch of 2 or more, or per_patch")
+        self.classes = classes or (tuple(range(1, len(conventions.INTERNAL_LABEL_NAMES))),)  # any tumor label
         self.augment = {True: "light", False: "none"}.get(augment, augment)
         if self.augment not in AUGMENT_MODES:
             raise ValueError(f"augment must be one of {', '.join(AUGMENT_MODES)}, got {augment!r}")
@@ -70,7 +98,7 @@ class PatchDataset(torch.utils.data.Dataset):
         self.seed = int(seed)
         self.samples_per_epoch = int(samples_per_epoch)
         self.epoch = 0
-        self.foreground = {}  # case index -> flat indices of (a subset of) its tumor voxels, per process
+        self.foreground = {}  # case index -> per class, flat indices of (a subset of) its voxels, per process
 
     def set_epoch(self, epoch):
         self.epoch = int(epoch)
@@ -83,25 +111,35 @@ class PatchDataset(torch.utils.data.Dataset):
         state["foreground"] = {}  # each worker rebuilds the cases it meets; keeps pickling cheap
         return state
 
-    def foreground_voxels(self, case, seg):
-        """Flat indices of tumor voxels of a case (an evenly spaced subset), found on first use."""
+    def class_voxels(self, case, seg):
+        """Per class, the flat indices of its voxels in a case (an evenly spaced subset), found on first use."""
         if case not in self.foreground:
-            tumor = np.flatnonzero(np.asarray(seg).reshape(-1))
-            step = -(-len(tumor) // MAX_FOREGROUND_VOXELS)  # ceil; 0 for a case without tumor
-            self.foreground[case] = tumor[::max(step, 1)].astype(np.int64)
+            flat = np.asarray(seg).reshape(-1)
+            self.foreground[case] = []
+            for labels in self.classes:
+                voxels = np.flatnonzero(np.isin(flat, labels))
+                step = -(-len(voxels) // MAX_FOREGROUND_VOXELS)  # ceil; 0 for a class not in the case
+                self.foreground[case].append(voxels[::max(step, 1)].astype(np.int64))
         return self.foreground[case]
 
-    def patch_start(self, case, seg, rng):
+    def centred(self, index, rng):
+        """Whether sample `index` of the epoch is centred on a class: by its own coin (per_patch), or (nnunet) by
+        its place in the step's global batch, the same for any number of processes."""
+        if self.sampling == "nnunet":
+            return index % self.global_batch >= self.random_per_step
+        return rng.random() < self.foreground_fraction
+
+    def patch_start(self, case, seg, rng, centred):
         """Corner of the patch in the volume; negative or past the end where the volume is smaller."""
         shape = seg.shape
         low = [min(0, s - p) for s, p in zip(shape, self.patch_size)]  # < 0: volume smaller than the patch
         high = [max(0, s - p) for s, p in zip(shape, self.patch_size)]
-        if rng.random() < self.foreground_fraction:
-            tumor = self.foreground_voxels(case, seg)
-            if len(tumor):
-                centre = np.unravel_index(tumor[rng.integers(len(tumor))], shape)
-                start = [c - p // 2 for c, p in zip(centre, self.patch_size)]
-                return [int(np.clip(b, lo, hi)) for b, lo, hi in zip(start, low, high)]
+        present = [voxels for voxels in self.class_voxels(case, seg) if len(voxels)] if centred else []
+        if present:
+            voxels = present[rng.integers(len(present))] if len(present) > 1 else present[0]  # the class first
+            centre = np.unravel_index(voxels[rng.integers(len(voxels))], shape)
+            start = [c - p // 2 for c, p in zip(centre, self.patch_size)]
+            return [int(np.clip(b, lo, hi)) for b, lo, hi in zip(start, low, high)]  # shifted into the volume
         return [int(rng.integers(lo, hi + 1)) for lo, hi in zip(low, high)]
 
     def __getitem__(self, index):
@@ -111,7 +149,7 @@ class PatchDataset(torch.utils.data.Dataset):
         rng = np.random.default_rng([self.seed, epoch, index])
         case = int(rng.integers(len(self.entries)))
         image, seg = open_case(self.prepared_dir, self.entries[case])
-        start = self.patch_start(case, seg, rng)
+        start = self.patch_start(case, seg, rng, self.centred(index, rng))
         if self.augment == "nnunet":
             return self.nnunet_item(image, seg, start, rng)
         image = crop_padded(image, start, self.patch_size, np.float32)  # (C, px, py, pz)
@@ -174,8 +212,9 @@ class EpochSampler(torch.utils.data.Sampler):
 
 
 def start_loader(patches, sampler, batch_size, num_workers, device):
-    """A DataLoader whose workers have delivered a batch, or one loading in this process where worker
-    processes cannot start (a script without a __main__ guard on Windows, a sandbox without shared memory)."""
+    """A DataLoader whose workers have delivered a batch, or on a CPU one loading in this process where worker
+    processes cannot start (a script without a __main__ guard on Windows, a sandbox without shared memory). On a
+    GPU that would leave it waiting on one process's loading: ValueError with the cause and the fix instead."""
     def make_loader(patches, sampler, batch_size, workers, device):
         return torch.utils.data.DataLoader(patches, batch_size, sampler=sampler, num_workers=workers,
                                            persistent_workers=workers > 0, pin_memory=device.type == "cuda",
@@ -187,6 +226,11 @@ def start_loader(patches, sampler, batch_size, num_workers, device):
             next(iter(loader))
         except (RuntimeError, OSError, EOFError, AttributeError, pickle.PickleError) as error:
             reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            if device.type == "cuda":
+                raise ValueError(f"DataLoader workers could not start ({reason}); loading in the main process would "
+                                 "leave the GPU waiting. In a container, give it more shared memory (docker run "
+                                 "--shm-size=16g, or --ipc=host); or set fewer num_workers (0 loads in the main "
+                                 "process, slowly)") from None
             print(f"DataLoader workers could not start ({reason}); loading in the main process (num_workers: 0)")
             loader = make_loader(patches, sampler, batch_size, 0, device)
     return loader

@@ -56,40 +56,56 @@ def probabilities_to_labels(probs, target):
     return labels.to(torch.uint8)
 
 
-def soft_dice_loss(probs, targets, smooth=1.0):
-    """1 - (2 sum(p g) + smooth) / (sum(p) + sum(g) + smooth) per channel, averaged over channels."""
-    dims = (0, 2, 3, 4)  # batch Dice: sums over the batch and space, one value per channel
+def dice_sum_dims(batch_dice):
+    """The axes the Dice sums over: the batch and space (one Dice per channel: batch Dice), or space alone (one per
+    patch and channel, nnU-Net's choice for BraTS at full resolution)."""
+    return (0, 2, 3, 4) if batch_dice else (2, 3, 4)
+
+
+def soft_dice_loss(probs, targets, smooth=1.0, batch_dice=True):
+    """1 - (2 sum(p g) + smooth) / (sum(p) + sum(g) + smooth), averaged over channels (and patches without
+    batch_dice)."""
+    dims = dice_sum_dims(batch_dice)
     dice = (2 * (probs * targets).sum(dims) + smooth) / (probs.sum(dims) + targets.sum(dims) + smooth)
     return 1 - dice.mean()
 
 
-def modified_dice_loss(probs, targets, eps=1e-5):
-    """The V-Net loss: 1 - 2 sum(p g) / (sum(p^2) + sum(g^2) + eps) per channel, averaged over channels.
+def modified_dice_loss(probs, targets, eps=1e-5, batch_dice=True):
+    """The V-Net loss: 1 - 2 sum(p g) / (sum(p^2) + sum(g^2) + eps), averaged over channels (and patches without
+    batch_dice).
 
-    A channel absent from both batch and prediction scores 1 (Dice 0) and gives no gradient.
+    A channel absent from both target and prediction scores 1 (Dice 0) and gives no gradient.
     """
-    dims = (0, 2, 3, 4)
+    dims = dice_sum_dims(batch_dice)
     dice = 2 * (probs * targets).sum(dims) / ((probs ** 2).sum(dims) + (targets ** 2).sum(dims) + eps)
     return 1 - dice.mean()
 
 
-def single_resolution_loss(logits, labels, loss, target):
+def single_resolution_loss(logits, labels, hp):
     logits = at_least_float32(logits)
-    targets = one_hot_targets(labels, target, logits.shape[1]).to(logits.dtype)  # (B, C, X, Y, Z)
-    probs = logits_to_probabilities(logits, target)
-    if target == "labels":  # Dice on the tumor labels only: background Dice is ~1 and says little
+    targets = one_hot_targets(labels, hp.target, logits.shape[1]).to(logits.dtype)  # (B, C, X, Y, Z)
+    probs = logits_to_probabilities(logits, hp.target)
+    if hp.target == "labels":  # Dice on the tumor labels only: background Dice is ~1 and says little
         probs, dice_targets = probs[:, 1:], targets[:, 1:]
     else:
         dice_targets = targets
-    if loss == "modified_dice":
-        return modified_dice_loss(probs, dice_targets)
-    value = soft_dice_loss(probs, dice_targets)
-    if loss == "dice_ce":
-        if target == "regions":
+    if hp.loss == "modified_dice":
+        return modified_dice_loss(probs, dice_targets, batch_dice=hp.batch_dice)
+    value = soft_dice_loss(probs, dice_targets, hp.dice_smooth, hp.batch_dice)
+    if hp.loss == "dice_ce":
+        if hp.target == "regions":
             value = value + F.binary_cross_entropy_with_logits(logits, targets)
         else:
             value = value + F.cross_entropy(logits, labels.long())
     return value
+
+
+def downsample_labels(labels, shape):
+    """Labels (B, X, Y, Z) -> (B, *shape) for a lower-resolution output: in each cell of s voxels the one at offset
+    s // 2, the voxel at the cell's centre (its upper middle voxel for even s), as nnU-Net's nearest-exact
+    interpolation picks it. The cell's first voxel would lie 0.5, 1.5 and 3.5 voxels off-centre at 1/2, 1/4, 1/8."""
+    steps = [full // low for full, low in zip(labels.shape[1:], shape)]
+    return labels[:, steps[0] // 2::steps[0], steps[1] // 2::steps[1], steps[2] // 2::steps[2]]
 
 
 def deep_supervision_weights(levels):
@@ -101,18 +117,17 @@ def deep_supervision_weights(levels):
 
 def make_loss(hp):
     """fn(logits, labels) -> float32 scalar; logits (B, C, X, Y, Z) or, with deep supervision, a list of
-    them at decreasing resolutions (full first), each scored against nearest-neighbour subsampled labels."""
+    them at decreasing resolutions (full first), each scored against the labels at the centres of its cells."""
     if hp.loss not in LOSSES or hp.target not in TARGETS:
         raise ValueError(f"loss must be one of {LOSSES} and target one of {TARGETS}, got {hp.loss!r}, {hp.target!r}")
 
     def loss_fn(logits, labels):
         if isinstance(logits, torch.Tensor):
-            return single_resolution_loss(logits, labels, hp.loss, hp.target)
+            return single_resolution_loss(logits, labels, hp)
         total = 0.0
         for weight, level_logits in zip(deep_supervision_weights(len(logits)), logits):
-            step = [full // low for full, low in zip(labels.shape[1:], level_logits.shape[2:])]
-            level_labels = labels[:, ::step[0], ::step[1], ::step[2]]  # nearest neighbour subsampling
-            total = total + weight * single_resolution_loss(level_logits, level_labels, hp.loss, hp.target)
+            level_labels = downsample_labels(labels, level_logits.shape[2:])
+            total = total + weight * single_resolution_loss(level_logits, level_labels, hp)
         return total
 
     return loss_fn

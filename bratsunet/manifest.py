@@ -1,5 +1,7 @@
 """dataset.json, the manifest of a prepared folder: reading it, the split of its cases into the test split and the
 folds, the folder of each fold's run, and the checks that settings match the prepared arrays."""
+import csv
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -12,6 +14,9 @@ from bratsunet.cases import CaseError
 MANIFEST = "dataset.json"
 FORMAT_VERSION = 1  # bump when the prepared arrays change meaning, so old ones are redone
 SPLIT_SETTINGS = ("seed", "test_fraction", "num_folds", "val_fraction")
+SPLIT_RULE = "case hash"  # in dataset.json; manifests without it were split by one permutation of all cases
+GRADES_FILE = "name_mapping.csv"  # BraTS 2020: the grade of each case, beside the case folders
+UNGRADED = "any"  # the stratum of cases without a grade
 
 
 def split_cases(manifest, fold=0):
@@ -31,12 +36,15 @@ def holdout_cases(manifest):
 
 def default_prediction_cases(manifest, fold):
     """(names, description) of the cases predict.py segments by default: the test split, or without one (test_fraction
-    0) the validation cases of the fold, which selected its checkpoint: not a test result."""
+    0) the validation cases of the fold: not a test result, since the curves, checkpoint_best.pt and the tuned
+    postprocessing were chosen on them."""
     test = holdout_cases(manifest)
     if test:
         return test, "the test split of dataset.json"
-    return split_cases(manifest, fold)[1], (f"the validation cases of fold {fold}: dataset.json has no test split, so "
-                                            "these selected the checkpoint and their scores are not a test result")
+    return split_cases(manifest, fold)[1], (
+        f"the validation cases of fold {fold}: dataset.json has no test split; no checkpoint trained on them, but the "
+        "validation curves (and checkpoint_best.pt, crossval.py's et_min_voxels) were chosen on them, so their scores "
+        "are a validation result, not a test result")
 
 
 def fold_cases(manifest, hp):
@@ -130,27 +138,79 @@ def labelled_entries(prepared_dir, case_names):
     return entries
 
 
-MANIFEST = "dataset.json"
+def case_position(name, seed):
+    """The place of a case in [0, 1): a hash of its name and the seed alone, so no other case moves it."""
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2 ** 64
 
 
-FORMAT_VERSION = 1  # bump when the prepared arrays change meaning, so old ones are redone
+def share(fraction, n):
+    """How many of n cases a fraction takes: at least one and not all of them, when it is above 0."""
+    return min(max(round(fraction * n), 1), n - 1) if fraction > 0 and n >= 2 else 0
 
 
-SPLIT_SETTINGS = ("seed", "test_fraction", "num_folds", "val_fraction")
+def cut_below(positions, count):
+    """A cut with `count` of the sorted positions below it, halfway between two cases."""
+    if count <= 0 or count >= len(positions):
+        return 0.0 if count <= 0 else 1.0
+    return (positions[count - 1] + positions[count]) / 2
 
 
-def assign_splits(names, hp):
-    """Labelled names -> {name: [split, fold]} from one seeded permutation: test_fraction of them "test"; the
-    rest "val" of fold i % num_folds, or with num_folds 1 val_fraction of them "val" of fold 0, the others "train"."""
-    share = lambda fraction, n: min(max(round(fraction * n), 1), n - 1) if fraction > 0 and n >= 2 else 0
-    order = [sorted(names)[i] for i in np.random.default_rng(hp.seed).permutation(len(names))]
-    n_test = share(hp.test_fraction, len(order))
-    rest = order[n_test:]
+def stratum_cuts(positions, hp):
+    """[test cut, cuts between the folds (or the validation cut with one fold)] of one stratum's sorted positions:
+    test_fraction of them below the first cut, the rest dealt evenly into num_folds (or val_fraction of it)."""
+    n_test = share(hp.test_fraction, len(positions))
+    rest = positions[n_test:]
+    inner = ([cut_below(rest, round(k * len(rest) / hp.num_folds)) for k in range(1, hp.num_folds)]
+             if hp.num_folds > 1 else [cut_below(rest, share(hp.val_fraction, len(rest)))])
+    return [cut_below(positions, n_test)] + inner
+
+
+def split_of(position, cuts, num_folds):
+    """[split, fold] of a case at position, from its stratum's cuts."""
+    if position < cuts[0]:
+        return ["test", None]
+    if num_folds > 1:
+        return ["val", sum(position >= cut for cut in cuts[1:])]
+    return ["val", 0] if position < cuts[1] else ["train", None]
+
+
+def assign_splits(names, hp, grades=None, cuts=None):
+    """Labelled names -> ({name: [split, fold]}, {stratum: cuts}). Each case has a place from the hash of its name
+    and seed; per stratum (the grade of grades, {name: grade}, where known) cuts between the places give test_fraction
+    of the cases to "test" and deal the others evenly into num_folds ("val" of fold K), or with num_folds 1
+    val_fraction of them to "val" of fold 0 and the rest to "train". cuts, {stratum: cuts} of an earlier split with
+    these settings, are kept, so cases that come or go move no other case (a stratum without cuts gets new ones)."""
+    grades, cuts = grades or {}, dict(cuts or {})
+    position = {name: case_position(name, hp.seed) for name in names}
+    strata = {}
+    for name in names:
+        strata.setdefault(grades.get(name, UNGRADED), []).append(name)
+    for stratum, members in strata.items():
+        cuts.setdefault(stratum, stratum_cuts(sorted(position[name] for name in members), hp))
+    splits = {name: split_of(position[name], cuts[grades.get(name, UNGRADED)], hp.num_folds) for name in names}
+    rest = [fold for split, fold in splits.values() if split == "val"] if hp.num_folds > 1 else []
     if hp.num_folds > 1 and len(rest) < hp.num_folds:
         raise CaseError(f"num_folds {hp.num_folds}: only {len(rest)} labelled case(s) outside the test split")
-    n_val = share(hp.val_fraction, len(rest)) if hp.num_folds == 1 else len(rest)
-    return {**{name: ["test", None] for name in order[:n_test]},
-            **{name: ["val", i % hp.num_folds] if i < n_val else ["train", None] for i, name in enumerate(rest)}}
+    empty = sorted(set(range(hp.num_folds)) - set(rest)) if hp.num_folds > 1 else []
+    if empty:
+        raise CaseError(f"num_folds {hp.num_folds}: fold {empty[0]} gets no case of the {len(rest)} outside the test "
+                        "split (few cases per grade); set fewer folds")
+    return splits, {stratum: cuts[stratum] for stratum in strata}
+
+
+def case_grades(raw_data_dir):
+    """{case: grade} from BraTS 2020's name_mapping.csv (Grade HGG or LGG per BraTS_2020_subject_ID) anywhere under
+    raw_data_dir; {} without one. The split is stratified by it."""
+    for path in sorted(Path(raw_data_dir).rglob(GRADES_FILE)):
+        try:
+            with open(path, newline="", encoding="utf-8-sig") as file:
+                rows = list(csv.DictReader(file))
+            return {row["BraTS_2020_subject_ID"].strip(): row["Grade"].strip() for row in rows
+                    if row.get("BraTS_2020_subject_ID") and row.get("Grade")}
+        except (OSError, UnicodeDecodeError, KeyError, csv.Error) as error:
+            print(f"ignored {path} ({type(error).__name__}: {error}): the split is not stratified by grade")
+    return {}
 
 
 def read_manifest(prepared_dir, data_format=None):

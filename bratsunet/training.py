@@ -11,14 +11,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from bratsunet import augmentation, checkpoints, conventions, inference, losses, metrics, network
 from bratsunet.console import progress_bar
-from bratsunet.devices import run_settings
+from bratsunet.devices import on_rank0, run_settings
 from bratsunet.files import output_folder
 
-RUN_FILES = ("checkpoint_last.pt", "checkpoint_best.pt", "metrics.csv", "curves.png")  # what a run writes
+# what a run writes; the first three hold a trained run
+RUN_FILES = ("checkpoint_last.pt", "checkpoint_best.pt", "checkpoint_final.pt", "metrics.csv", "curves.png")
 
 
 # How long a process waits for the others in a collective before it fails: long enough for the slowest
@@ -40,21 +40,51 @@ def lr_factor(step, hp):
 
 
 def make_optimizer(net, hp):
-    """AdamW, or nnU-Net's SGD with Nesterov momentum; weight decay as hp.weight_decay."""
+    """AdamW, or nnU-Net's SGD with Nesterov momentum; weight decay as hp.weight_decay. Fused: the optimizer skips a
+    step with non-finite gradients on the device (found_inf), so the host never waits to decide it."""
+    params = [p for p in net.parameters() if p.requires_grad]
     if hp.optimizer == "sgd":
-        return torch.optim.SGD(net.parameters(), lr=hp.learning_rate, momentum=hp.momentum, nesterov=True,
-                               weight_decay=hp.weight_decay)
-    return torch.optim.AdamW(net.parameters(), lr=hp.learning_rate, weight_decay=hp.weight_decay)
+        optimizer = torch.optim.SGD(params, lr=hp.learning_rate, momentum=hp.momentum, nesterov=True,
+                                    weight_decay=hp.weight_decay, fused=True)
+        if hp.momentum:  # a skipped first step would leave fused SGD's momentum uninitialized; zeros: the same step
+            for p in params:
+                optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        return optimizer
+    return torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=hp.weight_decay, fused=True)
+
+
+# Steps between reads of the running loss for the progress bar: each read waits for the GPU to finish its queue.
+LOSS_READ_EVERY = 25
+
+
+def optimizer_step(optimizer, scaler, params, hp):
+    """Unscale, clip and step; the optimizer skips the step on the device where the gradients are not finite ->
+    whether it did, a bool tensor on the device, unread."""
+    scaler.unscale_(optimizer)  # clip the true gradient, not the fp16-scaled one
+    norm = torch.nn.utils.clip_grad_norm_(params, hp.grad_clip if hp.grad_clip > 0 else math.inf)
+    skipped = ~torch.isfinite(norm)  # the same in every process: the gradients are all-reduced
+    if scaler.is_enabled():
+        scaler.step(optimizer)  # its own check of the gradients, passed to the fused optimizer
+    else:
+        optimizer.found_inf = skipped.float()
+        optimizer.step()
+        del optimizer.found_inf
+    scaler.update()
+    return skipped
 
 
 def train_epoch(train_model, batches, optimizer, scheduler, scaler, loss_fn, hp, device, dtype, epoch,
                 world_size, main_process):
-    """hp.steps_per_epoch optimizer steps -> (mean finite loss over all processes, skipped steps)."""
-    loss_sum, loss_count, skipped = 0.0, 0, 0
+    """hp.steps_per_epoch optimizer steps -> (mean loss of the steps taken, over all processes; skipped steps).
+
+    Nothing is read from the device per step: the loss sums and which steps were skipped stay there and are read
+    once, at the end of the epoch (and the running loss for the progress bar every LOSS_READ_EVERY steps)."""
     channels_last = run_settings(hp.precision, hp.channels_last, device)[2]
     params = [p for p in train_model.parameters() if p.requires_grad]
+    totals = torch.zeros(2, device=device)  # sum of the losses of the steps taken, their count
+    bad = torch.zeros((hp.steps_per_epoch, 2), device=device)  # per step: loss not finite, step skipped
     bar = progress_bar(total=hp.steps_per_epoch, description=f"epoch {epoch}/{hp.epochs}", disable=not main_process)
-    start = time.perf_counter()
+    start, shown = time.perf_counter(), "..."
     for step, batch in enumerate(batches, start=1):
         image, labels = augmentation.to_device(batch, device, hp.patch_size)  # (B, C, px, py, pz), (B, px, py, pz)
         if channels_last:
@@ -63,32 +93,29 @@ def train_epoch(train_model, batches, optimizer, scheduler, scaler, loss_fn, hp,
             logits = train_model(image)  # (B, C_out, px, py, pz); a list of them with deep supervision
         logits = [x.float() for x in logits] if isinstance(logits, list) else logits.float()
         batch_loss = loss_fn(logits, labels)  # float32 scalar, outside autocast
-        finite = torch.isfinite(batch_loss.detach()).int()
-        if world_size > 1:  # all processes skip together, or the gradient all-reduce would wait forever
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        finite = bool(finite.item())
-        if finite:
-            scaler.scale(batch_loss).backward()
-            scaler.unscale_(optimizer)  # clip the true gradient, not the fp16-scaled one
-            norm = torch.nn.utils.clip_grad_norm_(params, hp.grad_clip if hp.grad_clip > 0 else math.inf)
-            if scaler.is_enabled() or torch.isfinite(norm):  # with fp16 the scaler skips inf/NaN gradients
-                scaler.step(optimizer)
-            scaler.update()
-            loss_sum, loss_count = loss_sum + batch_loss.item(), loss_count + 1
-        if not finite or not torch.isfinite(norm):  # gradients are all-reduced: the same in every process
-            skipped += 1
-            if main_process:
-                tqdm.write(f"non-finite {'gradients' if finite else 'loss'} at epoch {epoch} step {step}: skipped")
+        finite = torch.isfinite(batch_loss.detach())
+        # a loss that is not finite makes every gradient NaN: all-reduced, they make every process skip the step
+        scaler.scale(batch_loss * torch.where(finite, 1.0, math.nan)).backward()
+        skipped = optimizer_step(optimizer, scaler, params, hp)
+        totals += torch.stack([torch.where(skipped, 0.0, batch_loss.detach()), (~skipped).float()])
+        bad[step - 1] = torch.stack([~finite, skipped]).float()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()  # skipped or not: the schedule follows the step count, also after a resume
+        if not bar.disable and step % LOSS_READ_EVERY == 1:
+            shown = f"{(totals[0] / totals[1]).item():.4f}"
         rate = step * hp.batch_size * world_size / (time.perf_counter() - start)
-        bar.set_postfix(loss=f"{batch_loss.item():.4f}", patches_per_s=f"{rate:.1f}", refresh=False)  # update() draws
+        bar.set_postfix(loss=shown, patches_per_s=f"{rate:.1f}", refresh=False)  # update() draws
         bar.update()
     bar.close()
-    totals = torch.tensor([loss_sum, loss_count], dtype=torch.float64)  # in CPU memory: Gloo's part of the group
+    record = torch.cat([totals, bad.flatten()]).cpu().double()  # the epoch's one wait for the device
     if world_size > 1:
-        dist.all_reduce(totals)
-    return (totals[0] / totals[1]).item() if totals[1] > 0 else math.nan, skipped
+        dist.all_reduce(record)  # in CPU memory: Gloo's part of the group
+    loss_sum, loss_count, *flags = record.tolist()
+    for index in range(hp.steps_per_epoch):
+        if flags[2 * index + 1] and main_process:
+            kind = "loss" if flags[2 * index] else "gradients"
+            print(f"non-finite {kind} at epoch {epoch} step {index + 1}: skipped")
+    return loss_sum / loss_count if loss_count else math.nan, sum(bool(f) for f in flags[1::2])
 
 
 @torch.no_grad()
@@ -133,13 +160,14 @@ def continue_schedule(optimizer, scheduler, done, hp):
 
 
 def resume_state(hp, net, optimizer, scheduler, scaler, main_process, split):
-    """Restore run_dir/checkpoint_last.pt in place -> (completed epochs, best score, metrics rows)."""
+    """Restore run_dir/checkpoint_last.pt in place -> (completed epochs, best score, metrics rows). Under torchrun
+    process 0 reads it and gives it to the others."""
     path = hp.run_dir / "checkpoint_last.pt"
-    if not path.is_file():
+    checkpoint = on_rank0(lambda: checkpoints.load_checkpoint(path) if path.is_file() else None)
+    if checkpoint is None:
         if main_process:
             print(f"resume: True, but there is no {path}: starting from scratch")
         return 0, None, []
-    checkpoint = checkpoints.load_checkpoint(path)
     missing = [key for key in ("model_args", "model", "optimizer", "scheduler", "epoch", "rng", "metrics")
                if key not in checkpoint]
     if missing:
@@ -177,7 +205,7 @@ def start_run_dir(run_dir, hp):
     """Create run_dir and check it is writable before any work. A trained run in it is continued
     (resume=True), started over (overwrite=True: its files are removed) or refused."""
     output_folder(run_dir, "run_dir")
-    trained = [name for name in RUN_FILES[:2] if (run_dir / name).is_file()]
+    trained = [name for name in RUN_FILES[:3] if (run_dir / name).is_file()]
     if trained and not hp.resume:
         if not hp.overwrite:
             raise ValueError(f"{run_dir} holds a trained run ({trained[0]}): resume=True continues it, "

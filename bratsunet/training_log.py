@@ -2,8 +2,9 @@
 TensorBoard and the printed line. train.py trains; this file reports.
 
 Only the main process (rank 0) writes. Everything is rewritten from the metrics rows that checkpoints keep,
-so a resumed run continues the same files: metrics.csv and curves.png are written whole each epoch, and
-TensorBoard drops the steps after the resumed checkpoint (purge_step), so no epoch appears twice.
+so a resumed run continues the same files: metrics.csv is written whole each epoch and curves.png with each
+checkpoint_last.pt, and TensorBoard drops the steps after the resumed checkpoint (purge_step), so no epoch
+appears twice.
 
 Where matplotlib's inline backend shows figures as images (Spyder's IPython console, Jupyter, IPython with
 --matplotlib=inline) each epoch's curves go to the plots pane as one image, without pyplot: a pyplot figure
@@ -160,10 +161,12 @@ class TrainingLog:
             tag = f"validation/{name}"
         add_to_tensorboard(self.writer, row, picture, tag)
 
-    def write(self, rows, best, device):
-        """After the epoch's checkpoint: metrics.csv, curves.png (and the plots pane), the printed line."""
+    def write(self, rows, best, device, curves=True):
+        """After the epoch's checkpoints: metrics.csv, the printed line, and with curves (when checkpoint_last.pt was
+        written) curves.png and the plots pane."""
         write_metrics_csv(rows, self.hp.run_dir / "metrics.csv")
-        plot_curves(rows, self.hp.run_dir / "curves.png", self.show)
+        if curves:
+            plot_curves(rows, self.hp.run_dir / "curves.png", self.show)
         print(summary_line(rows[-1], self.hp, best, device))
 
     def close(self):

@@ -18,6 +18,7 @@ import predict
 import prepare_dataset
 import train
 from bratsunet import cases, checkpoints, evaluation, hyperparameters, inference, loader, losses, network, preprocessing
+from bratsunet import manifest as manifest_module
 from bratsunet.manifest import assign_splits, fold_cases, holdout_cases, read_manifest, split_cases
 from bratsunet.conventions import REGION_NAMES, brats_to_internal, internal_to_brats, labels_to_regions
 from bratsunet.metrics import HD95_EMPTY
@@ -76,7 +77,7 @@ def cv_run(tmp_path_factory, cv_raw):
 def test_splits_are_seeded_disjoint_and_cover_the_labelled_cases():
     names = [f"case{i:02d}" for i in range(23)]
     hp = hyperparameters.load(overrides={"seed": 1, "test_fraction": 0.2, "num_folds": 5})
-    splits = assign_splits(names, hp)
+    splits = assign_splits(names, hp)[0]
     test = sorted(n for n, (split, _) in splits.items() if split == "test")
     folds = [sorted(n for n, (split, fold) in splits.items() if split == "val" and fold == k) for k in range(5)]
     assert len(test) == 5 and sorted(len(f) for f in folds) == [3, 3, 4, 4, 4]  # 18 cases in 5 folds
@@ -88,11 +89,11 @@ def test_splits_are_seeded_disjoint_and_cover_the_labelled_cases():
         assert val_names == fold and not set(train_names) & set(val_names)
         assert sorted(train_names + val_names) == sorted(set(names) - set(test))  # never a test case
     assert holdout_cases(manifest) == test
-    assert assign_splits(list(reversed(names)), hp) == splits  # seeded, by case
-    other = assign_splits(names, hp.replace(seed=2))
+    assert assign_splits(list(reversed(names)), hp)[0] == splits  # seeded, by case
+    other = assign_splits(names, hp.replace(seed=2))[0]
     assert sorted(n for n, (s, _) in other.items() if s == "test") != test
     # the test split does not depend on the folds; one fold keeps the single split of val_fraction
-    single = assign_splits(names, hp.replace(num_folds=1, val_fraction=0.3))
+    single = assign_splits(names, hp.replace(num_folds=1, val_fraction=0.3))[0]
     assert sorted(n for n, (s, _) in single.items() if s == "test") == test
     val = sorted(n for n, (s, f) in single.items() if s == "val" and f == 0)
     assert len(val) == 5 and [s for s, _ in single.values()].count("train") == 13
@@ -100,6 +101,46 @@ def test_splits_are_seeded_disjoint_and_cover_the_labelled_cases():
     assert split_cases(single_manifest, 0) == (sorted(set(names) - set(test) - set(val)), val)
     with pytest.raises(cases.CaseError, match="num_folds 5: only 3 labelled case"):
         assign_splits(names[:4], hp)
+
+
+def test_a_case_that_comes_or_goes_moves_no_other_case():
+    """Each case's place comes from a hash of its name and the seed; the cuts between the places are kept in
+    dataset.json, so a case added or filtered out later changes the split of no other case."""
+    names = [f"BraTS20_Training_{i:03d}" for i in range(1, 41)]
+    hp = hyperparameters.load(overrides={"seed": 3, "test_fraction": 0.2, "num_folds": 5})
+    splits, cuts = assign_splits(names, hp)
+    grown, _ = assign_splits(names + ["BraTS20_Training_041", "BraTS20_Training_042"], hp, cuts=cuts)
+    shrunk, _ = assign_splits(names[1:], hp, cuts=cuts)
+    assert {name: grown[name] for name in names} == splits
+    assert shrunk == {name: splits[name] for name in names[1:]}
+    assert assign_splits(names[::-1], hp, cuts=cuts)[0] == splits  # the order the cases come in plays no part
+    assert [split for split, _ in splits.values()].count("test") == 8
+    assert sorted(len([n for n, (s, f) in splits.items() if s == "val" and f == k]) for k in range(5)) == [6, 6, 6, 7, 7]
+    # 32 cases outside the test split, dealt evenly
+
+
+def test_the_split_is_stratified_by_the_grades_of_name_mapping_csv(tmp_path):
+    """BraTS 2020's name_mapping.csv gives each case's grade (HGG, LGG): the test split and every fold take their
+    share of each grade, counted, and dataset.json keeps the grade."""
+    grades = {f"BraTS20_Training_{i:03d}": "HGG" if i <= 30 else "LGG" for i in range(1, 41)}  # 30 HGG, 10 LGG
+    folder = tmp_path / "MICCAI_BraTS2020_TrainingData"
+    folder.mkdir()
+    (folder / "name_mapping.csv").write_text(
+        "Grade,BraTS_2017_subject_ID,BraTS_2018_subject_ID,TCGA_TCIA_subject_ID,BraTS_2019_subject_ID,"
+        "BraTS_2020_subject_ID\n" + "".join(f"{grade},,,,,{name}\n" for name, grade in grades.items()))
+    assert manifest_module.case_grades(tmp_path) == grades
+    hp = hyperparameters.load(overrides={"seed": 3, "test_fraction": 0.2, "num_folds": 5})
+    splits, cuts = assign_splits(list(grades), hp, grades)
+    assert sorted(cuts) == ["HGG", "LGG"]
+    count = lambda grade, split, fold=None: sum(s == split and (fold is None or f == fold)
+                                                for name, (s, f) in splits.items() if grades[name] == grade)
+    assert (count("HGG", "test"), count("LGG", "test")) == (6, 2)  # 20% of each grade
+    assert sorted(count("HGG", "val", k) for k in range(5)) == [4, 5, 5, 5, 5]  # 24 HGG dealt into 5 folds
+    assert sorted(count("LGG", "val", k) for k in range(5)) == [1, 1, 2, 2, 2]  # 8 LGG
+    # a case without a grade is in a stratum of its own; a bad name_mapping.csv is said and not used
+    assert assign_splits(list(grades) + ["Other_001"], hp, grades, cuts)[1].keys() == {"HGG", "LGG", "any"}
+    (folder / "name_mapping.csv").write_bytes(b"\xff\xfe\x00garbage")
+    assert manifest_module.case_grades(tmp_path) == {}
 
 
 def test_prepare_refuses_to_split_again_under_a_trained_run_and_says_how_to_start_over(cv_raw, tmp_path, capsys):
@@ -122,7 +163,7 @@ def test_prepare_refuses_to_split_again_under_a_trained_run_and_says_how_to_star
             prepare_dataset.prepare_dataset(hp.replace(**changes))
         message = str(error.value)
         assert said in message and "fold_1/checkpoint_last.pt" in message and "\n" not in message
-        assert "new prepared_dir" in message and f"delete this dataset.json" in message
+        assert "new prepared_dir" in message and "delete this dataset.json" in message
         assert (prepared / "dataset.json").read_bytes() == before  # untouched
     (prepared / "dataset.json").unlink()  # the explicit way to split anew
     assert prepare_dataset.prepare_dataset(hp.replace(seed=1))["settings"]["seed"] == 1
@@ -131,6 +172,41 @@ def test_prepare_refuses_to_split_again_under_a_trained_run_and_says_how_to_star
         fold_cases(manifest, hp.replace(num_folds=3))
     with pytest.raises(ValueError, match="fold 2: the folds of .* are 0 .. 1"):
         fold_cases(manifest, hp.replace(fold=2))
+
+
+def test_prepare_keeps_every_case_in_its_split_when_a_case_comes_and_reads_old_manifests(cv_raw, tmp_path, capsys):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for folder in sorted(cv_raw.iterdir()):
+        (raw / folder.name).symlink_to(folder)
+    hp = hyperparameters.load(overrides={"raw_data_dir": raw, "prepared_dir": tmp_path / "prepared", "num_workers": 0,
+                                         "num_folds": 2, "run_dir": tmp_path / "run"})
+    first = prepare_dataset.prepare_dataset(hp)
+    assert first["settings"]["split_rule"] == "case hash" and list(first["settings"]["split_cuts"]) == ["any"]
+    (raw / "Case-new").mkdir()  # one more case (a copy of another), prepared into the same folder
+    for path in (cv_raw / "Case-01a").iterdir():
+        (raw / "Case-new" / path.name).symlink_to(path)
+    second = prepare_dataset.prepare_dataset(hp)
+    assert "split again (1 new case(s))" in capsys.readouterr().out
+    assert {name: case["split"] for name, case in first["cases"].items()} == {
+        name: case["split"] for name, case in second["cases"].items() if name != "Case-new"}
+    assert [case["fold"] for case in first["cases"].values()] == [
+        case["fold"] for name, case in second["cases"].items() if name != "Case-new"]
+    # a dataset.json split by the rule before (one permutation of all cases) stays readable; splitting it again
+    # by the hash is refused under a run trained on it, and said without one
+    old = json.loads((hp.prepared_dir / "dataset.json").read_text())
+    del old["settings"]["split_rule"], old["settings"]["split_cuts"]
+    names = sorted(name for name, case in old["cases"].items() if case["split"] == "val")
+    old["cases"][names[0]]["fold"] = 1 - old["cases"][names[0]]["fold"]
+    (hp.prepared_dir / "dataset.json").write_text(json.dumps(old))
+    assert split_cases(read_manifest(hp.prepared_dir), 0)[1] != split_cases(second, 0)[1]
+    (tmp_path / "run" / "fold_0").mkdir(parents=True)
+    (tmp_path / "run" / "fold_0" / "checkpoint_last.pt").write_bytes(b"")
+    with pytest.raises(cases.CaseError, match=r"its split would change \(the split rule: case hash\) under the runs"):
+        prepare_dataset.prepare_dataset(hp)
+    (tmp_path / "run" / "fold_0" / "checkpoint_last.pt").unlink()
+    assert prepare_dataset.prepare_dataset(hp)["settings"]["split_rule"] == "case hash"
+    assert "split again (the split rule: case hash)" in capsys.readouterr().out
 
 
 def test_the_test_split_never_reaches_training_selection_or_tuning(cv_run):
@@ -142,18 +218,21 @@ def test_the_test_split_never_reaches_training_selection_or_tuning(cv_run):
     assert read == set(folds[0] + folds[1])
     for k, fold in enumerate(folds):
         run = hp.run_dir / f"fold_{k}"
-        for name in ("checkpoint_last.pt", "checkpoint_best.pt"):
+        for name in ("checkpoint_last.pt", "checkpoint_best.pt", "checkpoint_final.pt"):
             split = torch.load(run / name, weights_only=True)["split"]
             assert split == {"fold": k, "train": folds[1 - k], "val": fold}
-        # the out-of-fold predictions: this fold's validation cases, with their probabilities
+        # the out-of-fold predictions: this fold's validation cases, with their probabilities, by the final weights
         assert sorted(p.name for p in (run / "validation").iterdir()) == sorted(
-            f"{n}{suffix}" for n in fold for suffix in (".nii.gz", "_probabilities.npz"))
+            [f"{n}{suffix}" for n in fold for suffix in (".nii.gz", "_probabilities.npz")] + ["predicted_with.json"])
+        assert json.loads((run / "validation" / "predicted_with.json").read_text()) == {
+            "checkpoint": "checkpoint_final.pt", "epoch": 2}
     with open(hp.run_dir / "crossval.csv", newline="") as file:
         rows = list(csv.DictReader(file))
     assert tuple(rows[0]) == ("case", "fold") + evaluation.COLUMNS[1:]
     assert sorted((row["case"], int(row["fold"])) for row in rows) == sorted(
         (n, k) for k, fold in enumerate(folds) for n in fold)
     assert json.loads((hp.run_dir / "postprocessing.json").read_text()) == record
+    assert record["out_of_fold_predictions_of"] == {f"fold_{k}": "checkpoint_final.pt, epoch 2" for k in range(2)}
     for picture in ("crossval_boxplot.png", "postprocessing.png"):
         assert (hp.run_dir / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert record["cases"] == 8 and 0 <= record["et_min_voxels"] <= 300
@@ -166,7 +245,7 @@ def test_predict_takes_the_test_split_with_the_fold_ensemble_and_evaluate_expect
     written = predict.predict(hp)
     assert written == [hp.prediction_dir / f"{name}.nii.gz" for name in test]
     out = capsys.readouterr().out
-    assert "ensemble of 2 checkpoints" in out and "fold_0/checkpoint_best.pt" in out and "fold_1" in out
+    assert "ensemble of 2 checkpoints" in out and "fold_0/checkpoint_final.pt" in out and "fold_1" in out
     assert f"et_min_voxels {record['et_min_voxels']} from {hp.run_dir / 'postprocessing.json'}" in out
     assert "predicting 2 case(s): the test split" in out
     written[0].unlink()  # a case whose prediction is missing is scored as a failure
@@ -175,6 +254,45 @@ def test_predict_takes_the_test_split_with_the_fold_ensemble_and_evaluate_expect
     assert [rows[0][f"dice_{r}"] for r in REGION_NAMES] == [0, 0, 0]
     assert f"1 case(s) without a prediction, scored as failures (Dice 0, HD95 373.13 mm): {test[0]}" in \
         capsys.readouterr().out
+
+
+def test_predict_refuses_a_test_case_that_a_checkpoint_trained_or_validated_on(cv_run, tmp_path, monkeypatch):
+    hp, manifest, _, _ = cv_run
+    test = holdout_cases(manifest)
+    checkpoint = torch.load(hp.run_dir / "fold_0" / "checkpoint_final.pt", weights_only=True)
+    checkpoint["split"]["val"] = checkpoint["split"]["val"] + [test[1]]  # a model that validated on a test case
+    checkpoints.save_checkpoint(checkpoint, tmp_path / "fold_0" / "checkpoint_final.pt")
+    shutil.copy(hp.run_dir / "fold_1" / "checkpoint_final.pt", tmp_path / "fold_1.pt")
+    ensemble = hp.replace(checkpoint=f"{tmp_path / 'fold_1.pt'}, {tmp_path / 'fold_0' / 'checkpoint_final.pt'}",
+                          prediction_dir=tmp_path / "predictions")
+    with pytest.raises(ValueError, match=rf"fold_0/checkpoint_final.pt trained or validated on 1 case\(s\) of the "
+                                         rf"test split of dataset.json \({test[1]}\)"):
+        predict.predict(ensemble)
+    assert not (tmp_path / "predictions").exists()
+    monkeypatch.setattr(sys, "argv", ["predict.py", *(f"{key}={getattr(hp, key)}" for key in (
+        "raw_data_dir", "prepared_dir", "num_folds", "seed")), f"checkpoint={tmp_path / 'fold_0' / 'checkpoint_final.pt'}",
+        f"prediction_dir={tmp_path / 'predictions'}"])
+    with pytest.raises(SystemExit, match="^error: .*checkpoint_final.pt trained or validated on 1 case") as stop:
+        predict.main()
+    assert "\n" not in str(stop.value) and not (tmp_path / "predictions").exists()
+
+
+def test_a_fold_trained_before_final_checkpoints_gets_one_and_its_predictions_made_again(cv_run, tmp_path):
+    """A fold from before checkpoint_final.pt existed: its out-of-fold predictions came from checkpoint_best.pt.
+    crossval.py writes its final checkpoint (the last epoch's, as checkpoint_last.pt holds it) and predicts again."""
+    hp, _, _, record = cv_run
+    run = shutil.copytree(hp.run_dir, tmp_path / "run", symlinks=True)
+    (run / "fold_0" / "checkpoint_final.pt").unlink()
+    (run / "fold_0" / "validation" / "predicted_with.json").unlink()
+    before, other = ({path.name: path.stat().st_mtime_ns for path in (run / f"fold_{k}" / "validation").iterdir()}
+                     for k in range(2))
+    assert crossval.crossval(hp.replace(run_dir=run)) == record
+    final = torch.load(run / "fold_0" / "checkpoint_final.pt", weights_only=True)
+    last = torch.load(run / "fold_0" / "checkpoint_last.pt", weights_only=True)
+    assert final["epoch"] == 2 and all(torch.equal(final["model"][k], v) for k, v in last["model"].items())
+    after = {path.name: path.stat().st_mtime_ns for path in (run / "fold_0" / "validation").iterdir()}
+    assert all(after[name] != mtime for name, mtime in before.items())  # every prediction made again
+    assert other == {path.name: path.stat().st_mtime_ns for path in (run / "fold_1" / "validation").iterdir()}
 
 
 def test_crossval_again_trains_nothing(cv_run, capsys):
@@ -373,7 +491,7 @@ def test_out_of_fold_predictions_land_in_the_raw_grid_of_the_real_sample(sample_
     hp = hyperparameters.load(overrides={"raw_data_dir": tmp_path / "raw", "prepared_dir": tmp_path / "prepared",
                                          "run_dir": tmp_path / "run", "num_workers": 0, "test_fraction": 0})
     case = prepare_dataset.prepare_dataset(hp)["cases"][sample_case.name]
-    save_random_checkpoint(hp.run_dir / "checkpoint_best.pt", seed=0)
+    net = network.build_model(hp)
     seg = np.load(hp.prepared_dir / case["seg"])  # (x, y, z) cropped internal labels
 
     def truth_as_probabilities(members, image):  # a perfect network, on the prepared image it is given
@@ -381,7 +499,7 @@ def test_out_of_fold_predictions_land_in_the_raw_grid_of_the_real_sample(sample_
         return torch.from_numpy(labels_to_regions(seg).astype(np.float32))  # (3, x, y, z) WT, TC, ET
 
     monkeypatch.setattr(inference, "ensemble_probabilities", truth_as_probabilities)
-    assert inference.predict_validation(hp, [sample_case.name]) == [sample_case.name]
+    assert inference.predict_validation(hp, [sample_case.name], net, 1) == [sample_case.name]
     out_of_fold = nib.load(hp.run_dir / "validation" / f"{sample_case.name}.nii.gz")
     truth = nib.load(sample_case / f"{sample_case.name}_seg.nii.gz")
     assert np.array_equal(np.asanyarray(out_of_fold.dataobj), np.asanyarray(truth.dataobj))  # every voxel in place

@@ -134,8 +134,8 @@ def free_port():
 
 def test_the_process_group_of_a_gpu_run_takes_its_collectives(tmp_path, monkeypatch):
     """One process (NCCL refuses two processes on one GPU) in the group torchrun's processes start, DDP
-    around the network: train_epoch's collectives (the finite flag on the GPU, the loss totals in CPU
-    memory) and validation's object gather."""
+    around the network: train_epoch's collective (the epoch's loss totals and skipped steps, in CPU memory)
+    and validation's object gather."""
     for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": free_port(), "RANK": 0, "WORLD_SIZE": 1}.items():
         monkeypatch.setenv(key, str(value))
     device = devices.resolve_device(DEVICE)
@@ -146,7 +146,7 @@ def test_the_process_group_of_a_gpu_run_takes_its_collectives(tmp_path, monkeypa
         net, ddp = training.build_for_training(hp, device, world_size=2, main_process=True)  # wrapped as under torchrun
         assert isinstance(ddp, torch.nn.parallel.DistributedDataParallel)
         dtype, use_scaler, _ = devices.run_settings(hp.precision, hp.channels_last, device)
-        optimizer = torch.optim.AdamW(net.parameters(), lr=hp.learning_rate)
+        optimizer = training.make_optimizer(net, hp)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
         batch = torch.randn(2, 4, 16, 16, 16), torch.randint(0, 4, (2, 16, 16, 16))
         mean, skipped = training.train_epoch(ddp, [batch] * 2, optimizer, scheduler, torch.amp.GradScaler(

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from bratsunet import loader
 from bratsunet.loader import PatchDataset, VolumeDataset
 from bratsunet.manifest import split_cases, read_manifest
 
@@ -106,6 +107,54 @@ def test_share_of_patches_with_tumor_follows_foreground_fraction(tmp_path, foreg
     assert abs(share - expected) <= 4 * sigma + 1e-9
 
 
+def nnunet_forced(sample, batch_size, oversample_foreground_percent):
+    """nnU-Net's rule (nnUNetDataLoader._oversample_last_XX_percent), written out: whether sample `sample` of a
+    batch must hold foreground."""
+    return not sample < round(batch_size * (1 - oversample_foreground_percent))
+
+
+def edema_and_small_enhancing_tumor(folder):
+    """A 40^3 case: 20^3 voxels of edema in one corner, 2^3 of enhancing tumor (no necrosis) in the other."""
+    seg = np.zeros((40, 40, 40), dtype=np.uint8)
+    seg[:20, :20, :20] = 2
+    seg[36:38, 36:38, 36:38] = 3
+    write_prepared(folder, {"case": (np.ones((1, 40, 40, 40)), seg, "train")})
+    return folder
+
+
+@pytest.mark.parametrize("global_batch", [2, 3, 4, 6])
+def test_nnunet_sampling_centres_the_last_third_of_every_step_on_a_class_chosen_first(tmp_path, global_batch):
+    """nnU-Net centres the last round(B x 0.33) patches of a batch (1 of 2: half, not a third) and draws a class
+    first (WT, TC, ET), then a voxel of it: the small ET is the centre of about 2/3 of those patches (TC is the
+    ET here), where centring on any tumor voxel hits it 8 times in 8008."""
+    folder = edema_and_small_enhancing_tumor(tmp_path)
+    classes = loader.foreground_classes("nnunet", "brats2020", "regions")
+    assert classes == ((1, 2, 3), (1, 3), (3,))  # WT, TC, ET as internal labels
+    steps = 120
+    nnunet = PatchDataset(folder, ["case"], (8, 8, 8), 0.33, False, 0, steps * global_batch, sampling="nnunet",
+                          global_batch=global_batch, classes=classes)
+    per_patch = PatchDataset(folder, ["case"], (8, 8, 8), 0.33, False, 0, steps * global_batch)
+    centred_on_et = []
+    for index in range(steps * global_batch):
+        labels = nnunet[index][1].numpy()
+        if nnunet_forced(index % global_batch, global_batch, 0.33):
+            assert labels.any()  # every patch the rule forces holds tumor
+            centred_on_et.append(labels[4, 4, 4] == 3 or (labels == 3).sum() == 8)  # shifted inwards at the border
+        else:
+            centred_on_et.append(None)
+    forced = [hit for hit in centred_on_et if hit is not None]
+    assert len(forced) == steps * sum(nnunet_forced(k, global_batch, 0.33) for k in range(global_batch))
+    assert 0.55 < np.mean(forced) < 0.8
+    assert np.mean([(per_patch[i][1].numpy() == 3).any() for i in range(300)]) < 0.05
+
+
+def test_nnunet_sampling_with_a_global_batch_of_one_is_refused(tmp_path):
+    folder = edema_and_small_enhancing_tumor(tmp_path)
+    with pytest.raises(ValueError, match=r"patch_sampling nnunet with a global batch of 1: .* leaves no patch centred"):
+        PatchDataset(folder, ["case"], (8, 8, 8), 0.33, False, 0, 4, sampling="nnunet", global_batch=1)
+    PatchDataset(folder, ["case"], (8, 8, 8), 0.0, False, 0, 4, sampling="nnunet", global_batch=1)  # no centring asked
+
+
 def test_same_seed_epoch_index_gives_same_patch_and_other_epochs_differ(position_cases):
     folder, cases = position_cases
 
@@ -164,7 +213,7 @@ def test_tumor_subset_of_large_tumors_still_centres_patches_on_tumor(tmp_path, m
     monkeypatch.setattr("bratsunet.loader.MAX_FOREGROUND_VOXELS", 3)  # the 8 cube voxels -> every 3rd one
     data = tumor_cube_dataset(tmp_path, 1.0, samples=50)
     assert all(data[i][1].any() for i in range(len(data)))
-    assert len(data.foreground[0]) == 3
+    assert [len(voxels) for voxels in data.foreground[0]] == [3]  # one class: any tumor voxel
 
 
 @pytest.mark.parametrize("context", ["fork", "spawn"])

@@ -117,7 +117,7 @@ def test_prepare_train_predict_evaluate_a_dataset_in_the_decathlon_layout(data_f
     assert manifest["settings"]["disk_labels"] == [0, 2, 1, 3]
     assert list(manifest["unlabeled"]) == [names[folders[5]]]  # imagesTs: predicted, never trained on
     train.train(hp)
-    rows, not_evaluated, _ = crossval.out_of_fold_rows(hp, read_manifest(hp.prepared_dir),
+    rows, not_evaluated, *_ = crossval.out_of_fold_rows(hp, read_manifest(hp.prepared_dir),
                                                        label_convention(data_format, [root]))  # the dataset's labels
     assert [row["case"] for row in rows] == split_cases(manifest)[1] and not not_evaluated  # validation/
     written = predict.predict(hp)  # the test split

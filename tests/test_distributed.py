@@ -110,7 +110,7 @@ def test_two_processes_train_like_one_process_with_the_same_global_batch(tmp_pat
         done = run([helper, settings, out], processes, NAN_RANK="1" if processes else "0")
         assert done.returncode == 0, done.stderr[-3000:]
         results[processes] = done, out
-    (two, two_out), (one, one_out) = results[2], results[None]
+    (two, two_out), (_, one_out) = results[2], results[None]
     rank0, rank1 = (torch.load(two_out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     single = torch.load(one_out / "rank0.pt", weights_only=True)
     torch.manual_seed(5)
@@ -123,7 +123,8 @@ def test_two_processes_train_like_one_process_with_the_same_global_batch(tmp_pat
     assert two.stdout.count("epoch 2/2  loss") == 1
     assert two.stdout.count("non-finite loss at epoch 1 step 2: skipped") == 1
     assert sorted(p.name for p in (tmp_path / "run2").iterdir()) == [
-        "checkpoint_best.pt", "checkpoint_last.pt", "curves.png", "log.txt", "metrics.csv", "settings.txt", "validation"]
+        "checkpoint_best.pt", "checkpoint_final.pt", "checkpoint_last.pt", "curves.png", "log.txt", "metrics.csv",
+        "settings.txt", "validation"]
     log = (tmp_path / "run2" / "log.txt").read_text()  # rank 0's console, once
     assert log.count("epoch 2/2  loss") == 1 and log.count("non-finite loss at epoch 1 step 2: skipped") == 1
     rows = {p: torch.load(tmp_path / f"run{p}" / "checkpoint_last.pt", weights_only=True)["metrics"] for p in (2, None)}
@@ -207,13 +208,46 @@ def test_killed_run_resumes_under_torchrun_with_another_process_count(tmp_path, 
         assert resumed["metrics"][-1][key] == pytest.approx(value, abs=1e-6), key
 
 
+# crossval.py under torchrun where process 1 runs on a machine of its own: its disk holds none of the files that
+# process 0 writes into run_dir (node-local disks). Each process counts the out-of-fold cases it predicts.
+NODE_LOCAL_HELPER = """
+import json, os, pathlib, sys
+sys.path.insert(0, {repo!r})
+import crossval
+from bratsunet import checkpoints, devices, hyperparameters, inference
+
+run_dir, counts = pathlib.Path(sys.argv[2]).resolve(), []
+if os.environ["RANK"] == "1":
+    is_file, load = pathlib.Path.is_file, checkpoints.load_checkpoint
+    elsewhere = lambda path: run_dir in pathlib.Path(path).resolve().parents
+    pathlib.Path.is_file = lambda path: False if elsewhere(path) else is_file(path)
+    def load_here(path, *args, **kwargs):
+        if elsewhere(path):
+            raise FileNotFoundError(f"{{path}}: not on this machine")
+        return load(path, *args, **kwargs)
+    checkpoints.load_checkpoint = load_here
+    def write_elsewhere(*args, **kwargs):
+        raise AssertionError("process 1 wrote a prediction into a run_dir only process 0 reads")
+    inference.write_prediction = write_elsewhere
+ensemble = inference.ensemble_probabilities
+inference.ensemble_probabilities = lambda members, image: counts.append(1) or ensemble(members, image)
+crossval.crossval(hyperparameters.load(sys.argv[1]))
+(run_dir.parent / ("predicted_rank" + os.environ["RANK"])).write_text(json.dumps(len(counts)))
+devices.end_torchrun_process(0)
+"""
+
+
 def test_crossval_runs_its_folds_in_one_process_group_under_torchrun(tmp_path, tiny_raw):
     """Each fold once started a new process group after destroying the last; under torchrun's store the
-    second fold's group then hung until the 10-minute timeout."""
+    second fold's group then hung until the 10-minute timeout. Process 0 alone predicted each fold's validation
+    cases while the others waited in the next collective; and each process decided from its own disk whether to
+    resume a fold, so on node-local disks they disagreed and hung."""
     settings = write_settings(tmp_path / "hp.txt", tmp_path / "prepared", tmp_path / "run", batch_size=1,
                               raw_data_dir=tiny_raw, num_folds=2, test_fraction=0)
     prepare_dataset.prepare_dataset(hyperparameters.load(settings))
-    done = run([REPO / "crossval.py", "--hp", settings], processes=2)
+    helper = tmp_path / "node_local.py"
+    helper.write_text(NODE_LOCAL_HELPER.format(repo=str(REPO)))
+    done = run([helper, settings, tmp_path / "run"], processes=2)
     assert done.returncode == 0, done.stderr[-3000:]
     for fold in (0, 1):
         assert done.stdout.count(f"==== fold {fold} of 2 ====") == 1  # printed by rank 0 only
@@ -222,6 +256,13 @@ def test_crossval_runs_its_folds_in_one_process_group_under_torchrun(tmp_path, t
     with open(tmp_path / "run" / "crossval.csv") as file:
         assert len(file.read().splitlines()) == 1 + 5  # every labelled case, out of fold
     assert json.loads((tmp_path / "run" / "postprocessing.json").read_text())["num_folds"] == 2
+    # the 5 out-of-fold cases (folds of 3 and 2) were predicted 2 at a time: 3 by process 0, 2 by process 1
+    assert [json.loads((tmp_path / f"predicted_rank{rank}").read_text()) for rank in (0, 1)] == [3, 2]
+    # again: process 0's disk says both folds are done; process 1, which sees no run, follows it
+    again = run([helper, settings, tmp_path / "run"], processes=2)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("has trained 2 epochs already") == 2 and "starting from scratch" not in again.stdout
+    assert [json.loads((tmp_path / f"predicted_rank{rank}").read_text()) for rank in (0, 1)] == [0, 0]
 
 
 def test_a_failing_process_stops_the_others(tmp_path, prepared):
@@ -314,6 +355,6 @@ def test_every_collective_is_valid_in_the_process_group_of_a_gpu_run(tmp_path, p
     settings = write_settings(tmp_path / "hp.txt", prepared, tmp_path / "run", device="cpu", epochs=1)
     done = run([helper, settings, tmp_path], processes=2)
     assert done.returncode == 0, done.stderr[-3000:]
-    for rank in (0, 1):  # per step the finite flag (GPU memory), per epoch the loss totals (CPU memory)
+    for rank in (0, 1):  # nothing per step; per epoch the loss totals and skipped steps (CPU memory)
         calls = json.loads((tmp_path / f"collectives_rank{rank}.json").read_text())
-        assert calls == {"all_reduce": 3 + 1}
+        assert calls == {"all_reduce": 1}

@@ -36,7 +36,7 @@ def write_checkpoint(folder, settings, seed=0):
             module.running_var.uniform_(0.5, 2.0)
     state = {"model_args": network.model_args(hp), "model": net.state_dict(), "hyperparameters": hp.to_dict(),
              "epoch": 7, "best_score": 0.5}
-    checkpoints.save_checkpoint(state, folder / "checkpoint_best.pt")
+    checkpoints.save_checkpoint(state, folder / "checkpoint_final.pt")  # export.py's default
     return hp, net.eval()
 
 
@@ -88,7 +88,7 @@ def test_another_architecture_exports_with_its_own_shapes_and_metadata(exported)
     with torch.no_grad():
         expected = net(image).numpy()  # eval mode: one head, the running batch statistics
     assert np.abs(session.run(None, {"image": image.numpy()})[0] - expected).max() < 1e-4
-    assert sorted(p.name for p in path.parent.iterdir()) == ["checkpoint_best.pt", "model.onnx"]  # no leftovers
+    assert sorted(p.name for p in path.parent.iterdir()) == ["checkpoint_final.pt", "model.onnx"]  # no leftovers
 
 
 def test_onnx_backend_predicts_the_real_case_as_pytorch_does(exported, sample_case, tmp_path):
@@ -113,14 +113,14 @@ def test_onnx_backend_predicts_the_real_case_as_pytorch_does(exported, sample_ca
 
 
 def test_export_of_a_corrupt_checkpoint_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys):
-    (tmp_path / "checkpoint_best.pt").write_bytes(b"PK\x03\x04 not a checkpoint")
+    (tmp_path / "checkpoint_final.pt").write_bytes(b"PK\x03\x04 not a checkpoint")
     monkeypatch.setattr(sys, "argv", ["export.py", f"run_dir={tmp_path}"])
     with pytest.raises(SystemExit) as stop:
         export.main()
     message = str(stop.value.code)
-    assert message.startswith(f"error: {tmp_path / 'checkpoint_best.pt'}: corrupt or truncated checkpoint")
+    assert message.startswith(f"error: {tmp_path / 'checkpoint_final.pt'}: corrupt or truncated checkpoint")
     assert "\n" not in message
-    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint_best.pt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint_final.pt"]
 
 
 def test_checkpoint_globs_export_one_model_per_folder_and_refuse_a_shared_one(tmp_path):
@@ -158,7 +158,7 @@ def test_onnx_backend_names_what_is_missing(tmp_path, monkeypatch):
 # ---------------------------------------------------------------- a model.onnx stands for exactly its checkpoint
 
 def copy_of_small(exported, tmp_path):
-    """(settings with backend onnxruntime, a copy of the small model's folder: checkpoint_best.pt, model.onnx)."""
+    """(settings with backend onnxruntime, a copy of the small model's folder: checkpoint_final.pt, model.onnx)."""
     hp, _, path = exported["small"]
     folder = tmp_path / "run"
     shutil.copytree(path.parent, folder)
@@ -168,23 +168,23 @@ def copy_of_small(exported, tmp_path):
 def test_an_onnx_model_exported_from_another_checkpoint_is_refused_naming_both(exported, tmp_path, monkeypatch,
                                                                                tiny_raw):
     hp, folder = copy_of_small(exported, tmp_path)
-    source = exported["small"][2].parent / "checkpoint_best.pt"
+    source = exported["small"][2].parent / "checkpoint_final.pt"
     session = onnxruntime.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
     assert json.loads(session.get_modelmeta().custom_metadata_map["source_checkpoint"]) == {
         "path": str(source), "epoch": 7,
         "weights_sha256": checkpoints.weights_digest(torch.load(source, weights_only=True)["model"])}
     inference.load_for_inference(hp, torch.device("cpu"))  # a moved folder: the same network, still its model
-    # export.py checkpoint=run/checkpoint_last.pt, and a later epoch became checkpoint_best.pt
-    shutil.copy(folder / "checkpoint_best.pt", folder / "checkpoint_last.pt")
+    # export.py checkpoint=run/checkpoint_last.pt, and another network became checkpoint_final.pt
+    shutil.copy(folder / "checkpoint_final.pt", folder / "checkpoint_last.pt")
     write_checkpoint(folder, SMALL, seed=1)
-    best = folder / "checkpoint_best.pt"
+    final = folder / "checkpoint_final.pt"
     monkeypatch.setattr(sys, "argv", ["predict.py", f"run_dir={folder}", "backend=onnxruntime",
                                       f"predict_input_dir={tiny_raw}", f"prediction_dir={tmp_path / 'p'}"])
     with pytest.raises(SystemExit) as stop:
         predict.main()
     assert str(stop.value.code) == (f"error: {folder / 'model.onnx'}: exported from {source} (epoch 7), not from the "
-                                    f"checkpoint asked for, {best} (epoch 7): another network; export it with python "
-                                    f"export.py checkpoint={best}")
+                                    f"checkpoint asked for, {final} (epoch 7): another network; export it with python "
+                                    f"export.py checkpoint={final}")
     assert not (tmp_path / "p").exists()
     inference.load_for_inference(hp.replace(checkpoint=folder / "checkpoint_last.pt"), torch.device("cpu"))
     inference.load_for_inference(hp.replace(checkpoint=folder / "model.onnx"), torch.device("cpu"))  # named itself

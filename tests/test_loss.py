@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from bratsunet import hyperparameters
+from bratsunet import hyperparameters, losses
 from bratsunet.conventions import REGIONS, brats_to_internal, labels_to_regions
 from bratsunet.losses import (deep_supervision_weights, logits_to_probabilities, make_loss, one_hot_targets, probabilities_to_labels)
 from bratsunet.metrics import HD95_EMPTY, accuracy, dice_per_region, hd95, region_metrics
@@ -28,7 +28,7 @@ def random_batch(target, shape=(2, 4, 4, 4), seed=0, dtype=torch.float32):
 
 
 # ------------------------------------------------------------------ float64 numpy reference
-def reference_loss(logits, labels, loss, target):
+def reference_loss(logits, labels, loss, target, batch_dice=True, smooth=1.0):
     x, labels = logits.detach().double().numpy(), labels.numpy()
     if target == "regions":
         g = np.stack([np.isin(labels, members) for members in REGIONS.values()], axis=1).astype(float)
@@ -41,11 +41,11 @@ def reference_loss(logits, labels, loss, target):
         p = e / e.sum(axis=1, keepdims=True)
         ce = -np.mean(np.sum(g * np.log(p), axis=1))
         dice_p, dice_g = p[:, 1:], g[:, 1:]  # background is left out of Dice for softmax
-    axes = (0, 2, 3, 4)
+    axes = (0, 2, 3, 4) if batch_dice else (2, 3, 4)  # per patch: a Dice per (patch, channel), all averaged
     tp = (dice_p * dice_g).sum(axes)
     if loss == "modified_dice":
         return 1 - np.mean(2 * tp / ((dice_p ** 2).sum(axes) + (dice_g ** 2).sum(axes) + 1e-5))
-    dice = 1 - np.mean((2 * tp + 1) / (dice_p.sum(axes) + dice_g.sum(axes) + 1))
+    dice = 1 - np.mean((2 * tp + smooth) / (dice_p.sum(axes) + dice_g.sum(axes) + smooth))
     return dice + ce if loss == "dice_ce" else dice
 
 
@@ -55,6 +55,16 @@ def test_loss_matches_float64_reference(loss, target):
     value = loss_fn(loss, target)(logits, labels)
     assert value.dtype == torch.float32 and value.ndim == 0
     assert value.item() == pytest.approx(reference_loss(logits, labels, loss, target), rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("loss, target", list(itertools.product(LOSSES, TARGETS)))
+def test_per_patch_dice_with_nnunets_smoothing_matches_float64_reference(loss, target):
+    logits, labels = random_batch(target, shape=(3, 4, 4, 4), seed=4)
+    labels[1] = 0  # a patch without tumor: per patch its Dice is 1 only where nothing is predicted
+    hp = hyperparameters.load(overrides={"loss": loss, "target": target, "batch_dice": False, "dice_smooth": 1e-5})
+    value = make_loss(hp)(logits, labels).item()
+    assert value == pytest.approx(reference_loss(logits, labels, loss, target, False, 1e-5), rel=1e-5, abs=1e-6)
+    assert value != pytest.approx(reference_loss(logits, labels, loss, target), rel=1e-3)  # not the batch Dice
 
 
 @pytest.mark.parametrize("loss, target", list(itertools.product(LOSSES, TARGETS)))
@@ -86,15 +96,38 @@ def test_loss_is_float32_under_bf16_autocast(loss, target):
     assert value.item() == pytest.approx(expected, rel=1e-4)
 
 
+def nearest_exact(labels, shape):
+    """The labels at a lower resolution as nnU-Net makes its deep-supervision targets (batchgeneratorsv2's
+    DownsampleSegForDSTransform: torch's nearest-exact interpolation)."""
+    return torch.nn.functional.interpolate(labels[:, None].float(), size=tuple(shape), mode="nearest-exact")[:, 0].long()
+
+
 def test_deep_supervision_loss_weights_halve_per_level():
-    labels = torch.randint(0, 4, (2, 8, 8, 8), generator=torch.Generator().manual_seed(2))
-    logits = [torch.randn(2, 3, 8 // 2 ** i, 8 // 2 ** i, 8 // 2 ** i) for i in range(3)]
+    labels = torch.randint(0, 4, (2, 16, 16, 8), generator=torch.Generator().manual_seed(2))
+    logits = [torch.randn(2, 3, 16 // 2 ** i, 16 // 2 ** i, 8 // 2 ** i) for i in range(4)]
     fn = loss_fn("dice_ce", "regions")
-    # nearest-neighbour downsampling of the labels, computed the long way
-    lower = [torch.nn.functional.interpolate(labels[:, None].float(), size=l.shape[2:], mode="nearest")[:, 0].long()
-             for l in logits]
-    expected = sum(w * fn(l, lab) for w, l, lab in zip([4 / 7, 2 / 7, 1 / 7], logits, lower))
+    lower = [nearest_exact(labels, level.shape[2:]) for level in logits]
+    expected = sum(w * fn(l, lab) for w, l, lab in zip([8 / 15, 4 / 15, 2 / 15, 1 / 15], logits, lower))
     assert fn(logits, labels).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_deep_supervision_targets_are_the_centres_of_their_cells():
+    """A tumor on the odd voxels only: at 1/2 resolution every cell of 2^3 voxels has it at its centre (the upper
+    middle voxel, offset 1), so the target is all tumor; the cell's first voxel would see none of it."""
+    labels = torch.zeros(1, 8, 8, 8, dtype=torch.long)
+    labels[:, 1::2, 1::2, 1::2] = 3  # enhancing tumor, on the odd voxels of every axis
+    # in the loss: outputs that predict tumor everywhere at 1/2 resolution are right there
+    right = [30 * (2 * one_hot_targets(level, "regions") - 1) for level in (labels, torch.full((1, 4, 4, 4), 3))]
+    assert loss_fn("dice", "regions")(right, labels).item() == pytest.approx(0, abs=1e-4)
+    half = losses.downsample_labels(labels, (4, 4, 4))
+    assert (half == 3).all()
+    assert torch.equal(half, nearest_exact(labels, (4, 4, 4)))
+    # at 1/4 and 1/8 the voxels at offsets 2 and 4 of each cell, by hand and as nearest-exact picks them
+    labels = torch.randint(0, 4, (2, 16, 16, 16), generator=torch.Generator().manual_seed(5))
+    for step in (2, 4, 8):
+        low = losses.downsample_labels(labels, [16 // step] * 3)
+        assert torch.equal(low, labels[:, step // 2::step, step // 2::step, step // 2::step])
+        assert torch.equal(low, nearest_exact(labels, low.shape[1:]))
 
 
 def test_deep_supervision_weights_are_nnunets():

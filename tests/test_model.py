@@ -52,6 +52,35 @@ def test_paper_configuration_builds_without_memory():
     print(f"paper configuration 64,128,256,512,1024: {count_parameters(model):,} parameters")
 
 
+def test_strided_convolutions_downsample_as_nnunets_plain_unet(monkeypatch):
+    """downsampling: conv (nnU-Net's PlainConvUNet): the first 3x3x3 convolution of every lower level has stride 2
+    and no max-pooling runs; the same shapes and parameter count as with max-pooling, and checkpoints rebuild it."""
+    hp = tiny_hp(features=[2, 4, 8, 16], downsampling="conv", deep_supervision=True)
+    model = build_model(hp)
+    strides = [encoder[0].stride for encoder in model.encoders]
+    assert strides == [(1, 1, 1), (2, 2, 2), (2, 2, 2), (2, 2, 2)]
+    assert all(encoder[3].stride == (1, 1, 1) for encoder in model.encoders)  # the second convolution
+    monkeypatch.setattr(torch.nn.functional, "max_pool3d", lambda *args, **kwargs: pytest.fail("max-pooled"))
+    outputs = model(torch.randn(1, 4, 16, 16, 8))
+    assert [tuple(o.shape) for o in outputs] == [(1, 3, 16, 16, 8), (1, 3, 8, 8, 4)]
+    assert count_parameters(model) == hand_count(4, 3, [2, 4, 8, 16], True)
+    assert model_args(hp)["downsampling"] == "conv" and "downsampling" not in model_args(tiny_hp())
+    rebuilt = UNet3D(**model_args(hp))
+    rebuilt.load_state_dict(model.state_dict())
+    assert rebuilt.encoders[1][0].stride == (2, 2, 2)
+
+
+def test_parameter_counts_written_in_the_docs_are_the_counted_ones():
+    repo = Path(__file__).resolve().parents[1]
+    default = count_parameters(build_model(hyperparameters.load()))
+    gpu = build_model(hyperparameters.load(repo / "hyperparameters_brats2020_gpu.txt"))
+    print(f"default network: {default:,} parameters; GPU settings: {count_parameters(gpu):,}")
+    for path in ("README.md", "docs/training.md"):
+        assert f"{default:,} parameters" in (repo / path).read_text(), path
+    for path in ("docs/training.md", "docs/gpus.md"):
+        assert f"{count_parameters(gpu):,} parameters" in (repo / path).read_text(), path
+
+
 def test_build_model_from_hyperparameters():
     hp = tiny_hp(target="labels", norm="group", deep_supervision=True)
     assert model_args(hp) == {"in_channels": 4, "out_channels": 4, "features": [4, 8], "norm": "group",

@@ -218,7 +218,7 @@ def test_a_bad_case_is_reported_and_the_others_are_predicted(tmp_path, tiny_hp, 
 def test_missing_inputs_say_which_script_to_run(tmp_path, tiny_hp, monkeypatch):
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         predict.predict(tiny_hp)
-    save_tiny_checkpoint(tiny_hp, tiny_hp.run_dir / "checkpoint_best.pt", "regions")
+    save_tiny_checkpoint(tiny_hp, tiny_hp.run_dir / "checkpoint_final.pt", "regions")
     with pytest.raises(FileNotFoundError, match="run prepare_dataset.py first"):
         predict.predict(tiny_hp)
     monkeypatch.setattr("sys.argv", ["predict.py", f"run_dir={tiny_hp.run_dir}", f"prepared_dir={tmp_path / 'none'}"])

@@ -24,7 +24,7 @@ import predict
 import prepare_dataset
 import rendering
 import train
-from bratsunet import cases, hyperparameters, inference, training
+from bratsunet import cases, devices, hyperparameters, inference, training
 from bratsunet.evaluation import statistics_of
 from bratsunet.files import LOCK, sole_writer
 from bratsunet.manifest import read_manifest
@@ -220,7 +220,7 @@ def test_checkpoint_paths_with_brackets_or_a_comma_are_taken_as_named(tiny_raw, 
     bracket = save_tiny_checkpoint(tmp_path / "runs" / "exp[1]" / "checkpoint_best.pt")
     comma = save_tiny_checkpoint(tmp_path / "runs" / "lr1e-3,bs2" / "checkpoint_best.pt")
     folds = [save_tiny_checkpoint(tmp_path / "runs" / "cv[2]" / f"fold_{k}" / "checkpoint_best.pt") for k in range(2)]
-    (tmp_path / "hp.txt").write_text(f"checkpoint: runs/lr1e-3,bs2/checkpoint_best.pt\n")
+    (tmp_path / "hp.txt").write_text("checkpoint: runs/lr1e-3,bs2/checkpoint_best.pt\n")
     monkeypatch.chdir(tmp_path)
     for typed, expected in ((f"checkpoint={bracket}", [bracket]),
                             ("checkpoint=runs/lr1e-3,bs2/checkpoint_best.pt", [comma]),
@@ -270,13 +270,13 @@ def test_a_prepared_array_holding_python_objects_is_named_before_training(tiny_p
 def test_predict_refuses_an_ensemble_of_other_folds_than_the_run_has(tiny_raw, tmp_path, monkeypatch, num_folds,
                                                                     expected):
     for fold in range(3):
-        save_tiny_checkpoint(tmp_path / "run" / f"fold_{fold}" / "checkpoint_best.pt")
+        save_tiny_checkpoint(tmp_path / "run" / f"fold_{fold}" / "checkpoint_final.pt")
     message = main_message(predict, monkeypatch, run_dir=tmp_path / "run", num_folds=num_folds,
                            predict_input_dir=tiny_raw, prediction_dir=tmp_path / "p")
     assert message == f"error: {tmp_path / 'run'}: {expected} (checkpoint: ...)"
     assert not (tmp_path / "p").exists() or not list((tmp_path / "p").iterdir())
     hp = hyperparameters.load(overrides={"run_dir": tmp_path / "run", "num_folds": 3})
-    assert inference.checkpoint_paths(hp) == [tmp_path / "run" / f"fold_{k}" / "checkpoint_best.pt" for k in range(3)]
+    assert inference.checkpoint_paths(hp) == [tmp_path / "run" / f"fold_{k}" / "checkpoint_final.pt" for k in range(3)]
 
 
 # ---------------------------------------------------------------- lesion-wise statistics, devices, archives
@@ -330,7 +330,7 @@ def test_a_device_index_beyond_the_gpus_names_the_gpus_it_sees(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     with pytest.raises(ValueError, match=r"^device: cuda:2 needs GPU 2, but this machine shows 2 GPU\(s\) "
                                          r"\(CUDA_VISIBLE_DEVICES, --nproc_per_node; it sees: cpu, cuda:0, cuda:1\)$"):
-        train.resolve_device("cuda:2", cuda_available=True, mps_available=False)
+        devices.resolve_device("cuda:2", cuda_available=True, mps_available=False)
 
 
 @pytest.mark.parametrize("script", ["prepare", "predict", "evaluate"])

@@ -1,15 +1,20 @@
 """The training loop on tiny generated data: outputs, checkpoints, resume, the finite-loss guard, precision."""
+import collections
 import csv
+import json
 import math
 import shutil
 from pathlib import Path
+
+import numpy as np
 
 import pytest
 import torch
 
 import train
 from bratsunet.loader import EpochSampler, PatchDataset, start_loader
-from bratsunet import checkpoints, devices, hyperparameters, losses, manifest, network, training, training_log
+from bratsunet import (checkpoints, devices, hyperparameters, inference, losses, manifest, network, training,
+                       training_log)
 
 EPOCHS = 4
 
@@ -53,12 +58,15 @@ def test_training_loss_falls_and_metrics_csv_has_a_row_per_epoch(full_run):
     assert float(rows[-1]["dice_mean"]) == pytest.approx(result["dice_mean"], rel=1e-5)
     assert (hp.run_dir / "curves.png").stat().st_size > 10_000
     assert sorted(p.name for p in hp.run_dir.iterdir()) == [
-        "checkpoint_best.pt", "checkpoint_last.pt", "curves.png", "log.txt", "metrics.csv", "settings.txt",
-        "validation"]  # no temporary files
-    # the validation cases predicted with the best checkpoint, probabilities too: the out-of-fold predictions
+        "checkpoint_best.pt", "checkpoint_final.pt", "checkpoint_last.pt", "curves.png", "log.txt", "metrics.csv",
+        "settings.txt", "validation"]  # no temporary files
+    # the validation cases predicted with the final checkpoint, probabilities too: the out-of-fold predictions
     val_names = manifest.split_cases(manifest.read_manifest(hp.prepared_dir))[1]
     assert sorted(p.name for p in (hp.run_dir / "validation").iterdir()) == sorted(
-        f"{name}{suffix}" for name in val_names for suffix in (".nii.gz", "_probabilities.npz"))
+        [f"{name}{suffix}" for name in val_names for suffix in (".nii.gz", "_probabilities.npz")]
+        + ["predicted_with.json"])
+    assert json.loads((hp.run_dir / "validation" / "predicted_with.json").read_text()) == {
+        "checkpoint": "checkpoint_final.pt", "epoch": EPOCHS}
 
 
 def test_checkpoint_holds_plain_unwrapped_state(full_run):
@@ -75,6 +83,96 @@ def test_checkpoint_holds_plain_unwrapped_state(full_run):
     assert result["best_dice_mean"] == max(row["dice_mean"] for row in checkpoint["metrics"] if row["dice_mean"])
     net, _ = checkpoints.load_model(hp.run_dir / "checkpoint_last.pt")
     assert all(torch.equal(net.state_dict()[k], v) for k, v in checkpoint["model"].items())
+
+
+def test_out_of_fold_predictions_come_from_the_final_weights_not_the_best(tiny_prepared, tmp_path, monkeypatch):
+    """checkpoint_best.pt is chosen on the validation cases: predictions of it there would be optimistic. The
+    fold's validation/ holds the predictions of checkpoint_final.pt, the last epoch, as nnU-Net scores them."""
+    validate, scores = training.validate, iter([0.9, 0.5])  # epoch 2 the best, epoch 4 worse
+
+    def falling(*args, **kwargs):
+        metrics, labels = validate(*args, **kwargs)
+        return {**metrics, "dice_mean": next(scores)}, labels
+
+    monkeypatch.setattr(training, "validate", falling)
+    hp = tiny_settings(tiny_prepared, tmp_path, precision="fp32", channels_last=False)
+    train.train(hp)
+    best, final, last = (torch.load(tmp_path / f"checkpoint_{name}.pt", weights_only=True)
+                         for name in ("best", "final", "last"))
+    assert best["epoch"] == 2 and final["epoch"] == last["epoch"] == EPOCHS
+    assert all(torch.equal(final["model"][key], value) for key, value in last["model"].items())
+    name = manifest.split_cases(manifest.read_manifest(tiny_prepared))[1][0]
+    image = np.load(tiny_prepared / f"{name}.npy").astype(np.float32)
+
+    def probabilities(checkpoint):
+        net = checkpoints.load_model(tmp_path / checkpoint)[0]
+        return inference.predict_case(net, image, hp, hp.target).numpy().astype(np.float16)
+
+    with np.load(tmp_path / "validation" / f"{name}_probabilities.npz") as saved:
+        assert np.array_equal(saved["probabilities"], probabilities("checkpoint_final.pt"))
+        assert not np.array_equal(saved["probabilities"], probabilities("checkpoint_best.pt"))
+    assert inference.checkpoint_paths(hp) == [tmp_path / "checkpoint_final.pt"]  # predict.py's default
+
+
+def test_save_every_writes_the_checkpoint_and_curves_every_n_epochs_and_resume_continues_from_there(
+        full_run, tmp_path, monkeypatch):
+    hp = full_run[0].replace(run_dir=tmp_path, save_every=3)
+    saved, plotted = [], []
+    save, plot, write_csv = checkpoints.save_checkpoint, training_log.plot_curves, training_log.write_metrics_csv
+    monkeypatch.setattr(checkpoints, "save_checkpoint",
+                        lambda state, path: saved.append((Path(path).name, state["epoch"])) or save(state, path))
+    monkeypatch.setattr(training_log, "plot_curves",
+                        lambda rows, path, show=False: plotted.append(rows[-1]["epoch"]) or plot(rows, path, show))
+
+    def stop_after_epoch_2(rows, path):  # killed after epoch 2, one epoch before the next checkpoint_last.pt
+        write_csv(rows, path)
+        if rows[-1]["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(training_log, "write_metrics_csv", stop_after_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(hp.replace(save_every=1))  # a checkpoint_last.pt at epoch 1 to resume from
+    monkeypatch.setattr(training_log, "write_metrics_csv", write_csv)
+    assert [row["epoch"] for row in read_csv(tmp_path / "metrics.csv")] == ["1", "2"]
+    saved.clear(), plotted.clear()
+    train.train(hp.replace(resume=True))  # resumes after epoch 1: epochs 2 to 4 again, saved at 3 and the end
+    assert [epoch for name, epoch in saved if name == "checkpoint_last.pt"] == [3, 4]
+    assert [epoch for name, epoch in saved if name == "checkpoint_final.pt"] == [4]
+    assert plotted == [3, 4]
+    uninterrupted = torch.load(full_run[0].run_dir / "checkpoint_last.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "checkpoint_last.pt", weights_only=True)
+    assert without_seconds(resumed["metrics"]) == without_seconds(uninterrupted["metrics"])
+    assert without_seconds(read_csv(tmp_path / "metrics.csv")) == without_seconds(
+        read_csv(full_run[0].run_dir / "metrics.csv"))  # each epoch once
+    for key, value in uninterrupted["model"].items():
+        assert torch.equal(resumed["model"][key], value), key
+
+
+def test_a_training_step_leaves_the_device_running(tiny_prepared, tmp_path, monkeypatch):
+    """Reading a tensor's value (item, bool, float, ...) makes the host wait until the GPU has done all it was
+    given: once per step, the GPU then idles while the host prepares the next. Counted here on the CPU."""
+    reads, counting = collections.Counter(), [False]
+    for name in ("item", "__bool__", "__float__", "__int__", "__index__", "tolist", "numpy", "cpu"):
+        def read(tensor, *args, _original=getattr(torch.Tensor, name), _name=name, **kwargs):
+            reads[_name] += counting[0]
+            return _original(tensor, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, read)
+    train_epoch = training.train_epoch
+
+    def counted(*args):
+        counting[0] = True
+        try:
+            return train_epoch(*args)
+        finally:
+            counting[0] = False
+
+    monkeypatch.setattr(training, "train_epoch", counted)
+    steps = 30
+    result = train.train(tiny_settings(tiny_prepared, tmp_path, epochs=1, steps_per_epoch=steps, optimizer="sgd",
+                                       learning_rate=1e-2))
+    assert math.isfinite(result["train_loss"]) and result["skipped_steps"] == 0
+    # per epoch: the DataLoader's seed (CPU), the epoch's totals (cpu, tolist); the progress bar's loss at steps 1, 26
+    assert sum(reads.values()) / steps < 0.2, reads
 
 
 def test_resume_after_a_stop_gives_the_uninterrupted_run(full_run, tmp_path, monkeypatch):
@@ -287,6 +385,26 @@ def test_loader_falls_back_to_the_main_process_when_workers_cannot_start(tiny_pr
     loader = start_loader(patches, EpochSampler(1, 2, 0, 1), 2, 2, torch.device("cpu"))
     assert loader.num_workers == 0 and len(list(loader)) == 1
     assert "workers could not start (DataLoader worker (pid 123) exited unexpectedly)" in capsys.readouterr().out
+
+
+def test_on_a_gpu_a_loader_whose_workers_fail_stops_with_the_cause_and_the_fix(tiny_prepared, monkeypatch):
+    """Loading in the main process would leave a GPU waiting on it: on CUDA (faked here) the run stops instead."""
+    train_names, _ = manifest.split_cases(manifest.read_manifest(tiny_prepared))
+    patches = PatchDataset(tiny_prepared, train_names, (16, 16, 16), 0.5, False, 0, 2)
+    original = torch.utils.data.DataLoader.__iter__
+
+    def no_shared_memory(loader):
+        if loader.num_workers:
+            raise RuntimeError("unable to write to file </torch_123_456>: No space left on device (28)")
+        return original(loader)
+
+    monkeypatch.setattr(torch.utils.data.DataLoader, "__iter__", no_shared_memory)
+    with pytest.raises(ValueError, match=r"^DataLoader workers could not start \(unable to write to file .*\); "
+                                         r"loading in the main process would leave the GPU waiting\. .*--shm-size=16g"
+                                         r".*fewer num_workers") as error:
+        start_loader(patches, EpochSampler(1, 2, 0, 1), 2, 2, torch.device("cuda", 0))
+    assert "\n" not in str(error.value)
+    assert start_loader(patches, EpochSampler(1, 2, 0, 1), 2, 2, torch.device("cpu")).num_workers == 0  # CPU: on
 
 
 def test_rng_state_survives_a_weights_only_round_trip(tmp_path):
