@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 
-from bratsunet import generator, settings_text
+from bratsunet import anatomy, generator, settings_text
 from bratsunet.cases import CaseError
 from bratsunet.conventions import REGION_NAMES
 
@@ -35,9 +35,10 @@ def run_demo(hp):
         seconds[step] = time.perf_counter() - start
         return result
 
+    maps = anatomy.label_maps(hp.anatomy_dir) if hp.synthetic_style == "anatomy" else None
     timed("generate", lambda: generator.generate_dataset(hp.raw_data_dir, hp.synthetic_cases, hp.synthetic_shape,
                                                          hp.seed, hp.synthetic_compress, True, hp.data_format,
-                                                         hp.synthetic_style))
+                                                         hp.synthetic_style, maps))
     timed("prepare", lambda: prepare_dataset.prepare_dataset(hp))
     timed("train", lambda: train.train(hp.replace(overwrite=True)))  # a demo run starts over (or resume=True)
     # a new training run makes earlier predictions stale

@@ -1,10 +1,12 @@
-"""What each idea of the randomized generator does for a model on a real scan: one table.
+"""What each idea of the generator does for a model on a real scan: one table.
 
 Each recipe generates its cases (generator.generate_dataset with STYLES["randomized"], some ranges changed or
-switched off), then runs prepare_dataset.py, train.py, predict.py and evaluate.py with
-hyperparameters_synthetic.txt plus the recipe's overrides, each as its own process, and reports
+switched off; "anatomy" > 0: STYLES["anatomy"] on the training label maps of ../shared/data/anatomy/synthseg), then
+runs prepare_dataset.py, train.py, predict.py and evaluate.py with hyperparameters_synthetic.txt plus the recipe's
+overrides, each as its own process, and reports
   - Dice WT / TC / ET on the real sample ../shared/data/brats_sample (predict.py + evaluate.py),
-  - mean WT Dice on the generated validation split and on 4 full-size phantom-style cases (never trained on),
+  - mean WT Dice on the generated validation split (anatomy recipes: ANATOMY_TEST full-size cases of the
+    validation label maps, anatomy never trained on) and on 4 full-size phantom-style cases (never trained on),
     over the cases with a tumor (a healthy case scores 0 or 1),
   - the CPU seconds of training (user + sys, DataLoader workers included) and its wall-clock seconds.
 The real case both chooses among the recipes and reports them: its numbers are optimistic (docs/synthetic-data.md).
@@ -13,6 +15,7 @@ The real case both chooses among the recipes and reports them: its numbers are o
     python benchmarks/synth_to_real.py randomized no_hindbrain
     python benchmarks/synth_to_real.py --table                # the table of the recipes run so far
     python benchmarks/synth_to_real.py --comparison [STYLE]   # Images/synthetic_vs_real.png (default randomized)
+    python benchmarks/synth_to_real.py --comparison anatomy   # Images/anatomy_vs_real.png: 2 anatomy cases
 
 Outputs: data/synth_to_real/ (generated and prepared cases per style), runs/synth_to_real/RECIPE/ (run_dir,
 predictions, evaluations, result.json). Seeds are fixed: a recipe run twice gives the same numbers on a CPU
@@ -32,7 +35,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bratsunet import generator, hyperparameters, pictures
+from bratsunet import anatomy, generator, hyperparameters, phantom, pictures, synthesis
 from bratsunet.conventions import brats_to_internal
 from bratsunet.files import atomic_write
 
@@ -41,8 +44,12 @@ SAMPLE = ROOT.parent / "shared/data/brats_sample/BraTS20_Training_TCGA-FG-6692"
 DATA, RUNS = ROOT / "data/synth_to_real", ROOT / "runs/synth_to_real"
 PHANTOM_TEST = 4  # full-size phantom-style cases, seed PHANTOM_SEED, that no recipe trains on
 PHANTOM_SEED = 2024
+ANATOMY = ROOT.parent / "shared/data/anatomy/synthseg"
+ANATOMY_TEST = 8  # full-size cases of the validation label maps, seed PHANTOM_SEED
+STEPS_2400 = ["epochs=8", "steps_per_epoch=300", "val_every=4"]
 
-# name -> (what it tests, the style: "phantom" or changes to STYLES["randomized"], settings overrides)
+# name -> (what it tests, the style: "phantom" or changes to STYLES["randomized"] (with "anatomy": to
+# STYLES["anatomy"]), settings overrides)
 RECIPES = {
     "phantom": ("the demo's phantom style at full size", "phantom", []),
     "randomized": ("STYLES['randomized'] as shipped (hyperparameters_synthetic.txt)", {}, []),
@@ -64,15 +71,47 @@ RECIPES = {
                            ["epochs=8", "steps_per_epoch=300", "val_every=4", "foreground_fraction=0.5"]),
     "more_cases": ("randomized, 2400 steps, 48 cases", {},
                    ["epochs=8", "steps_per_epoch=300", "val_every=4", "synthetic_cases=48"]),
+    # real anatomy (bratsunet/anatomy.py): the label maps of real brains instead of the generator's own brain
+    "anatomy": ("anatomy style: SynthSeg's training label maps (15 of 20), 24 cases, 1200 steps", {"anatomy": 0.1}, []),
+    "anatomy_2400": ("anatomy, 2400 steps", {"anatomy": 0.1}, STEPS_2400),
+    "anatomy_dura": ("anatomy, 2400 steps: falx and tentorium bright on T1ce, hippocampus and amygdala FLAIR-bright, "
+                     "a quarter of the scans miss up to 20 mm of the brain's top or bottom", {"anatomy": 0.1},
+                     STEPS_2400),
+    "anatomy_deep_wm": ("anatomy_dura, tumors start 4-6 mm or more inside white matter (more edema around the core)",
+                        {"anatomy": 0.1}, STEPS_2400),
+    "anatomy_4800": ("anatomy_deep_wm, 4800 steps", {"anatomy": 0.1},
+                     ["epochs=16", "steps_per_epoch=300", "val_every=4"]),
+    "anatomy_faint_edema": ("anatomy_deep_wm, edema fainter: its contrast to white matter scaled by 0.5-1",
+                            {"anatomy": 0.1, "faint_edema": 0.5}, STEPS_2400),
+    "anatomy_no_coverage": ("anatomy, 2400 steps, every scan covers the whole brain", {"anatomy": 0.1, "coverage": 0},
+                            STEPS_2400),
 }
 
 
+def style_ranges(style):
+    """"phantom", or a recipe's changes to STYLES["randomized"] (with "anatomy": to STYLES["anatomy"]) -> the full
+    dict of ranges."""
+    if style == "phantom":
+        return synthesis.STYLES["phantom"]
+    return {**synthesis.STYLES["anatomy" if style.get("anatomy") else "randomized"], **style}
+
+
 def style_folder(style):
-    """data/synth_to_real/<phantom | randomized>-<hash of the generator and the ranges>: a folder of cases per style."""
-    ranges = style if style == "phantom" else {**generator.STYLES["randomized"], **style}
-    code = Path(generator.__file__).read_bytes()
+    """data/synth_to_real/<phantom | randomized | anatomy>-<hash of the generator and the ranges>: a folder of cases
+    per style."""
+    ranges = style_ranges(style)
+    kind = "phantom" if style == "phantom" else "anatomy" if ranges["anatomy"] else "randomized"
+    code = b"".join(Path(module.__file__).read_bytes() for module in (generator, synthesis, phantom, anatomy))
     digest = hashlib.sha1(code + json.dumps(ranges, sort_keys=True).encode()).hexdigest()[:8]
-    return DATA / f"{'phantom' if style == 'phantom' else 'randomized'}-{digest}"
+    return DATA / f"{kind}-{digest}"
+
+
+def generate(folder, n_cases, shape, seed, compress, style, split="training"):
+    """generator.generate_dataset of a recipe's style; anatomy styles on the `split` label maps of ANATOMY."""
+    ranges = style_ranges(style)
+    maps = anatomy.label_maps(ANATOMY, split) if ranges["anatomy"] else None
+    generator.generate_dataset(folder, n_cases, shape, seed, compress,
+                               style="phantom" if style == "phantom" else ranges, label_maps=maps)
 
 
 def run(command, log):
@@ -106,10 +145,11 @@ def run_recipe(name):
     cases = style_folder(style)
     settings = ["--hp", str(SETTINGS), f"raw_data_dir={cases / 'raw'}", f"prepared_dir={cases / 'prepared'}",
                 f"run_dir={out}", *overrides]
+    if style_ranges(style)["anatomy"]:  # what the checkpoint's settings record
+        settings += ["synthetic_style=anatomy", f"anatomy_dir={ANATOMY}"]
     hp = hyperparameters.load(SETTINGS, settings[2:])
     print(f"{name}: generating {hp.synthetic_cases} cases into {cases / 'raw'}", flush=True)
-    generator.generate_dataset(cases / "raw", hp.synthetic_cases, hp.synthetic_shape, hp.seed, hp.synthetic_compress,
-                               style="phantom" if style == "phantom" else {**generator.STYLES["randomized"], **style})
+    generate(cases / "raw", hp.synthetic_cases, hp.synthetic_shape, hp.seed, hp.synthetic_compress, style)
     run(["prepare_dataset.py", *settings], out / "prepare.log")
     print(f"{name}: training (log: {out / 'train.log'})", flush=True)
     cpu, wall = run(["train.py", *settings, "overwrite=True"], out / "train.log")  # a rerun starts over
@@ -118,9 +158,14 @@ def run_recipe(name):
     if not (real / SAMPLE.name).exists():
         (real / SAMPLE.name).symlink_to(SAMPLE)
     scores = {}
+    tests = {"real": [f"predict_input_dir={real}"], "generated": []}
+    if style_ranges(style)["anatomy"]:  # the generated validation: anatomy no model trained on
+        held_out = cases.parent / f"{cases.name}-validation"
+        generate(held_out, ANATOMY_TEST, generator.FULL_SHAPE, PHANTOM_SEED, True, style, "validation")
+        tests["generated"] = [f"predict_input_dir={held_out}", f"raw_data_dir={held_out}"]
     phantoms = phantom_test_cases()  # their names are those of the training cases: their own raw_data_dir
-    for test, inputs in (("real", [f"predict_input_dir={real}"]), ("generated", []),
-                         ("phantoms", [f"predict_input_dir={phantoms}", f"raw_data_dir={phantoms}"])):
+    tests["phantoms"] = [f"predict_input_dir={phantoms}", f"raw_data_dir={phantoms}"]
+    for test, inputs in tests.items():
         test_settings = [*settings, f"prediction_dir={out / test}", "overwrite=True", *inputs]
         run(["predict.py", *test_settings], out / f"predict_{test}.log")
         run(["evaluate.py", *test_settings], out / f"evaluate_{test}.log")
@@ -132,9 +177,11 @@ def run_recipe(name):
     return result
 
 
-def save_comparison_png(path=ROOT / "Images/synthetic_vs_real.png", real_case=SAMPLE, seed=0, style="randomized"):
-    """Axial slices through the largest tumor-core section of a full-size generated case (case 1 of `seed`) and
-    of a real case: 4 modalities and the labels over FLAIR in the colours of every picture, 2 rows x 5 columns."""
+def save_comparison_png(path=ROOT / "Images/synthetic_vs_real.png", real_case=SAMPLE, seed=0, style="randomized",
+                        cases=1):
+    """Axial slices through the largest tumor-core section of full-size generated cases (cases 1.. `cases` of
+    `seed`; anatomy: on the training label maps) and of a real case: 4 modalities and the labels over FLAIR in the
+    colours of every picture, a row each."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -145,14 +192,17 @@ def save_comparison_png(path=ROOT / "Images/synthetic_vs_real.png", real_case=SA
         raise FileNotFoundError(f"{real_case}: real BraTS case folder not found (needed for the comparison)")
     channels = (*generator.MODALITIES, "seg")
     real = {c: np.asanyarray(nib.load(next(real_case.glob(f"*_{c}.nii*"))).dataobj) for c in channels}
-    images, seg = generator.generate_case(generator.FULL_SHAPE, seed=(seed, 1), kind="tumor", style=style)
-    rows = {f"{generator.style_name(style).decode() or 'phantom'} case 1, seed {seed}": {**images, "seg": seg},
-            f"real {real_case.name}": real}
+    maps = anatomy.label_maps(ANATOMY) if synthesis.style_ranges(style)["anatomy"] else None
+    rows = {}
+    for index in range(1, cases + 1):
+        images, seg = generator.generate_case(generator.FULL_SHAPE, (seed, index), "tumor", style, maps)
+        rows[f"{generator.style_name(style).decode() or 'phantom'} case {index}, seed {seed}"] = {**images, "seg": seg}
+    rows[f"real {real_case.name}"] = real
     colours = np.zeros((5, 4))  # RGBA per internal label: the pictures' colours at their opacity, background clear
     for label, colour in pictures.LABEL_COLORS.items():
         colours[label] = (*colour, pictures.ALPHA)
     crop = np.s_[20:230, 35:225]  # (x, y) around the brain
-    figure, axes = plt.subplots(2, 5, figsize=(12, 6.2), facecolor="black")
+    figure, axes = plt.subplots(len(rows), 5, figsize=(12, 3.1 * len(rows)), facecolor="black")
     for row, (title, volume) in zip(axes, rows.items()):
         z = int(np.argmax(np.isin(volume["seg"], (1, 4)).sum(axis=(0, 1))))
         for ax, channel in zip(row, channels):
@@ -190,8 +240,11 @@ def print_table():
 def main():
     names = sys.argv[1:] or list(RECIPES)
     if names[0] == "--comparison":
+        style = names[1] if len(names) > 1 else "randomized"
+        path, cases = (ROOT / "Images/anatomy_vs_real.png", 2) if style == "anatomy" else \
+            (ROOT / "Images/synthetic_vs_real.png", 1)
         try:
-            print(f"wrote {save_comparison_png(style=names[1] if len(names) > 1 else 'randomized')}")
+            print(f"wrote {save_comparison_png(path, style=style, cases=cases)}")
         except (FileNotFoundError, ValueError) as error:
             raise SystemExit(f"error: {error}") from None
         return

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import prepare_dataset
-from bratsunet import checkpoints, conventions, generator, inference, network
+from bratsunet import checkpoints, conventions, generator, inference, network, synthesis
 from bratsunet.cases import CaseError, find_cases, load_case
 from bratsunet.conventions import brats_to_internal, internal_to_brats
 
@@ -172,7 +172,7 @@ def add_cavity(folder, name, data_format="brats2024"):
     ball = healthy & (distance < 4)
     seg[ball] = 4
     for m, modality in enumerate(generator.MODALITIES):
-        images[modality] = np.where(ball, generator.INTENSITY["csf"][m], images[modality]).astype(np.int16)
+        images[modality] = np.where(ball, synthesis.INTENSITY["csf"][m], images[modality]).astype(np.int16)
     generator.write_case(folder, name, images, seg, data_format=data_format)
     return int(ball.sum())
 

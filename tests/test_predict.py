@@ -224,3 +224,26 @@ def test_missing_inputs_say_which_script_to_run(tmp_path, tiny_hp, monkeypatch):
     monkeypatch.setattr("sys.argv", ["predict.py", f"run_dir={tiny_hp.run_dir}", f"prepared_dir={tmp_path / 'none'}"])
     with pytest.raises(SystemExit, match="^error: .*run prepare_dataset.py first"):
         predict.main()
+
+
+def test_a_checkpoint_alone_segments_scans_as_in_a_fresh_clone(tmp_path, tiny_hp, tiny_raw, monkeypatch):
+    # A shipped model (models/anatomy.pt) in a fresh clone: no dataset.json, prepared arrays or run folder here, and
+    # the folders the checkpoint was trained with are another machine's.
+    trainer = tmp_path / "trainer"  # never created
+    trained = tiny_hp.replace(raw_data_dir=trainer / "raw", prepared_dir=trainer / "prepared", run_dir=trainer / "run",
+                              target="regions", patch_size="16, 16, 16")
+    checkpoint = tmp_path / "models" / "shipped.pt"
+    checkpoints.save_checkpoint({"model_args": network.model_args(trained), "model": tiny_net("regions").state_dict(),
+                                 "hyperparameters": trained.to_dict(),
+                                 "split": {"fold": 0, "train": ["BraTS20_Training_001"], "val": []}}, checkpoint)
+    name = sorted(p.name for p in tiny_raw.iterdir() if p.is_dir())[0]
+    shutil.copytree(tiny_raw / name, tmp_path / "scans" / name)
+    absent = {key: tmp_path / "absent" / key for key in ("raw_data_dir", "prepared_dir", "run_dir")}
+    arguments = [f"checkpoint={checkpoint}", f"predict_input_dir={tmp_path / 'scans'}",
+                 f"prediction_dir={tmp_path / 'out'}"]
+    monkeypatch.setattr("sys.argv", ["predict.py", *arguments, *(f"{key}={path}" for key, path in absent.items())])
+    predict.main()
+    out = nib.load(tmp_path / "out" / f"{name}.nii.gz")
+    assert out.shape == nib.load(tmp_path / "scans" / name / f"{name}_flair.nii").shape
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [f"{name}.nii.gz"]
+    assert not trainer.exists() and not (tmp_path / "absent").exists()  # nothing made there

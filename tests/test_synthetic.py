@@ -6,7 +6,7 @@ import pytest
 from scipy import ndimage
 
 import synthetic
-from bratsunet import generator, hyperparameters
+from bratsunet import generator, hyperparameters, synthesis
 from bratsunet.generator import MODALITIES, brats_affine, case_kind, generate_case, generate_dataset, write_case
 
 SHAPE = (48, 48, 32)
@@ -215,7 +215,7 @@ def test_randomized_intensities_in_range(randomized_cases):
             assert np.array_equal(images[modality] != 0, brain)
             # raw scanner units like BraTS: the healthy median within a factor 3 of white and grey matter's mean
             # (bias field and gain vary it), no outliers far above it
-            tissue = np.mean([generator.INTENSITY["wm"][m], generator.INTENSITY["gm"][m]])
+            tissue = np.mean([synthesis.INTENSITY["wm"][m], synthesis.INTENSITY["gm"][m]])
             median = np.median(images[modality][brain & (seg == 0)])
             assert tissue / 3 < median < 3 * tissue, modality
             assert np.percentile(values, 99.9) < 6 * median, modality
@@ -246,7 +246,7 @@ def test_randomized_cases_differ_in_contrast():
 def test_style_ranges_off_is_the_phantom():
     # The phantom style is the randomized one with every range at 0; unknown styles and ranges are refused.
     phantom = generate_case((48, 48, 32), seed=3, style="phantom")
-    off = generate_case((48, 48, 32), seed=3, style=dict.fromkeys(generator.STYLES["randomized"], 0))
+    off = generate_case((48, 48, 32), seed=3, style=dict.fromkeys(synthesis.STYLES["randomized"], 0))
     assert np.array_equal(phantom[1], off[1]) and all(np.array_equal(phantom[0][m], off[0][m]) for m in MODALITIES)
     with pytest.raises(ValueError, match="unknown synthetic style"):
         generate_case((48, 48, 32), style="realistic")
@@ -273,7 +273,7 @@ def test_another_style_rewrites_the_cases(tmp_path):
 
 def test_thick_slices_interpolate_linearly():
     ramp = np.arange(10, dtype=np.float32)[None, :, None] * np.ones((2, 1, 3), np.float32)  # (2, 10, 3)
-    out = generator._resample(ramp, np.array([0.0, 2.5, 8.75, 12.0]), axis=1)
+    out = synthesis._resample(ramp, np.array([0.0, 2.5, 8.75, 12.0]), axis=1)
     np.testing.assert_allclose(out[0, :, 0], [0.0, 2.5, 8.75, 9.0])  # linear inside, clamped at the end
 
 
