@@ -16,6 +16,7 @@ The real case both chooses among the recipes and reports them: its numbers are o
     python benchmarks/synth_to_real.py --table                # the table of the recipes run so far
     python benchmarks/synth_to_real.py --comparison [STYLE]   # Images/synthetic_vs_real.png (default randomized)
     python benchmarks/synth_to_real.py --comparison anatomy   # Images/anatomy_vs_real.png: 2 anatomy cases
+    python benchmarks/synth_to_real.py --ship runs/synth_to_real/anatomy_deep_wm/checkpoint_best.pt  # models/anatomy.pt
 
 Outputs: data/synth_to_real/ (generated and prepared cases per style), runs/synth_to_real/RECIPE/ (run_dir,
 predictions, evaluations, result.json). Seeds are fixed: a recipe run twice gives the same numbers on a CPU
@@ -237,8 +238,28 @@ def print_table():
                   f"| {r['generated_WT']:.3f} | {r['phantoms_WT']:.3f} | {r['train_cpu_s']:.0f} | {r['train_wall_s']:.0f} |")
 
 
+def ship(source, target=ROOT / "models/anatomy.pt"):
+    """A trained checkpoint as the shipped model: what predicting needs (the network, its settings, its epoch and
+    metrics), not what only resuming needs (optimizer, scheduler, loss scaler, random states); the folders of the
+    machine it trained on replaced by hyperparameters_anatomy.txt's; its cases named generated/NAME, so that no
+    real BraTS case of the same name counts as trained on."""
+    import torch
+    checkpoint = torch.load(source, map_location="cpu", weights_only=True)
+    folders = hyperparameters.load(ROOT / "hyperparameters_anatomy.txt")
+    settings = {**checkpoint["hyperparameters"], **{key: os.path.relpath(getattr(folders, key), ROOT) for key in (
+        "raw_data_dir", "prepared_dir", "run_dir", "prediction_dir", "anatomy_dir")}}
+    split = {**checkpoint["split"], **{part: [f"generated/{name}" for name in checkpoint["split"][part]]
+                                       for part in ("train", "val")}}
+    kept = {key: checkpoint[key] for key in ("model_args", "model", "epoch", "best_score", "metrics", "world_size")}
+    atomic_write(Path(target), lambda tmp: torch.save({**kept, "hyperparameters": settings, "split": split}, tmp))
+    return target
+
+
 def main():
     names = sys.argv[1:] or list(RECIPES)
+    if names[0] == "--ship":
+        print(f"wrote {ship(names[1])}")
+        return
     if names[0] == "--comparison":
         style = names[1] if len(names) > 1 else "randomized"
         path, cases = (ROOT / "Images/anatomy_vs_real.png", 2) if style == "anatomy" else \

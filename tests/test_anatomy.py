@@ -7,6 +7,7 @@ import torch
 from conftest import REPO
 from scipy import ndimage
 
+import predict
 import synthetic
 from bratsunet import anatomy, checkpoints, generator, hyperparameters, synthesis
 
@@ -140,3 +141,14 @@ def test_shipped_model_loads_safely_with_the_settings_predict_needs():
     with torch.no_grad():
         out = model(torch.zeros(1, len(hp.channel_names), *hp.patch_size))
     assert out.shape == (1, 3, *hp.patch_size) and torch.isfinite(out).all()
+
+
+def test_the_shipped_models_generated_cases_are_not_taken_for_real_cases_of_their_names(capsys):
+    checkpoint = torch.load(SHIPPED_MODEL, map_location="cpu", weights_only=True)
+    assert not {"optimizer", "scheduler", "scaler", "rng"} & set(checkpoint)  # what only resuming needs
+    assert not any(str(value).startswith("/") for key, value in checkpoint["hyperparameters"].items()
+                   if key.endswith("_dir"))  # no folder of the machine it trained on
+    real_names = [f"BraTS20_Training_{number:03d}" for number in range(1, 370)]  # the test split of a BraTS download
+    predict.refuse_seen_cases(real_names, [SHIPPED_MODEL])  # trained on generated cases: nothing refused
+    with pytest.raises(ValueError, match="trained or validated on 3 case"):
+        predict.refuse_seen_cases(checkpoint["split"]["val"], [SHIPPED_MODEL])
