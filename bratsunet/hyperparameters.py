@@ -11,13 +11,15 @@ the file's folder, relative paths typed on the command line to the working direc
 """
 import codecs
 import difflib
-import math
 import os
 import re
 import sys
 from pathlib import Path
 
 from bratsunet import augmentation, conventions, loader, losses, network
+from bratsunet.setting_values import (PATH, auto_or, choice, device_name, fraction, integer, list_of,
+                                      non_negative, nonempty_text, number, optional, overlap, paths, positive,
+                                      switch)
 
 DEFAULT_FILE = Path(__file__).resolve().parents[1] / "hyperparameters.txt"  # beside the scripts
 
@@ -26,195 +28,84 @@ class HyperparameterError(ValueError):
     pass
 
 
-# ---- value converters: each takes text (from a file) or a Python value (from code) ----
-
-def _int(value):
-    if isinstance(value, str):
-        try:
-            value = int(value.strip())
-        except ValueError:
-            raise ValueError("an integer") from None
-    if isinstance(value, int) and not isinstance(value, bool):
-        if abs(value) < 2 ** 63:  # what numpy and torch hold; a larger one would fail far from the setting
-            return value
-        raise ValueError("an integer below 2^63")
-    raise ValueError("an integer")
-
-
-def _float(value):
-    number = None
-    if isinstance(value, str):
-        try:
-            number = float(value.strip())
-        except ValueError:
-            pass
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        number = float(value)
-    if number is None or not math.isfinite(number):  # inf or nan would train NaN weights
-        raise ValueError("a finite number")
-    return number
-
-
-def _bool(value):
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
-        return value.strip().lower() == "true"
-    raise ValueError("True or False")
-
-
-def _text(value):
-    text = str(value).strip()
-    if not text:
-        raise ValueError("a non-empty text")
-    return text
-
-
-def _optional(convert):
-    def optional(value):
-        if value is None or (isinstance(value, str) and value.strip() in ("", "None")):
-            return None
-        return convert(value)
-    return optional
-
-
-def _auto_or(convert):
-    def auto_or(value):
-        if isinstance(value, str) and value.strip() == "auto":
-            return "auto"
-        try:
-            return convert(value)
-        except ValueError as error:
-            raise ValueError(f"auto or {error}") from None
-    return auto_or
-
-
-def _list_of(convert, length=None):
-    def list_of(value):
-        items = value.split(",") if isinstance(value, str) else list(value)
-        items = [item for item in items if not (isinstance(item, str) and not item.strip())]
-        if not items or (length is not None and len(items) != length):
-            raise ValueError(f"{length or 'one or more'} comma-separated values")
-        return tuple(convert(item) for item in items)
-    return list_of
-
-
-def _choice(*choices):
-    def choice(value):
-        text = str(value).strip()
-        if text not in choices:
-            raise ValueError(" | ".join(choices))
-        return text
-    return choice
-
-
 def _augment(value):
     """none | light | nnunet; True and False (settings from before the three modes) mean light and none."""
     if isinstance(value, bool) or str(value).strip().lower() in ("true", "false"):
-        return "light" if _bool(value) else "none"
-    return _choice(*augmentation.MODES)(value)
-
-
-_PATH = _optional(lambda value: Path(str(value).strip()).expanduser())  # made absolute in _convert
-
-
-def _paths(value):
-    """A path (a glob pattern too), or a tuple of them for a comma list (a list in code): one stays a plain path."""
-    paths = _list_of(_PATH)([value] if isinstance(value, Path) else value)
-    return paths[0] if len(paths) == 1 else paths
-
-
-def _positive(x):
-    return x > 0 if not isinstance(x, tuple) else all(v > 0 for v in x)
-
-
-def _non_negative(x):
-    return x >= 0
-
-
-def _fraction(x):
-    return 0 <= x <= 1
-
-
-def _overlap(x):
-    return 0 <= x <= 0.9  # windows per case grow as 1 / (1 - overlap)^3: 0.9 is 125x 0.5, 0.99 is 125,000x
-
-
-def _device(x):
-    return x in ("auto", "cpu", "cuda", "mps") or (x.startswith("cuda:") and x[5:].isdigit())
+        return "light" if switch(value) else "none"
+    return choice(*augmentation.MODES)(value)
 
 
 # key -> (converter, range check or None, what the range check demands)
 SCHEMA = {
-    "raw_data_dir": (_PATH, None, ""),
-    "prepared_dir": (_PATH, None, ""),
-    "run_dir": (_PATH, None, ""),
-    "prediction_dir": (_PATH, None, ""),
-    "channel_names": (_list_of(_text), None, ""),
-    "seg_channel_name": (_text, None, ""),
-    "data_format": (_choice(*conventions.DATA_FORMATS), None, ""),
-    "allow_any_grid": (_bool, None, ""),
-    "bg_threshold": (_float, _fraction, "between 0 and 1"),
-    "crop_margin": (_int, _non_negative, ">= 0"),
-    "val_fraction": (_float, lambda x: 0 <= x < 1, ">= 0 and < 1"),
-    "test_fraction": (_float, lambda x: 0 <= x < 1, ">= 0 and < 1"),
-    "num_folds": (_int, _positive, "> 0"),
-    "fold": (_int, _non_negative, ">= 0"),
-    "seed": (_int, lambda x: 0 <= x < 2 ** 32, ">= 0 and < 2^32 (numpy's seed range)"),
-    "synthetic_cases": (_int, _positive, "> 0"),
-    "synthetic_shape": (_list_of(_int, 3), lambda s: min(s) >= 16, "each side >= 16"),
-    "synthetic_compress": (_bool, None, ""),
-    "synthetic_style": (_choice("phantom", "randomized", "anatomy"), None, ""),
-    "anatomy_dir": (_PATH, None, ""),
-    "features": (_list_of(_int), lambda f: len(f) >= 2 and _positive(f), "at least 2 levels, each > 0"),
-    "norm": (_choice(*network.NORMS), None, ""),
-    "deep_supervision": (_bool, None, ""),
-    "downsampling": (_choice(*network.DOWNSAMPLING), None, ""),
-    "target": (_choice(*losses.TARGETS), None, ""),
-    "loss": (_choice(*losses.LOSSES), None, ""),
-    "batch_dice": (_bool, None, ""),
-    "dice_smooth": (_float, _positive, "> 0"),
-    "patch_size": (_list_of(_int, 3), lambda s: all(0 < side <= 512 for side in s), "each between 1 and 512"),
-    "batch_size": (_int, _positive, "> 0"),
-    "optimizer": (_choice("adamw", "sgd"), None, ""),
-    "learning_rate": (_float, _positive, "> 0"),
-    "momentum": (_float, lambda x: 0 <= x < 1, ">= 0 and < 1"),
-    "weight_decay": (_float, _non_negative, ">= 0"),
-    "lr_schedule": (_choice("poly", "cosine", "constant"), None, ""),
-    "warmup_epochs": (_int, _non_negative, ">= 0"),
-    "epochs": (_int, _positive, "> 0"),
-    "steps_per_epoch": (_int, _positive, "> 0"),
-    "val_every": (_int, _positive, "> 0"),
-    "foreground_fraction": (_float, _fraction, "between 0 and 1"),
-    "patch_sampling": (_choice(*loader.SAMPLING), None, ""),
+    "raw_data_dir": (PATH, None, ""),
+    "prepared_dir": (PATH, None, ""),
+    "run_dir": (PATH, None, ""),
+    "prediction_dir": (PATH, None, ""),
+    "channel_names": (list_of(nonempty_text), None, ""),
+    "seg_channel_name": (nonempty_text, None, ""),
+    "data_format": (choice(*conventions.DATA_FORMATS), None, ""),
+    "allow_any_grid": (switch, None, ""),
+    "bg_threshold": (number, fraction, "between 0 and 1"),
+    "crop_margin": (integer, non_negative, ">= 0"),
+    "val_fraction": (number, lambda x: 0 <= x < 1, ">= 0 and < 1"),
+    "test_fraction": (number, lambda x: 0 <= x < 1, ">= 0 and < 1"),
+    "num_folds": (integer, positive, "> 0"),
+    "fold": (integer, non_negative, ">= 0"),
+    "seed": (integer, lambda x: 0 <= x < 2 ** 32, ">= 0 and < 2^32 (numpy's seed range)"),
+    "synthetic_cases": (integer, positive, "> 0"),
+    "synthetic_shape": (list_of(integer, 3), lambda s: min(s) >= 16, "each side >= 16"),
+    "synthetic_compress": (switch, None, ""),
+    "synthetic_style": (choice("phantom", "randomized", "anatomy"), None, ""),
+    "anatomy_dir": (PATH, None, ""),
+    "features": (list_of(integer), lambda f: len(f) >= 2 and positive(f), "at least 2 levels, each > 0"),
+    "norm": (choice(*network.NORMS), None, ""),
+    "deep_supervision": (switch, None, ""),
+    "downsampling": (choice(*network.DOWNSAMPLING), None, ""),
+    "target": (choice(*losses.TARGETS), None, ""),
+    "loss": (choice(*losses.LOSSES), None, ""),
+    "batch_dice": (switch, None, ""),
+    "dice_smooth": (number, positive, "> 0"),
+    "patch_size": (list_of(integer, 3), lambda s: all(0 < side <= 512 for side in s), "each between 1 and 512"),
+    "batch_size": (integer, positive, "> 0"),
+    "optimizer": (choice("adamw", "sgd"), None, ""),
+    "learning_rate": (number, positive, "> 0"),
+    "momentum": (number, lambda x: 0 <= x < 1, ">= 0 and < 1"),
+    "weight_decay": (number, non_negative, ">= 0"),
+    "lr_schedule": (choice("poly", "cosine", "constant"), None, ""),
+    "warmup_epochs": (integer, non_negative, ">= 0"),
+    "epochs": (integer, positive, "> 0"),
+    "steps_per_epoch": (integer, positive, "> 0"),
+    "val_every": (integer, positive, "> 0"),
+    "foreground_fraction": (number, fraction, "between 0 and 1"),
+    "patch_sampling": (choice(*loader.SAMPLING), None, ""),
     "augment": (_augment, None, ""),
-    "augment_on": (_choice(*augmentation.PLACES), None, ""),
-    "grad_clip": (_float, _non_negative, ">= 0"),
-    "num_workers": (_int, _non_negative, ">= 0"),
-    "device": (_text, _device, "auto, cpu, cuda, cuda:N or mps"),
-    "precision": (_choice("auto", "bf16", "fp16", "fp32"), None, ""),
-    "channels_last": (_auto_or(_bool), None, ""),
-    "compile": (_bool, None, ""),
-    "resume": (_bool, None, ""),
-    "save_every": (_int, _positive, "> 0"),
-    "tensorboard": (_bool, None, ""),
-    "checkpoint": (_optional(_paths), None, ""),
-    "predict_input_dir": (_PATH, None, ""),
-    "sw_overlap": (_float, _overlap, ">= 0 and <= 0.9"),
-    "sw_batch_size": (_int, _positive, "> 0"),
-    "tta_mirror": (_bool, None, ""),
-    "et_min_voxels": (_optional(_int), _non_negative, ">= 0"),
-    "et_search_max": (_int, _non_negative, ">= 0"),
-    "save_probabilities": (_bool, None, ""),
-    "overwrite": (_bool, None, ""),
-    "lesion_wise": (_bool, None, ""),
-    "lesion_wise_task": (_choice("gli", "mets", "MenPre", "GoAT"), None, ""),
-    "backend": (_choice("torch", "onnxruntime"), None, ""),
-    "rendering_sample_name": (_optional(_text), None, ""),
-    "render_output": (_PATH, None, ""),
-    "render_modality": (_text, None, ""),
-    "render_errors": (_bool, None, ""),
-    "render_turntable": (_PATH, None, ""),
+    "augment_on": (choice(*augmentation.PLACES), None, ""),
+    "grad_clip": (number, non_negative, ">= 0"),
+    "num_workers": (integer, non_negative, ">= 0"),
+    "device": (nonempty_text, device_name, "auto, cpu, cuda, cuda:N or mps"),
+    "precision": (choice("auto", "bf16", "fp16", "fp32"), None, ""),
+    "channels_last": (auto_or(switch), None, ""),
+    "compile": (switch, None, ""),
+    "resume": (switch, None, ""),
+    "save_every": (integer, positive, "> 0"),
+    "tensorboard": (switch, None, ""),
+    "checkpoint": (optional(paths), None, ""),
+    "predict_input_dir": (PATH, None, ""),
+    "sw_overlap": (number, overlap, ">= 0 and <= 0.9"),
+    "sw_batch_size": (integer, positive, "> 0"),
+    "tta_mirror": (switch, None, ""),
+    "et_min_voxels": (optional(integer), non_negative, ">= 0"),
+    "et_search_max": (integer, non_negative, ">= 0"),
+    "save_probabilities": (switch, None, ""),
+    "overwrite": (switch, None, ""),
+    "lesion_wise": (switch, None, ""),
+    "lesion_wise_task": (choice("gli", "mets", "MenPre", "GoAT"), None, ""),
+    "backend": (choice("torch", "onnxruntime"), None, ""),
+    "rendering_sample_name": (optional(nonempty_text), None, ""),
+    "render_output": (PATH, None, ""),
+    "render_modality": (nonempty_text, None, ""),
+    "render_errors": (switch, None, ""),
+    "render_turntable": (PATH, None, ""),
 }
 
 
@@ -235,7 +126,7 @@ def _convert(key, value, base_dir, where):
         typed = (base_dir / typed).resolve()
     if isinstance(typed, tuple) and all(isinstance(path, Path) for path in typed):  # a comma list of paths
         typed = tuple(path if path.is_absolute() else (base_dir / path).resolve() for path in typed)
-        whole = _PATH(value) if isinstance(value, str) else None
+        whole = PATH(value) if isinstance(value, str) else None
         if whole is not None and (base_dir / whole).exists():  # a file whose name holds a comma: taken as named
             typed = (base_dir / whole).resolve()
     return typed
@@ -260,11 +151,11 @@ def read_file(path):
     if not path.is_file():
         raise HyperparameterError(f"{path}: hyperparameter file not found")
     values, seen = {}, {}
-    for number, line in enumerate(_decode(path.read_bytes()).splitlines(), start=1):
+    for line_number, line in enumerate(_decode(path.read_bytes()).splitlines(), start=1):
         line = _uncomment(line)
         if not line:
             continue
-        where = f"{path.name} line {number}"
+        where = f"{path.name} line {line_number}"
         if ":" not in line:
             raise HyperparameterError(f"{where}: expected 'key: value', got {line!r}")
         key, value = line.split(":", 1)
@@ -275,7 +166,7 @@ def read_file(path):
                                       "save the file as UTF-8")
         if key in seen:
             raise HyperparameterError(f"{where}: duplicate key '{key}' (first set on line {seen[key]})")
-        seen[key] = number
+        seen[key] = line_number
         values[key] = _convert(key, value, path.resolve().parent, where)
     return values
 
