@@ -415,3 +415,15 @@ def test_rng_state_survives_a_weights_only_round_trip(tmp_path):
     checkpoints.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
     second = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(first[0], second[0]) and (first[1] == second[1]).all() and first[2] == second[2]
+
+
+def test_a_settings_file_that_predicts_with_onnx_runtime_still_trains_and_predicts_its_validation_cases(
+        tmp_path, tiny_prepared):
+    # backend onnxruntime is for predict.py on an exported model; the run's own validation predictions use its
+    # network in memory (no model.onnx exists yet)
+    hp = tiny_settings(tiny_prepared, tmp_path / "run", epochs=1, val_every=1, backend="onnxruntime")
+    train.train(hp)
+    val_names = manifest.split_cases(manifest.read_manifest(hp.prepared_dir))[1]
+    assert sorted(p.name for p in (hp.run_dir / "validation").glob("*.nii.gz")) == sorted(
+        f"{name}.nii.gz" for name in val_names)
+    assert not (hp.run_dir / "model.onnx").exists()
