@@ -167,24 +167,26 @@ def check_resplit(old, splits, hp, before_work=False):
         print(f"split again ({reasons}): no run in {hp.run_dir} trained on the old split")
 
 
-def check_before_work(hp, cases):
+def check_before_work(hp, cases, grades):
     """What refuses a run, said before any case is prepared: cases too few for the folds, a split that would change
     under a trained run, as far as the cases found tell (those dataset.json filtered or skipped left out).
     (prepared_dir from another raw_data_dir was refused before the cases were looked for.)"""
     labelled = [case.name for case in cases if case.seg_path is not None]
-    grades, old = case_grades(hp.raw_data_dir), earlier_manifest(hp.prepared_dir)
+    old = earlier_manifest(hp.prepared_dir)
     assign_splits(labelled, hp, grades)  # CaseError when even all of them are too few for num_folds
     if old is not None:
         left_out = set(old.get("filtered", {})) | set(old.get("skipped", {}))
         labelled = [name for name in labelled if name not in left_out]
         check_resplit(old, assign_splits(labelled, hp, grades, kept_cuts(old, hp))[0], hp, before_work=True)
 
+
 def prepare_dataset(hp):
     """Prepare every case of hp.raw_data_dir into hp.prepared_dir; returns the manifest. A prepared folder
     that is up to date is only checked, nothing written: it may be read-only."""
     check_source(hp.prepared_dir, hp.raw_data_dir)  # another dataset's folder: refused before anything else
     cases, problems = find_cases(hp.raw_data_dir, hp.channel_names, hp.seg_channel_name, data_format=hp.data_format)
-    check_before_work(hp, cases)
+    grades = case_grades(hp.raw_data_dir)  # {case: HGG or LGG} where the download says: the strata of the split
+    check_before_work(hp, cases, grades)
     settings, prepared_dir = _settings(hp), Path(hp.prepared_dir)
     done = {case.name: done_record(case, settings, prepared_dir) for case in cases}
     todo = [case for case in cases if done[case.name] is None]
@@ -192,7 +194,7 @@ def prepare_dataset(hp):
     with sole_writer(prepared_dir, "prepared_dir") if todo or not path.is_file() else contextlib.nullcontext():
         results = {name: (record, None) for name, record in done.items() if record is not None}
         results.update(_prepare_all(todo, settings, prepared_dir, hp.num_workers))
-        manifest = build_manifest(hp, settings, cases, problems, results)
+        manifest = build_manifest(hp, settings, cases, problems, results, grades)
         text = json.dumps(manifest, indent=1)
         if not path.is_file() or path.read_bytes() != text.encode():  # unchanged: not rewritten
             atomic_write(path, lambda tmp: tmp.write_text(text))
@@ -200,8 +202,9 @@ def prepare_dataset(hp):
     return manifest
 
 
-def build_manifest(hp, settings, cases, problems, results):
-    """The dataset.json content: the kept cases with their split, the filtered, skipped and unlabeled ones."""
+def build_manifest(hp, settings, cases, problems, results, grades):
+    """The dataset.json content: the kept cases with their split (stratified by grades, {case: grade}), the
+    filtered, skipped and unlabeled ones."""
     skipped = {folder.name: reason for folder, reason in problems}
     skipped.update({name: reason for name, (record, reason) in results.items() if record is None})
     records = {name: record for name, (record, _) in results.items() if record is not None}
@@ -209,7 +212,7 @@ def build_manifest(hp, settings, cases, problems, results):
     kept = {name: r for name, r in records.items() if not r.get("filtered")}
     unlabeled = {case.name: no_segmentation(case, hp.seg_channel_name) + "; prepared as unlabeled" for case in cases
                  if case.seg_path is None and case.name in kept}
-    grades, old = case_grades(hp.raw_data_dir), earlier_manifest(hp.prepared_dir)
+    old = earlier_manifest(hp.prepared_dir)  # read again under the lock
     splits, cuts = assign_splits([n for n, r in kept.items() if r["seg"]], hp, grades, kept_cuts(old, hp))
     check_resplit(old, splits, hp)  # what could not be known before: cases filtered or skipped anew
     for name, record in kept.items():
